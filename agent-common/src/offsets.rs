@@ -1,0 +1,216 @@
+//! Kernel structure field offsets. The agent reads them from the running kernel's BTF at load
+//! time and hands them to the kernel programs in the read-only global `OFFSETS`; nothing is
+//! hard-coded. Composite offsets (`file_dentry` = `file.f_path` + `path.dentry`) are summed in
+//! user space so the programs add less.
+
+/// Offset value meaning "this field does not exist in the running kernel".
+pub const ABSENT: u32 = u32::MAX;
+
+/// Feature bits of [`KernelOffsets::features`].
+pub mod features {
+    /// `task_struct.loginuid` exists (`CONFIG_AUDIT`).
+    pub const LOGINUID: u32 = 1 << 0;
+    /// `task_struct.sessionid` exists (`CONFIG_AUDIT`).
+    pub const SESSIONID: u32 = 1 << 1;
+    /// `thread_info.status` exists: 32-bit compat system calls can be recognized.
+    pub const COMPAT: u32 = 1 << 2;
+    /// `task_struct.start_boottime` exists.
+    pub const START_BOOTTIME: u32 = 1 << 3;
+    /// `sock.sk_type`/`sk_protocol` are plain fields (not bitfields).
+    pub const SK_TYPE: u32 = 1 << 4;
+    /// `sock_common.skc_v6_daddr` exists (`CONFIG_IPV6`).
+    pub const IPV6: u32 = 1 << 5;
+}
+
+/// Byte offsets of every kernel field the programs read.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    /// [`features`] bits.
+    pub features: u32,
+
+    // struct pt_regs (x86_64)
+    pub regs_orig_ax: u32,
+    pub regs_di: u32,
+    pub regs_si: u32,
+    pub regs_dx: u32,
+    pub regs_r10: u32,
+    pub regs_bx: u32,
+    pub regs_cx: u32,
+
+    // struct task_struct
+    pub task_tgid: u32,
+    pub task_pid: u32,
+    pub task_real_parent: u32,
+    pub task_group_leader: u32,
+    pub task_loginuid: u32,
+    pub task_sessionid: u32,
+    pub task_cred: u32,
+    pub task_files: u32,
+    pub task_fs: u32,
+    pub task_mm: u32,
+    pub task_signal: u32,
+    pub task_exit_code: u32,
+    pub task_start_boottime: u32,
+    /// `task_struct.thread_info.status`.
+    pub task_ti_status: u32,
+
+    // struct cred
+    pub cred_uid: u32,
+    pub cred_gid: u32,
+    pub cred_euid: u32,
+    pub cred_egid: u32,
+
+    // struct files_struct / fdtable
+    pub files_fdt: u32,
+    pub fdt_max_fds: u32,
+    pub fdt_fd: u32,
+
+    // struct file
+    /// `file.f_path.dentry`.
+    pub file_dentry: u32,
+    /// `file.f_path.mnt`.
+    pub file_vfsmnt: u32,
+    pub file_private_data: u32,
+
+    // struct dentry
+    pub dentry_parent: u32,
+    /// `dentry.d_name.len`.
+    pub dentry_name_len: u32,
+    /// `dentry.d_name.name`.
+    pub dentry_name_ptr: u32,
+    pub dentry_inode: u32,
+    pub dentry_sb: u32,
+
+    pub inode_ino: u32,
+    pub sb_dev: u32,
+
+    // struct mount / vfsmount
+    /// `mount.mnt` (the embedded `vfsmount`).
+    pub mount_vfsmnt: u32,
+    pub mount_parent: u32,
+    pub mount_mountpoint: u32,
+    pub vfsmnt_root: u32,
+
+    // struct fs_struct
+    /// `fs_struct.root.dentry`.
+    pub fs_root_dentry: u32,
+    /// `fs_struct.root.mnt`.
+    pub fs_root_vfsmnt: u32,
+    /// `fs_struct.pwd.dentry`.
+    pub fs_pwd_dentry: u32,
+    /// `fs_struct.pwd.mnt`.
+    pub fs_pwd_vfsmnt: u32,
+
+    // struct mm_struct
+    pub mm_arg_start: u32,
+    pub mm_arg_end: u32,
+
+    // struct linux_binprm
+    pub bprm_file: u32,
+    pub bprm_filename: u32,
+
+    /// `signal_struct.live.counter`.
+    pub signal_live: u32,
+
+    // struct socket / sock / sock_common
+    pub socket_sk: u32,
+    /// `sock.__sk_common.skc_family`.
+    pub sk_family: u32,
+    pub sk_daddr: u32,
+    pub sk_rcv_saddr: u32,
+    pub sk_dport: u32,
+    pub sk_num: u32,
+    pub sk_v6_daddr: u32,
+    pub sk_v6_rcv_saddr: u32,
+    pub sk_type: u32,
+    pub sk_protocol: u32,
+}
+
+impl KernelOffsets {
+    /// All offsets zero, for the kernel programs' placeholder global.
+    pub const ZERO: KernelOffsets = KernelOffsets {
+        features: 0,
+        regs_orig_ax: 0,
+        regs_di: 0,
+        regs_si: 0,
+        regs_dx: 0,
+        regs_r10: 0,
+        regs_bx: 0,
+        regs_cx: 0,
+        task_tgid: 0,
+        task_pid: 0,
+        task_real_parent: 0,
+        task_group_leader: 0,
+        task_loginuid: 0,
+        task_sessionid: 0,
+        task_cred: 0,
+        task_files: 0,
+        task_fs: 0,
+        task_mm: 0,
+        task_signal: 0,
+        task_exit_code: 0,
+        task_start_boottime: 0,
+        task_ti_status: 0,
+        cred_uid: 0,
+        cred_gid: 0,
+        cred_euid: 0,
+        cred_egid: 0,
+        files_fdt: 0,
+        fdt_max_fds: 0,
+        fdt_fd: 0,
+        file_dentry: 0,
+        file_vfsmnt: 0,
+        file_private_data: 0,
+        dentry_parent: 0,
+        dentry_name_len: 0,
+        dentry_name_ptr: 0,
+        dentry_inode: 0,
+        dentry_sb: 0,
+        inode_ino: 0,
+        sb_dev: 0,
+        mount_vfsmnt: 0,
+        mount_parent: 0,
+        mount_mountpoint: 0,
+        vfsmnt_root: 0,
+        fs_root_dentry: 0,
+        fs_root_vfsmnt: 0,
+        fs_pwd_dentry: 0,
+        fs_pwd_vfsmnt: 0,
+        mm_arg_start: 0,
+        mm_arg_end: 0,
+        bprm_file: 0,
+        bprm_filename: 0,
+        signal_live: 0,
+        socket_sk: 0,
+        sk_family: 0,
+        sk_daddr: 0,
+        sk_rcv_saddr: 0,
+        sk_dport: 0,
+        sk_num: 0,
+        sk_v6_daddr: 0,
+        sk_v6_rcv_saddr: 0,
+        sk_type: 0,
+        sk_protocol: 0,
+    };
+}
+
+/// Run-time settings of the kernel programs (read-only global `SETTINGS`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProbeSettings {
+    /// The agent's own process id: its own activity is not reported.
+    pub self_tgid: u32,
+    /// Report connect calls (1) or not (0).
+    pub connect_enabled: u32,
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: `#[repr(C)]` structs of `u32` only, no padding.
+    unsafe impl aya::Pod for super::KernelOffsets {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ProbeSettings {}
+}
+
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() % 4 == 0);

@@ -1,0 +1,107 @@
+//! Assembling events and handing them to user space; drop accounting.
+
+use agent_common::{
+    drops::DropReason,
+    event::{EventHeader, EventKind},
+    limits::SCRATCH_SIZE,
+    offsets::features,
+};
+use aya_ebpf::helpers::{
+    bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
+    generated::{bpf_get_current_cgroup_id, bpf_ktime_get_boot_ns},
+};
+
+use crate::{
+    error::{Error, Result},
+    kernel::{has, off, read},
+    maps::{DROPS, EVENTS, SCRATCH},
+};
+
+/// Adds one to the drop counter of `reason`.
+#[inline(always)]
+pub fn count_drop(reason: DropReason) {
+    if let Some(counter) = DROPS.get_ptr_mut(reason as u32) {
+        // SAFETY: per-CPU slot, this program is the only writer on this CPU right now.
+        unsafe { *counter += 1 };
+    }
+}
+
+/// The scratch buffer of `slot` for this CPU.
+#[inline(always)]
+pub fn scratch(slot: u32) -> Result<*mut u8> {
+    SCRATCH
+        .get_ptr_mut(slot)
+        .map(|s| s.cast::<u8>())
+        .ok_or(Error::Scratch)
+}
+
+/// Fills the common header for the current task (`task`) at the start of `buf`.
+#[inline(always)]
+pub fn fill_header(buf: *mut u8, kind: EventKind, task: u64) -> Result<()> {
+    let hdr = buf.cast::<EventHeader>();
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let uid_gid = bpf_get_current_uid_gid();
+    let cred: u64 = read(task, off!(task_cred))?;
+    let euid: u32 = read(cred, off!(cred_euid))?;
+    let egid: u32 = read(cred, off!(cred_egid))?;
+    let loginuid: u32 = if has(features::LOGINUID) {
+        read(task, off!(task_loginuid))?
+    } else {
+        u32::MAX
+    };
+    let sessionid: u32 = if has(features::SESSIONID) {
+        read(task, off!(task_sessionid))?
+    } else {
+        u32::MAX
+    };
+    // SAFETY: `buf` points to a scratch slot larger than the header; all helpers are
+    // side-effect free.
+    unsafe {
+        (*hdr).kind = kind as u32;
+        (*hdr).len = 0;
+        (*hdr).ktime_ns = bpf_ktime_get_boot_ns();
+        (*hdr).tgid = (pid_tgid >> 32) as u32;
+        (*hdr).pid = pid_tgid as u32;
+        (*hdr).uid = uid_gid as u32;
+        (*hdr).gid = (uid_gid >> 32) as u32;
+        (*hdr).euid = euid;
+        (*hdr).egid = egid;
+        (*hdr).loginuid = loginuid;
+        (*hdr).sessionid = sessionid;
+        (*hdr).cgroup_id = bpf_get_current_cgroup_id();
+        (*hdr).comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    }
+    Ok(())
+}
+
+/// Copies the first `len` bytes of `buf` (an assembled event) to the ring buffer.
+#[inline(always)]
+pub fn submit(buf: *mut u8, len: usize) -> Result<()> {
+    let len = if len > SCRATCH_SIZE {
+        SCRATCH_SIZE
+    } else {
+        len
+    };
+    // SAFETY: the header is at the start of `buf`.
+    unsafe { (*buf.cast::<EventHeader>()).len = len as u32 };
+    // SAFETY: `buf` is a scratch slot of `SCRATCH_SIZE` bytes and `len` is bounded by it.
+    let event = unsafe { core::slice::from_raw_parts(buf.cast_const(), len) };
+    EVENTS.output::<[u8]>(event, 0).map_err(|_| Error::RingFull)
+}
+
+/// Thin entry helper: counts the drop reason of an error.
+#[inline(always)]
+pub fn account(result: Result<()>) {
+    if let Err(e) = result {
+        count_drop(e.reason());
+    }
+}
+
+/// Sends a fixed-size record (header first) built on the stack.
+#[inline(always)]
+pub fn submit_record<T>(record: &mut T) -> Result<()> {
+    let hdr = (record as *mut T).cast::<EventHeader>();
+    // SAFETY: every record type starts with its header.
+    unsafe { (*hdr).len = size_of::<T>() as u32 };
+    EVENTS.output::<T>(&*record, 0).map_err(|_| Error::RingFull)
+}

@@ -1,0 +1,137 @@
+//! Reading kernel structures at offsets taken from the running kernel's BTF.
+
+use agent_common::offsets::{KernelOffsets, ProbeSettings};
+use aya_ebpf::helpers::{
+    bpf_probe_read_kernel, bpf_probe_read_user, generated::bpf_get_current_task,
+};
+
+use crate::error::{Error, Result};
+
+/// Field offsets, filled in by the agent at load time (read-only map, frozen).
+#[unsafe(no_mangle)]
+pub static OFFSETS: KernelOffsets = KernelOffsets::ZERO;
+
+/// Run-time settings, filled in by the agent at load time.
+#[unsafe(no_mangle)]
+pub static SETTINGS: ProbeSettings = ProbeSettings {
+    self_tgid: 0,
+    connect_enabled: 1,
+};
+
+/// Reads one offset. The volatile read keeps the compiler from folding the placeholder value;
+/// the verifier knows the loaded value because the map is read-only and frozen.
+macro_rules! off {
+    ($field:ident) => {
+        // SAFETY: reading a field of a static.
+        (unsafe { core::ptr::read_volatile(&$crate::kernel::OFFSETS.$field) } as u64)
+    };
+}
+pub(crate) use off;
+
+macro_rules! setting {
+    ($field:ident) => {
+        // SAFETY: reading a field of a static.
+        unsafe { core::ptr::read_volatile(&$crate::kernel::SETTINGS.$field) }
+    };
+}
+pub(crate) use setting;
+
+/// True when the feature bit is set in `OFFSETS.features`.
+#[inline(always)]
+pub fn has(feature: u32) -> bool {
+    // SAFETY: reading a field of a static.
+    (unsafe { core::ptr::read_volatile(&OFFSETS.features) } & feature) != 0
+}
+
+/// Reads a `T` from kernel memory at `base + off`.
+#[inline(always)]
+pub fn read<T>(base: u64, off: u64) -> Result<T> {
+    // SAFETY: `bpf_probe_read_kernel` validates the address; a bad one is an error, not a
+    // fault.
+    unsafe { bpf_probe_read_kernel((base + off) as *const T) }.map_err(|_| Error::Read)
+}
+
+/// Reads a `T` from user memory at `addr`.
+#[inline(always)]
+pub fn read_user<T>(addr: u64) -> Result<T> {
+    // SAFETY: as for `read`, for user memory.
+    unsafe { bpf_probe_read_user(addr as *const T) }.map_err(|_| Error::Read)
+}
+
+/// The current task (`struct task_struct *`) as an address.
+#[inline(always)]
+pub fn current_task() -> u64 {
+    // SAFETY: helper without preconditions.
+    unsafe { bpf_get_current_task() }
+}
+
+/// `task->files->fdt->fd[fd]`, or an error when the fd is out of range.
+#[inline(always)]
+pub fn fd_file(task: u64, fd: i64) -> Result<u64> {
+    if fd < 0 {
+        return Err(Error::Read);
+    }
+    let files: u64 = read(task, off!(task_files))?;
+    let fdt: u64 = read(files, off!(files_fdt))?;
+    let max_fds: u32 = read(fdt, off!(fdt_max_fds))?;
+    if fd as u64 >= u64::from(max_fds) {
+        return Err(Error::Read);
+    }
+    let fds: u64 = read(fdt, off!(fdt_fd))?;
+    let file: u64 = read(fds, (fd as u64) * 8)?;
+    if file == 0 {
+        return Err(Error::Read);
+    }
+    Ok(file)
+}
+
+/// A (dentry, vfsmount) pair, like `struct path`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct PathRef {
+    pub dentry: u64,
+    pub vfsmnt: u64,
+}
+
+impl PathRef {
+    #[inline(always)]
+    pub fn of_file(file: u64) -> Result<Self> {
+        Ok(PathRef {
+            dentry: read(file, off!(file_dentry))?,
+            vfsmnt: read(file, off!(file_vfsmnt))?,
+        })
+    }
+
+    /// The task's root directory (`fs->root`), where absolute paths stop.
+    #[inline(always)]
+    pub fn root_of(task: u64) -> Result<Self> {
+        let fs: u64 = read(task, off!(task_fs))?;
+        Ok(PathRef {
+            dentry: read(fs, off!(fs_root_dentry))?,
+            vfsmnt: read(fs, off!(fs_root_vfsmnt))?,
+        })
+    }
+
+    /// The task's working directory (`fs->pwd`).
+    #[inline(always)]
+    pub fn cwd_of(task: u64) -> Result<Self> {
+        let fs: u64 = read(task, off!(task_fs))?;
+        Ok(PathRef {
+            dentry: read(fs, off!(fs_pwd_dentry))?,
+            vfsmnt: read(fs, off!(fs_pwd_vfsmnt))?,
+        })
+    }
+}
+
+/// Inode number and kernel device number of a dentry.
+#[inline(always)]
+pub fn dentry_ino_dev(dentry: u64) -> Result<(u64, u32)> {
+    let inode: u64 = read(dentry, off!(dentry_inode))?;
+    let ino = if inode == 0 {
+        0
+    } else {
+        read(inode, off!(inode_ino))?
+    };
+    let sb: u64 = read(dentry, off!(dentry_sb))?;
+    let dev: u32 = read(sb, off!(sb_dev))?;
+    Ok((ino, dev))
+}

@@ -1,0 +1,57 @@
+//! Maps shared by the programs and the agent.
+
+use agent_common::{
+    drops::DropReason,
+    limits::{DEFAULT_RING_BUFFER_BYTES, MAX_WATCHES, SCRATCH_SIZE, WATCH_PREFIX_MAX},
+    watch::WatchKey,
+};
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LpmTrie, PerCpuArray, RingBuf, lpm_trie::Key},
+};
+
+/// Events to user space. Its size is set by the agent at load time.
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BUFFER_BYTES, 0);
+
+/// Per-CPU drop counters, indexed by [`DropReason`].
+#[map]
+pub static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DropReason::COUNT, 0);
+
+/// A buffer in which one event is assembled before it is copied to the ring buffer.
+#[repr(C)]
+pub struct Scratch {
+    pub buf: [u8; SCRATCH_SIZE],
+}
+
+/// Scratch slots, one per program: a program never runs twice at once on one CPU, but two
+/// different programs can interleave (one preempted by another task).
+pub mod slot {
+    pub const SYSCALL: u32 = 0;
+    pub const EXEC: u32 = 1;
+    pub const COUNT: u32 = 2;
+}
+
+/// Where in a scratch slot the path walk keeps its loop state (past the largest event).
+pub const CURSOR_OFFSET: usize = SCRATCH_SIZE - 32;
+
+#[map]
+pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(slot::COUNT, 0);
+
+/// Watched directories by (device, inode). Value: watch id.
+#[map]
+pub static WATCH_INODES: HashMap<WatchKey, u32> = HashMap::with_max_entries(MAX_WATCHES, 0);
+
+/// Devices that hold at least one watched directory. Value: number of watches on it.
+#[map]
+pub static WATCH_DEVS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_WATCHES, 0);
+
+/// Canonical watched paths, for failed opens (no `struct file` to walk). Value: watch id.
+#[map]
+pub static WATCH_PREFIXES: LpmTrie<[u8; WATCH_PREFIX_MAX], u32> =
+    LpmTrie::with_max_entries(MAX_WATCHES * 2, 0);
+
+/// Per-CPU key buffer for `WATCH_PREFIXES` lookups (too large for the stack).
+#[map]
+pub static PREFIX_KEY: PerCpuArray<Key<[u8; WATCH_PREFIX_MAX]>> =
+    PerCpuArray::with_max_entries(1, 0);

@@ -1,0 +1,292 @@
+//! Path resolution in the kernel: the watch decision and the path text, both by walking
+//! dentries upward and crossing mounts.
+
+use core::ptr::{read_volatile, write_volatile};
+
+use agent_common::{
+    event::path_flags,
+    limits::{NAME_MAX, PATH_DEPTH_MAX, PATH_MAX, WATCH_PREFIX_MAX},
+    watch::WatchKey,
+};
+use aya_ebpf::{
+    helpers::generated::{bpf_probe_read_kernel, bpf_probe_read_user_str},
+    maps::lpm_trie::Key,
+};
+
+use crate::{
+    error::Result,
+    kernel::{PathRef, off, read},
+    maps::{PREFIX_KEY, WATCH_DEVS, WATCH_INODES, WATCH_PREFIXES},
+};
+
+/// Bytes a caller must reserve for [`write_path`]: the logical bound plus one component.
+pub const PATH_REGION: usize = PATH_MAX + NAME_MAX + 1;
+
+/// The kernel's judgement of a path.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Under the watched tree with this id.
+    Watched(u32),
+    /// Not under any watched tree.
+    Unwatched,
+    /// Too deep to decide within `PATH_DEPTH_MAX` levels: user space must see it.
+    Undecided,
+}
+
+#[inline(always)]
+fn sb_dev(dentry: u64) -> Result<u32> {
+    let sb: u64 = read(dentry, off!(dentry_sb))?;
+    read(sb, off!(sb_dev))
+}
+
+#[inline(always)]
+fn dev_watched(dev: u32) -> bool {
+    WATCH_DEVS.get_ptr(dev).is_some()
+}
+
+/// Decides whether `path` lies under a watched directory. Checks every ancestor in the
+/// filesystem and, past each filesystem root, the mount point it is mounted on. Filesystems
+/// that hold no watched directory are skipped in one step.
+#[inline(always)]
+pub fn watch_verdict(path: PathRef) -> Result<Verdict> {
+    match walk_for_watch(path) {
+        VERDICT_UNWATCHED => Ok(Verdict::Unwatched),
+        VERDICT_UNDECIDED => Ok(Verdict::Undecided),
+        VERDICT_READ_ERROR => Err(crate::error::Error::Read),
+        id => Ok(Verdict::Watched(id as u32)),
+    }
+}
+
+// Results of `walk_for_watch`; positive values are watch ids. Subprograms return plain
+// integers: the kernel rejects the BTF of Rust enums.
+const VERDICT_UNWATCHED: i64 = 0;
+const VERDICT_UNDECIDED: i64 = -1;
+const VERDICT_READ_ERROR: i64 = -2;
+
+#[inline(never)]
+fn walk_for_watch(path: PathRef) -> i64 {
+    match walk_for_watch_inner(path) {
+        Ok(Verdict::Watched(id)) => i64::from(id),
+        Ok(Verdict::Unwatched) => VERDICT_UNWATCHED,
+        Ok(Verdict::Undecided) => VERDICT_UNDECIDED,
+        Err(_) => VERDICT_READ_ERROR,
+    }
+}
+
+#[inline(always)]
+fn walk_for_watch_inner(path: PathRef) -> Result<Verdict> {
+    let mut dentry = path.dentry;
+    let mut mnt = path.vfsmnt - off!(mount_vfsmnt);
+    let mut dev = sb_dev(dentry)?;
+    let mut watched_dev = dev_watched(dev);
+    for _ in 0..PATH_DEPTH_MAX {
+        if watched_dev {
+            let inode: u64 = read(dentry, off!(dentry_inode))?;
+            if inode != 0 {
+                let key = WatchKey {
+                    dev,
+                    _pad: 0,
+                    ino: read(inode, off!(inode_ino))?,
+                };
+                if let Some(id) = WATCH_INODES.get_ptr(key) {
+                    // SAFETY: pointer to a map value returned by the lookup.
+                    return Ok(Verdict::Watched(unsafe { *id }));
+                }
+            }
+            let parent: u64 = read(dentry, off!(dentry_parent))?;
+            if parent != dentry {
+                dentry = parent;
+                continue;
+            }
+        }
+        // At the root of this filesystem, or nothing on it is watched: go on from the mount
+        // point in the parent mount.
+        let parent_mnt: u64 = read(mnt, off!(mount_parent))?;
+        if parent_mnt == mnt {
+            return Ok(Verdict::Unwatched);
+        }
+        dentry = read(mnt, off!(mount_mountpoint))?;
+        mnt = parent_mnt;
+        dev = sb_dev(dentry)?;
+        watched_dev = dev_watched(dev);
+    }
+    Ok(Verdict::Undecided)
+}
+
+/// Loop state of [`write_path`], kept in map memory: the verifier does not track values in map
+/// memory, so each iteration re-reads them as unknown (and bounds-checks them) instead of
+/// carrying ever different exact ranges from one iteration to the next, which would make it
+/// check every combination of paths through the loop.
+#[repr(C)]
+pub struct PathCursor {
+    pub pos: u32,
+    pub flags: u32,
+    /// Where the walk stops: the task's root directory.
+    pub root: PathRef,
+}
+
+/// Writes the path of `path` leaf first (`"name/parent/…/"`) into `buf`, which must have
+/// [`PATH_REGION`] bytes, stopping at `root` (the task's root) or at the root of its mount
+/// namespace. Returns `len | flags << 16`; a read failure ends the walk with `READ_FAILED`
+/// and keeps what was written.
+#[inline(always)]
+pub fn write_path(buf: *mut u8, cursor: *mut PathCursor, path: PathRef, root: PathRef) -> u32 {
+    // SAFETY: `cursor` points into this CPU's scratch slot.
+    unsafe { (*cursor).root = root };
+    walk_and_write(buf, cursor, path)
+}
+
+#[inline(never)]
+fn walk_and_write(buf: *mut u8, cursor: *mut PathCursor, path: PathRef) -> u32 {
+    // SAFETY: `cursor` points into this CPU's scratch slot.
+    let root = unsafe { (*cursor).root };
+    // SAFETY (all cursor accesses): `cursor` points into this CPU's scratch slot.
+    let pos_at = unsafe { &raw mut (*cursor).pos };
+    let flags_at = unsafe { &raw mut (*cursor).flags };
+    let add_flag = |f: u16| unsafe {
+        write_volatile(flags_at, read_volatile(flags_at) | u32::from(f));
+    };
+    unsafe {
+        write_volatile(pos_at, 0);
+        write_volatile(flags_at, 0);
+    }
+    let mut dentry = path.dentry;
+    let mut vfsmnt = path.vfsmnt;
+    let mut mnt = vfsmnt - off!(mount_vfsmnt);
+    let Ok(mut mnt_root) = read::<u64>(vfsmnt, off!(vfsmnt_root)) else {
+        return u32::from(path_flags::READ_FAILED) << 16;
+    };
+    let mut finished = false;
+    for _ in 0..PATH_DEPTH_MAX {
+        if dentry == root.dentry && vfsmnt == root.vfsmnt {
+            finished = true;
+            break;
+        }
+        if dentry == mnt_root {
+            let Ok(parent_mnt) = read::<u64>(mnt, off!(mount_parent)) else {
+                add_flag(path_flags::READ_FAILED);
+                break;
+            };
+            if parent_mnt == mnt {
+                finished = true;
+                break;
+            }
+            let (Ok(mountpoint), Ok(root_of_parent)) = (
+                read::<u64>(mnt, off!(mount_mountpoint)),
+                read::<u64>(parent_mnt + off!(mount_vfsmnt), off!(vfsmnt_root)),
+            ) else {
+                add_flag(path_flags::READ_FAILED);
+                break;
+            };
+            dentry = mountpoint;
+            mnt = parent_mnt;
+            vfsmnt = mnt + off!(mount_vfsmnt);
+            mnt_root = root_of_parent;
+            continue;
+        }
+        let (Ok(parent), Ok(name_len), Ok(name)) = (
+            read::<u64>(dentry, off!(dentry_parent)),
+            read::<u32>(dentry, off!(dentry_name_len)),
+            read::<u64>(dentry, off!(dentry_name_ptr)),
+        ) else {
+            add_flag(path_flags::READ_FAILED);
+            break;
+        };
+        if parent == dentry {
+            finished = true;
+            break;
+        }
+        let mut len = name_len as usize;
+        if len > NAME_MAX {
+            len = NAME_MAX;
+            add_flag(path_flags::TRUNCATED);
+        }
+        let pos = unsafe { read_volatile(pos_at) } as usize;
+        if pos > PATH_MAX || pos + len + 1 > PATH_MAX {
+            add_flag(path_flags::TRUNCATED);
+            finished = true;
+            break;
+        }
+        // SAFETY: `pos <= PATH_MAX` and `len <= NAME_MAX`, so `pos + len + 1 <= PATH_REGION`.
+        unsafe {
+            if bpf_probe_read_kernel(buf.add(pos).cast(), len as u32, name as *const _) < 0 {
+                add_flag(path_flags::READ_FAILED);
+                break;
+            }
+            *buf.add(pos + len) = b'/';
+            write_volatile(pos_at, (pos + len + 1) as u32);
+        }
+        dentry = parent;
+    }
+    let flags = unsafe { read_volatile(flags_at) } as u16;
+    let flags = if !finished && flags & path_flags::READ_FAILED == 0 {
+        flags | path_flags::DEPTH_EXCEEDED
+    } else {
+        flags
+    };
+    let pos = unsafe { read_volatile(pos_at) } as usize;
+    let pos = if pos > PATH_MAX { PATH_MAX } else { pos };
+    pos as u32 | (u32::from(flags) << 16)
+}
+
+/// Looks a failed open's absolute string up in the watch prefix trie. `user_path` is the
+/// caller's pointer. Returns the watch id, 0 when no watched path is a prefix, or `None` when
+/// the string cannot be read. Also says whether the string contains `..` (then a prefix miss
+/// does not prove the path is unwatched).
+#[inline(always)]
+pub fn prefix_lookup(user_path: u64) -> Option<(u32, bool)> {
+    let r = prefix_lookup_packed(user_path);
+    if r < 0 {
+        return None;
+    }
+    Some((r as u32, (r >> 32) != 0))
+}
+
+/// [`prefix_lookup`] as a subprogram: `id | dotdot << 32`, or -1.
+#[inline(never)]
+fn prefix_lookup_packed(user_path: u64) -> i64 {
+    match prefix_lookup_inner(user_path) {
+        Some((id, dotdot)) => i64::from(id) | (i64::from(dotdot) << 32),
+        None => -1,
+    }
+}
+
+#[inline(always)]
+fn prefix_lookup_inner(user_path: u64) -> Option<(u32, bool)> {
+    let key = PREFIX_KEY.get_ptr_mut(0)?;
+    // SAFETY: `key` is this CPU's key buffer of `WATCH_PREFIX_MAX` data bytes.
+    let key = unsafe { &mut *key };
+    let data = key.data.as_mut_ptr();
+    // SAFETY: reads at most `WATCH_PREFIX_MAX` bytes into the buffer.
+    let n = unsafe {
+        bpf_probe_read_user_str(data.cast(), WATCH_PREFIX_MAX as u32, user_path as *const _)
+    };
+    if n <= 0 {
+        return None;
+    }
+    let n = (n as usize) & (WATCH_PREFIX_MAX * 2 - 1);
+    let n = if n > WATCH_PREFIX_MAX {
+        WATCH_PREFIX_MAX
+    } else {
+        n
+    };
+    key.prefix_len = (n * 8) as u32;
+    let id = WATCH_PREFIXES.get(&*key).copied().unwrap_or(0);
+    let mut dotdot = false;
+    let mut prev = 0u8;
+    for i in 0..WATCH_PREFIX_MAX {
+        if i >= n {
+            break;
+        }
+        let c = key.data[i];
+        if c == b'.' && prev == b'.' {
+            dotdot = true;
+            break;
+        }
+        prev = c;
+    }
+    Some((id, dotdot))
+}
+
+/// A key type check: the trie key is the packed `Key` of aya.
+const _: () = assert!(core::mem::size_of::<Key<[u8; WATCH_PREFIX_MAX]>>() == 4 + WATCH_PREFIX_MAX);

@@ -1,0 +1,186 @@
+//! `connect` (and i386 `socketcall(SYS_CONNECT)`) at system call exit.
+//!
+//! When the call succeeded or is in progress on an IPv4/IPv6 socket, the addresses come from
+//! the kernel's socket (the caller cannot change them afterwards); otherwise from the
+//! caller's `sockaddr`.
+
+use agent_common::{
+    event::{AddrOrigin, ConnectEvent, ConnectSyscall, EventKind, connect_flags, tail_offset},
+    limits::UNIX_PATH_MAX,
+    offsets::features,
+};
+use aya_ebpf::helpers::generated::bpf_probe_read_user;
+
+use crate::{
+    emit::{fill_header, scratch, submit},
+    error::{Error, Result},
+    kernel::{fd_file, has, off, read, read_user, setting},
+    maps::slot,
+};
+
+const AF_UNIX: u16 = 1;
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+const EINPROGRESS: i64 = 115;
+const EFAULT: i64 = 14;
+const SYS_CONNECT: u64 = 3;
+
+#[inline(always)]
+pub fn handle(
+    task: u64,
+    ret: i64,
+    syscall: ConnectSyscall,
+    a: [u64; 4],
+    compat: bool,
+) -> Result<()> {
+    if setting!(connect_enabled) == 0 {
+        return Ok(());
+    }
+    let (fd, uaddr, addrlen) = match syscall {
+        ConnectSyscall::Connect => (a[0] as i32, a[1], a[2] as u32),
+        ConnectSyscall::Socketcall => {
+            if a[0] != SYS_CONNECT {
+                return Ok(());
+            }
+            let args: [u32; 3] = read_user(a[1])?;
+            (args[0] as i32, u64::from(args[1]), args[2])
+        }
+    };
+    let family: u16 = match read_user(uaddr) {
+        Ok(f) => f,
+        Err(_) if ret == -EFAULT => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if !matches!(family, AF_UNIX | AF_INET | AF_INET6) {
+        return Ok(());
+    }
+
+    let buf = scratch(slot::SYSCALL)?;
+    fill_header(buf, EventKind::Connect, task)?;
+    // SAFETY: the scratch slot holds the header plus this body.
+    let body = unsafe { &mut *buf.add(tail_offset::<()>()).cast::<ConnectEvent>() };
+    zero(body);
+    body.ret = ret;
+    body.fd = fd;
+    body.addrlen = addrlen;
+    body.family = family;
+    body.syscall = syscall as u8;
+    body.origin = AddrOrigin::Argument as u8;
+    body.compat = u8::from(compat);
+
+    match family {
+        AF_INET => {
+            // sockaddr_in: family, port (be), addr
+            if let Ok(sa) = read_user::<[u8; 8]>(uaddr) {
+                body.dport = u16::from_be_bytes([sa[2], sa[3]]);
+                body.daddr[..4].copy_from_slice(&sa[4..8]);
+            } else {
+                body.flags |= connect_flags::ADDR_READ_FAILED;
+            }
+        }
+        AF_INET6 => {
+            // sockaddr_in6: family, port (be), flowinfo, addr[16], scope_id
+            if let Ok(sa) = read_user::<[u8; 24]>(uaddr) {
+                body.dport = u16::from_be_bytes([sa[2], sa[3]]);
+                body.daddr.copy_from_slice(&sa[8..24]);
+            } else {
+                body.flags |= connect_flags::ADDR_READ_FAILED;
+            }
+        }
+        _ => {
+            let len = (addrlen as usize).saturating_sub(2);
+            let len = if len > UNIX_PATH_MAX {
+                UNIX_PATH_MAX
+            } else {
+                len
+            };
+            // SAFETY: at most `UNIX_PATH_MAX` bytes into `unix_path`.
+            let r = unsafe {
+                bpf_probe_read_user(
+                    body.unix_path.as_mut_ptr().cast(),
+                    len as u32,
+                    (uaddr + 2) as *const _,
+                )
+            };
+            if r < 0 {
+                body.flags |= connect_flags::ADDR_READ_FAILED;
+            } else {
+                // A pathname socket's name ends at its NUL; an abstract one (leading NUL)
+                // uses every byte of addrlen.
+                let abstract_name = len > 0 && body.unix_path[0] == 0;
+                let mut used = len;
+                if abstract_name {
+                    body.flags |= connect_flags::UNIX_ABSTRACT;
+                } else {
+                    for i in 0..UNIX_PATH_MAX {
+                        if i >= len {
+                            break;
+                        }
+                        if body.unix_path[i] == 0 {
+                            used = i;
+                            break;
+                        }
+                    }
+                }
+                body.unix_len = used as u16;
+            }
+        }
+    }
+
+    if (ret == 0 || ret == -EINPROGRESS) && family != AF_UNIX {
+        if from_socket(task, fd, body).is_ok() {
+            body.origin = AddrOrigin::Socket as u8;
+        } else {
+            body.flags |= connect_flags::SOCKET_READ_FAILED;
+        }
+    }
+    submit(buf, tail_offset::<ConnectEvent>())
+}
+
+/// Reads family, addresses and ports from the connected socket.
+#[inline(always)]
+fn from_socket(task: u64, fd: i32, body: &mut ConnectEvent) -> Result<()> {
+    let file = fd_file(task, i64::from(fd))?;
+    let sock: u64 = read(file, off!(file_private_data))?;
+    let sk: u64 = read(sock, off!(socket_sk))?;
+    if sk == 0 {
+        return Err(Error::Read);
+    }
+    let family: u16 = read(sk, off!(sk_family))?;
+    let dport: u16 = read(sk, off!(sk_dport))?;
+    let lport: u16 = read(sk, off!(sk_num))?;
+    match family {
+        AF_INET => {
+            let daddr: [u8; 4] = read(sk, off!(sk_daddr))?;
+            let laddr: [u8; 4] = read(sk, off!(sk_rcv_saddr))?;
+            body.daddr = [0; 16];
+            body.laddr = [0; 16];
+            body.daddr[..4].copy_from_slice(&daddr);
+            body.laddr[..4].copy_from_slice(&laddr);
+        }
+        AF_INET6 if has(features::IPV6) => {
+            body.daddr = read(sk, off!(sk_v6_daddr))?;
+            body.laddr = read(sk, off!(sk_v6_rcv_saddr))?;
+        }
+        _ => return Err(Error::Read),
+    }
+    body.family = family;
+    body.dport = u16::from_be(dport);
+    body.lport = lport;
+    if has(features::SK_TYPE) {
+        body.sock_type = read(sk, off!(sk_type))?;
+        body.protocol = read(sk, off!(sk_protocol))?;
+    }
+    Ok(())
+}
+
+/// Clears the body (the scratch slot holds the previous event), with volatile stores so the
+/// compiler emits plain stores rather than a `memset` call the bpf target lacks.
+#[inline(always)]
+fn zero(body: &mut ConnectEvent) {
+    let words = (body as *mut ConnectEvent).cast::<u64>();
+    for i in 0..size_of::<ConnectEvent>() / 8 {
+        // SAFETY: `ConnectEvent` is a multiple of 8 bytes and 8-aligned in the slot.
+        unsafe { core::ptr::write_volatile(words.add(i), 0) };
+    }
+}

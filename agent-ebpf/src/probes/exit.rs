@@ -1,0 +1,53 @@
+//! `sched_process_exit`: sent when the last thread of a process exits, with its exit code.
+
+use agent_common::{
+    event::{EventHeader, EventKind, ExitEvent},
+    offsets::features,
+};
+use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
+
+use super::fork::EMPTY_HEADER;
+use crate::{
+    emit::{account, fill_header, submit_record},
+    error::Result,
+    kernel::{has, off, read},
+};
+
+#[repr(C)]
+struct ExitRecord {
+    header: EventHeader,
+    body: ExitEvent,
+}
+
+#[btf_tracepoint(function = "sched_process_exit")]
+pub fn sched_process_exit(ctx: BtfTracePointContext) -> i32 {
+    let task: u64 = ctx.arg(0);
+    account(try_exit(task));
+    0
+}
+
+#[inline(always)]
+fn try_exit(task: u64) -> Result<()> {
+    // `signal->live` is decremented before this tracepoint: zero means the whole thread group
+    // is gone.
+    let signal: u64 = read(task, off!(task_signal))?;
+    let live: i32 = read(signal, off!(signal_live))?;
+    if live != 0 {
+        return Ok(());
+    }
+    let leader: u64 = read(task, off!(task_group_leader))?;
+    let mut record = ExitRecord {
+        header: EMPTY_HEADER,
+        body: ExitEvent {
+            exit_code: read(task, off!(task_exit_code))?,
+            _pad: 0,
+            start_ns: if has(features::START_BOOTTIME) {
+                read(leader, off!(task_start_boottime))?
+            } else {
+                0
+            },
+        },
+    };
+    fill_header((&raw mut record.header).cast(), EventKind::Exit, task)?;
+    submit_record(&mut record)
+}

@@ -1,0 +1,9 @@
+//! One module per hook. Each entry point is a thin `#[btf_tracepoint]` function that calls a
+//! `try_*` function and turns its error into a drop count.
+
+mod connect;
+mod exec;
+mod exit;
+mod fork;
+mod open;
+mod syscalls;

@@ -1,0 +1,273 @@
+//! The open family (`open`, `openat`, `openat2`, `creat`) at system call exit.
+//!
+//! A successful open is judged and named from the new file's `struct file` (what was really
+//! opened, immune to the caller changing its string afterwards). A failed open has no file:
+//! an absolute string is matched against the watched path prefixes, a relative one is judged
+//! by the directory it is relative to (dirfd or cwd) and carried with that directory's
+//! resolved path.
+
+use agent_common::{
+    drops::DropReason,
+    event::{EventKind, OpenEvent, OpenSyscall, PathOrigin, path_flags, tail_offset},
+    limits::PATH_MAX,
+};
+use aya_ebpf::helpers::generated::bpf_probe_read_user_str;
+
+use aya_ebpf::{macros::map, maps::PerCpuArray};
+
+use crate::{
+    emit::{count_drop, fill_header, scratch, submit},
+    error::{Error, Result},
+    kernel::{PathRef, dentry_ino_dev, fd_file, read_user},
+    maps::slot,
+    path::{Verdict, prefix_lookup, watch_verdict, write_path},
+};
+
+const AT_FDCWD: i32 = -100;
+const EFAULT: i64 = 14;
+const O_WRONLY: u32 = 0o1;
+const O_CREAT: u32 = 0o100;
+const O_TRUNC: u32 = 0o1000;
+
+const TAIL: usize = tail_offset::<OpenEvent>();
+const _: () = assert!(TAIL + crate::path::PATH_REGION + PATH_MAX <= crate::maps::CURSOR_OFFSET);
+
+/// Normalizes the arguments, parks them in this CPU's `OPEN_CALLS` slot and processes them.
+/// Reading them back from the map turns every per-syscall constant into an unknown value, so
+/// the verifier checks the path walks once instead of once per system call variant.
+#[inline(always)]
+pub fn handle(task: u64, ret: i64, syscall: OpenSyscall, a: [u64; 4], compat: bool) -> Result<()> {
+    let (dirfd, user_path, flags, mode) = match syscall {
+        OpenSyscall::Open => (AT_FDCWD, a[0], a[1] as u32, a[2] as u32),
+        OpenSyscall::Creat => (AT_FDCWD, a[0], O_CREAT | O_WRONLY | O_TRUNC, a[1] as u32),
+        OpenSyscall::Openat => (a[0] as i32, a[1], a[2] as u32, a[3] as u32),
+        OpenSyscall::Openat2 => {
+            // struct open_how { u64 flags; u64 mode; u64 resolve; }
+            let how = read_user::<[u64; 2]>(a[2]).unwrap_or([0, 0]);
+            (a[0] as i32, a[1], how[0] as u32, how[1] as u32)
+        }
+    };
+    let slot = OPEN_CALLS.get_ptr_mut(0).ok_or(Error::Scratch)?;
+    // SAFETY: this CPU's slot; no other program uses it.
+    unsafe {
+        *slot = Call {
+            task,
+            ret,
+            user_path,
+            dirfd,
+            flags,
+            mode,
+            syscall: syscall as u32,
+            compat: u32::from(compat),
+        };
+    }
+    match process() {
+        0 => Ok(()),
+        1 => Err(Error::Read),
+        2 => Err(Error::RingFull),
+        _ => Err(Error::Scratch),
+    }
+}
+
+/// Subprogram boundary: returns 0 or the `Error` as an integer (the kernel rejects the BTF
+/// of Rust enums in subprogram signatures).
+#[inline(never)]
+fn process() -> u32 {
+    let Some(slot) = OPEN_CALLS.get_ptr(0) else {
+        return Error::Scratch as u32;
+    };
+    // SAFETY: this CPU's slot, written just before.
+    let call = unsafe { &*slot };
+    let result = if call.ret >= 0 {
+        opened(call)
+    } else {
+        failed(call, call.user_path)
+    };
+    match result {
+        Ok(()) => 0,
+        Err(e) => e as u32,
+    }
+}
+
+/// One open call, as parked in `OPEN_CALLS`.
+#[repr(C)]
+pub struct Call {
+    task: u64,
+    ret: i64,
+    user_path: u64,
+    dirfd: i32,
+    flags: u32,
+    mode: u32,
+    syscall: u32,
+    compat: u32,
+}
+
+#[map]
+static OPEN_CALLS: PerCpuArray<Call> = PerCpuArray::with_max_entries(1, 0);
+
+/// Fills the header and the fixed body; the caller adds the tail.
+#[inline(always)]
+fn start_event(call: &Call, origin: PathOrigin, watch_id: u32) -> Result<*mut u8> {
+    let buf = scratch(slot::SYSCALL)?;
+    fill_header(buf, EventKind::Open, call.task)?;
+    // SAFETY: the scratch slot holds the header plus this body.
+    unsafe {
+        let body = buf.add(tail_offset::<()>()).cast::<OpenEvent>();
+        (*body).ret = call.ret;
+        (*body).flags = call.flags;
+        (*body).mode = call.mode;
+        (*body).dirfd = call.dirfd;
+        (*body).watch_id = watch_id;
+        (*body).ino = 0;
+        (*body).dev = 0;
+        (*body).syscall = call.syscall as u8;
+        (*body).origin = origin as u8;
+        (*body).path_flags = 0;
+        (*body).base_len = 0;
+        (*body).user_len = 0;
+        (*body).user_flags = 0;
+        (*body).compat = call.compat as u8;
+        (*body)._pad = 0;
+    }
+    Ok(buf)
+}
+
+#[inline(always)]
+fn body(buf: *mut u8) -> *mut OpenEvent {
+    // SAFETY: the body follows the header in the scratch slot.
+    unsafe { buf.add(tail_offset::<()>()).cast::<OpenEvent>() }
+}
+
+/// Writes the resolved path of `path` at the start of the tail; returns its length.
+#[inline(always)]
+fn put_base(buf: *mut u8, task: u64, path: PathRef, extra_flags: u16) -> Result<usize> {
+    let root = PathRef::root_of(task)?;
+    // SAFETY: the tail region of the scratch slot is larger than `PATH_REGION`.
+    let packed = write_path(
+        unsafe { buf.add(TAIL) },
+        unsafe { buf.add(crate::maps::CURSOR_OFFSET) }.cast(),
+        path,
+        root,
+    );
+    let len = (packed & 0xffff) as usize;
+    let len = if len > PATH_MAX { PATH_MAX } else { len };
+    let flags = (packed >> 16) as u16 | extra_flags;
+    count_path_flags(flags);
+    // SAFETY: see `body`.
+    unsafe {
+        (*body(buf)).base_len = len as u16;
+        (*body(buf)).path_flags = flags;
+    }
+    Ok(len)
+}
+
+#[inline(always)]
+fn count_path_flags(flags: u16) {
+    if flags & path_flags::TRUNCATED != 0 {
+        count_drop(DropReason::Truncated);
+    }
+    if flags & path_flags::DEPTH_EXCEEDED != 0 {
+        count_drop(DropReason::DepthExceeded);
+    }
+    if flags & path_flags::READ_FAILED != 0 {
+        count_drop(DropReason::ReadFailure);
+    }
+}
+
+/// Successful open: judge and name the new file.
+#[inline(always)]
+fn opened(call: &Call) -> Result<()> {
+    let file = fd_file(call.task, call.ret)?;
+    let path = PathRef::of_file(file)?;
+    let (watch_id, extra) = match watch_verdict(path)? {
+        Verdict::Watched(id) => (id, 0),
+        Verdict::Unwatched => return Ok(()),
+        Verdict::Undecided => (0, path_flags::UNDECIDED),
+    };
+    let buf = start_event(call, PathOrigin::File, watch_id)?;
+    if let Ok((ino, dev)) = dentry_ino_dev(path.dentry) {
+        // SAFETY: see `body`.
+        unsafe {
+            (*body(buf)).ino = ino;
+            (*body(buf)).dev = dev;
+        }
+    }
+    let len = put_base(buf, call.task, path, extra)?;
+    submit(buf, TAIL + len)
+}
+
+/// Failed open: decide from the caller's string and the directory it is relative to.
+#[inline(always)]
+fn failed(call: &Call, user_path: u64) -> Result<()> {
+    if call.ret == -EFAULT {
+        // Nothing was named, so nothing was attempted on a file.
+        return Ok(());
+    }
+    let first: u8 = read_user(user_path)?;
+    let (origin, watch_id, base) = if first == b'/' {
+        let Some((id, dotdot)) = prefix_lookup(user_path) else {
+            return Err(Error::Read);
+        };
+        if id == 0 && !dotdot {
+            return Ok(());
+        }
+        (PathOrigin::Absolute, id, None)
+    } else {
+        let base = if call.dirfd == AT_FDCWD {
+            PathRef::cwd_of(call.task)?
+        } else {
+            PathRef::of_file(fd_file(call.task, i64::from(call.dirfd))?)?
+        };
+        let id = match watch_verdict(base)? {
+            Verdict::Watched(id) => id,
+            Verdict::Undecided => 0,
+            Verdict::Unwatched => {
+                // `..` can climb from an unwatched directory into a watched one.
+                match prefix_lookup(user_path) {
+                    Some((_, true)) => 0,
+                    Some((_, false)) => return Ok(()),
+                    None => return Err(Error::Read),
+                }
+            }
+        };
+        (PathOrigin::Relative, id, Some(base))
+    };
+    let buf = start_event(call, origin, watch_id)?;
+    let undecided = if watch_id == 0 {
+        path_flags::UNDECIDED
+    } else {
+        0
+    };
+    let base_len = match base {
+        Some(base) => put_base(buf, call.task, base, undecided)?,
+        None => {
+            // SAFETY: see `body`.
+            unsafe { (*body(buf)).path_flags = undecided };
+            0
+        }
+    };
+    // SAFETY: `base_len <= PATH_MAX`; the string gets at most `PATH_MAX` bytes after it,
+    // inside the scratch slot.
+    let n = unsafe {
+        bpf_probe_read_user_str(
+            buf.add(TAIL + base_len).cast(),
+            PATH_MAX as u32,
+            user_path as *const _,
+        )
+    };
+    let (user_len, user_flags) = if n < 0 {
+        count_drop(DropReason::ReadFailure);
+        (0, path_flags::READ_FAILED)
+    } else if n as usize >= PATH_MAX {
+        count_drop(DropReason::Truncated);
+        (PATH_MAX, path_flags::TRUNCATED)
+    } else {
+        (n as usize, 0)
+    };
+    // SAFETY: see `body`.
+    unsafe {
+        (*body(buf)).user_len = user_len as u16;
+        (*body(buf)).user_flags = user_flags;
+    }
+    submit(buf, TAIL + base_len + user_len)
+}

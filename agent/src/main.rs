@@ -1,0 +1,99 @@
+//! phi-agent: the phi-audit host agent.
+//!
+//! Data flow, one module per stage: `probes` (kernel programs, ring buffer) → `pipeline`
+//! (decode) → `process` (process table) → `record` (identity, records) → `output`.
+
+mod cli;
+mod clock;
+mod config;
+mod output;
+mod pipeline;
+mod probes;
+mod process;
+mod record;
+mod run;
+mod text;
+mod watch;
+
+use std::process::ExitCode;
+
+use clap::Parser as _;
+
+use crate::{
+    cli::{Cli, Command, RunArgs},
+    config::{FileConfig, Overrides},
+};
+
+fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+/// Prints an error as one line (with its causes) and picks the exit code.
+fn fail(err: &anyhow::Error) -> ExitCode {
+    let mut line = err.to_string();
+    for cause in err.chain().skip(1) {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+    }
+    eprintln!("phi-agent: error: {line}");
+    ExitCode::from(1)
+}
+
+fn prepare(args: RunArgs) -> anyhow::Result<run::RunInput> {
+    let file = match &args.config {
+        Some(path) => FileConfig::load(path)?,
+        None => FileConfig::default(),
+    };
+    let overrides = Overrides {
+        watch: args.watch,
+        stdout: args.stdout,
+        host_id: args.host_id,
+        ring_buffer_bytes: args.ring_buffer_bytes,
+        no_connect: args.no_connect,
+    };
+    let settings = config::merge(&file, &overrides)?;
+    for dir in &settings.watch {
+        watch::check(dir)?;
+    }
+    Ok(run::RunInput {
+        config_path: args.config,
+        overrides,
+        settings,
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => {
+            init_logging(&args.log);
+            let input = match prepare(args) {
+                Ok(i) => i,
+                Err(e) => {
+                    fail(&e);
+                    return ExitCode::from(2);
+                }
+            };
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => return fail(&e.into()),
+            };
+            match runtime.block_on(run::run(input)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(&e),
+            }
+        }
+    }
+}

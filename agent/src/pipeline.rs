@@ -1,0 +1,192 @@
+//! The stages after the kernel, in order: decode, process table and identity, record building,
+//! numbering, output. Each kernel event passes through once; data moves forward only.
+
+use agent_common::{
+    decode::{DecodeError, decode},
+    drops::DropReason,
+};
+use phi_proto::v1::{self as pb, record::Event};
+
+use crate::{
+    clock::Clock,
+    output::Sink,
+    probes::Counters,
+    process::ProcessTable,
+    record::{self, Context, Stamp},
+    watch::WatchList,
+};
+
+/// Loss and truncation totals, kernel and user space, with what was last put in the chain.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LossTotals {
+    pub kernel: Counters,
+    pub decode_errors: u64,
+}
+
+impl LossTotals {
+    /// (reason, total) for every reason.
+    fn by_reason(&self) -> [(pb::GapReason, u64); 6] {
+        [
+            (
+                pb::GapReason::RingBufferFull,
+                self.kernel.get(DropReason::RingBufferFull),
+            ),
+            (
+                pb::GapReason::ReadFailure,
+                self.kernel.get(DropReason::ReadFailure),
+            ),
+            (
+                pb::GapReason::Truncated,
+                self.kernel.get(DropReason::Truncated),
+            ),
+            (
+                pb::GapReason::DepthExceeded,
+                self.kernel.get(DropReason::DepthExceeded),
+            ),
+            (pb::GapReason::ProgramBusy, self.kernel.program_busy),
+            (pb::GapReason::DecodeError, self.decode_errors),
+        ]
+    }
+
+    pub fn to_proto(self) -> pb::DropCounters {
+        pb::DropCounters {
+            ring_buffer_full: self.kernel.get(DropReason::RingBufferFull),
+            read_failure: self.kernel.get(DropReason::ReadFailure),
+            truncated: self.kernel.get(DropReason::Truncated),
+            depth_exceeded: self.kernel.get(DropReason::DepthExceeded),
+            program_busy: self.kernel.program_busy,
+            decode_error: self.decode_errors,
+        }
+    }
+
+    /// One line for humans.
+    pub fn summary(&self) -> String {
+        format!(
+            "ring_buffer_full={} read_failure={} truncated={} depth_exceeded={} program_busy={} \
+             decode_error={}",
+            self.kernel.get(DropReason::RingBufferFull),
+            self.kernel.get(DropReason::ReadFailure),
+            self.kernel.get(DropReason::Truncated),
+            self.kernel.get(DropReason::DepthExceeded),
+            self.kernel.program_busy,
+            self.decode_errors
+        )
+    }
+}
+
+pub struct Pipeline {
+    pub stamp: Stamp,
+    pub clock: Clock,
+    pub processes: ProcessTable,
+    pub watches: WatchList,
+    sink: Box<dyn Sink + Send>,
+    /// Number of the last record written.
+    seq: u64,
+    decode_errors: u64,
+    /// Totals already reported in gap records.
+    reported: LossTotals,
+}
+
+impl Pipeline {
+    pub fn new(
+        stamp: Stamp,
+        processes: ProcessTable,
+        watches: WatchList,
+        sink: Box<dyn Sink + Send>,
+    ) -> Self {
+        Pipeline {
+            stamp,
+            clock: Clock::new(),
+            processes,
+            watches,
+            sink,
+            seq: 0,
+            decode_errors: 0,
+            reported: LossTotals::default(),
+        }
+    }
+
+    /// Numbers and writes one record.
+    pub fn emit(&mut self, mut record: pb::Record) -> std::io::Result<()> {
+        self.seq += 1;
+        record.seq = self.seq;
+        self.sink.write(&record)
+    }
+
+    /// A record about the agent itself, stamped now.
+    pub fn emit_agent(&mut self, event: Event) -> std::io::Result<()> {
+        let rec = record::envelope(&self.stamp, Clock::now(), event);
+        self.emit(rec)
+    }
+
+    pub fn flush(&mut self) -> std::io::Result<()> {
+        self.sink.flush()
+    }
+
+    /// Handles one ring-buffer item.
+    pub fn handle(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        match decode(bytes) {
+            Ok(event) => {
+                let mut ctx = Context {
+                    stamp: &self.stamp,
+                    clock: &self.clock,
+                    processes: &mut self.processes,
+                    watches: &self.watches,
+                };
+                if let Some(rec) = record::from_event(&event, &mut ctx) {
+                    self.emit(rec)?;
+                }
+            }
+            Err(e) => self.decode_failed(&e),
+        }
+        Ok(())
+    }
+
+    fn decode_failed(&mut self, e: &DecodeError) {
+        self.decode_errors += 1;
+        if self.decode_errors.is_power_of_two() {
+            tracing::warn!(
+                total = self.decode_errors,
+                "cannot decode a kernel event ({e}); counted as a gap"
+            );
+        }
+    }
+
+    /// Current totals, given the kernel's counters.
+    pub fn totals(&self, kernel: Counters) -> LossTotals {
+        LossTotals {
+            kernel,
+            decode_errors: self.decode_errors,
+        }
+    }
+
+    /// Writes a gap record for every reason whose total grew since the last call.
+    pub fn report_losses(&mut self, kernel: Counters) -> std::io::Result<()> {
+        let now = self.totals(kernel);
+        let before = self.reported.by_reason();
+        for (i, (reason, total)) in now.by_reason().into_iter().enumerate() {
+            let count = total.saturating_sub(before[i].1);
+            if count == 0 {
+                continue;
+            }
+            if matches!(
+                reason,
+                pb::GapReason::RingBufferFull
+                    | pb::GapReason::ReadFailure
+                    | pb::GapReason::ProgramBusy
+                    | pb::GapReason::DecodeError
+            ) {
+                tracing::warn!(reason = reason.as_str_name(), count, total, "events lost");
+            }
+            self.emit_agent(Event::Gap(pb::Gap {
+                reason: reason as i32,
+                count,
+                total,
+                first_seq: 0,
+                last_seq: 0,
+            }))?;
+        }
+        self.reported = now;
+        Ok(())
+    }
+}

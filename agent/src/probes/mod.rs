@@ -1,0 +1,388 @@
+//! Loading, attaching and reading the kernel programs.
+
+pub mod btf;
+pub mod offsets;
+pub mod preflight;
+mod stats;
+
+use std::{io, os::fd::AsFd as _};
+
+use agent_common::{
+    drops::DropReason, limits::WATCH_PREFIX_MAX, offsets::ProbeSettings, watch::WatchKey,
+};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, PerCpuArray, RingBuf, lpm_trie::LpmTrie},
+    programs::{BtfTracePoint, ProgramError},
+};
+
+use self::{
+    btf::{Btf, BtfError},
+    offsets::{MissingFeature, OffsetsError},
+    preflight::{Capabilities, PreflightError},
+};
+
+/// The compiled kernel programs, built by `build.rs` and embedded in the binary.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf"));
+
+/// Where the kernel's BTF is read from.
+pub const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
+
+/// One kernel hook: the program, the BTF-enabled raw tracepoint it attaches to and the event
+/// kinds it serves. Kept as data so the loader, the start record and the docs agree.
+pub struct Hook {
+    pub program: &'static str,
+    pub tracepoint: &'static str,
+    pub kinds: &'static [&'static str],
+}
+
+pub const HOOKS: &[Hook] = &[
+    Hook {
+        program: "sys_exit",
+        tracepoint: "sys_exit",
+        kinds: &["open", "connect"],
+    },
+    Hook {
+        program: "sched_process_exec",
+        tracepoint: "sched_process_exec",
+        kinds: &["exec"],
+    },
+    Hook {
+        program: "sched_process_fork",
+        tracepoint: "sched_process_fork",
+        kinds: &["fork"],
+    },
+    Hook {
+        program: "sched_process_exit",
+        tracepoint: "sched_process_exit",
+        kinds: &["exit"],
+    },
+];
+
+/// Options that shape the kernel side.
+#[derive(Clone, Debug)]
+pub struct ProbeOptions {
+    /// Ring buffer size in bytes (a power of two, at least one page).
+    pub ring_buffer_bytes: u32,
+    /// Report connect calls.
+    pub connect: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error(transparent)]
+    Preflight(#[from] PreflightError),
+    #[error(transparent)]
+    Btf(#[from] BtfError),
+    #[error(transparent)]
+    Offsets(#[from] OffsetsError),
+    #[error("cannot create the kernel maps or load the object: {reason}")]
+    Load {
+        reason: String,
+        #[source]
+        source: aya::EbpfError,
+    },
+    #[error("the kernel refused program {program} (tp_btf/{tracepoint}): {reason}")]
+    Program {
+        program: &'static str,
+        tracepoint: &'static str,
+        reason: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error(
+        "the kernel has no BTF-enabled raw tracepoint {0} (tp_btf needs Linux >= 5.5 with \
+         CONFIG_DEBUG_INFO_BTF)"
+    )]
+    NoTracepoint(&'static str),
+    #[error("the kernel object has no map {0} (build mismatch between agent and programs)")]
+    MissingMap(&'static str),
+    #[error("map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+}
+
+/// Loaded and attached programs with the maps user space needs.
+pub struct Probes {
+    ebpf: Ebpf,
+    drops: PerCpuArray<MapData, u64>,
+    stats: stats::ProgramStats,
+    pub capabilities: Capabilities,
+    /// Kernel fields this kernel lacks, and what that costs.
+    pub missing: Vec<MissingFeature>,
+}
+
+/// The watch filter maps.
+pub struct WatchMaps {
+    pub inodes: HashMap<MapData, WatchKey, u32>,
+    pub devs: HashMap<MapData, u32, u32>,
+    pub prefixes: LpmTrie<MapData, [u8; WATCH_PREFIX_MAX], u32>,
+}
+
+/// Whether kernel lockdown is in a mode that keeps BPF from reading kernel memory.
+fn lockdown_confidentiality() -> bool {
+    std::fs::read_to_string("/sys/kernel/security/lockdown")
+        .map(|s| s.contains("[confidentiality]"))
+        .unwrap_or(false)
+}
+
+/// Explains a program load/attach failure in terms of the kernel feature involved.
+fn explain_program_error(err: &ProgramError) -> String {
+    let errno = match err {
+        ProgramError::LoadError { io_error, .. } => io_error.raw_os_error(),
+        ProgramError::SyscallError(e) => e.io_error.raw_os_error(),
+        _ => None,
+    };
+    match errno {
+        Some(libc::EPERM | libc::EACCES) if lockdown_confidentiality() => {
+            "permission denied by kernel lockdown (confidentiality mode forbids BPF reading kernel \
+             memory): boot with lockdown=integrity or none"
+                .into()
+        }
+        Some(libc::EPERM | libc::EACCES) => {
+            "permission denied: tracing programs need CAP_BPF and CAP_PERFMON (or root), and the \
+             kernel must allow BPF tracing (kernel.unprivileged_bpf_disabled does not matter for \
+             root; a security module may forbid it)"
+                .into()
+        }
+        Some(524) | Some(libc::EOPNOTSUPP) => {
+            "not supported: BTF-enabled raw tracepoints need Linux >= 5.5 with CONFIG_BPF_JIT and \
+             CONFIG_DEBUG_INFO_BTF"
+                .into()
+        }
+        _ => match err {
+            ProgramError::LoadError { verifier_log, .. } => {
+                let log = verifier_log.to_string();
+                let tail: Vec<&str> = log.lines().rev().take(3).collect();
+                format!(
+                    "the verifier rejected it (this kernel lacks a BPF feature the program \
+                     uses): {}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+                )
+            }
+            other => other.to_string(),
+        },
+    }
+}
+
+fn explain_load_error(err: &aya::EbpfError) -> String {
+    use aya::EbpfError;
+    match err {
+        EbpfError::MapError(aya::maps::MapError::CreateError { name, io_error, .. })
+            if name == "EVENTS" =>
+        {
+            format!(
+                "creating the ring buffer failed ({io_error}): BPF ring buffers need Linux >= 5.8"
+            )
+        }
+        EbpfError::MapError(aya::maps::MapError::CreateError { name, io_error, .. }) => {
+            format!("creating map {name} failed ({io_error})")
+        }
+        other => other.to_string(),
+    }
+}
+
+impl Probes {
+    /// Checks the host, reads offsets from BTF, loads and attaches every program.
+    pub fn load(opts: &ProbeOptions) -> Result<Self, ProbeError> {
+        let capabilities = preflight::check(std::path::Path::new(BTF_PATH))?;
+        let kernel_btf = Btf::from_sys_fs()?;
+        let resolved = offsets::resolve(&kernel_btf)?;
+        for m in &resolved.missing {
+            tracing::warn!(field = %m.field, "kernel lacks a field: {}", m.consequence);
+        }
+        for hook in HOOKS {
+            if !kernel_btf.has_btf_tracepoint(hook.tracepoint) {
+                return Err(ProbeError::NoTracepoint(hook.tracepoint));
+            }
+        }
+        let settings = ProbeSettings {
+            self_tgid: std::process::id(),
+            connect_enabled: u32::from(opts.connect),
+        };
+        let aya_btf = aya::Btf::from_sys_fs().map_err(|e| {
+            ProbeError::Btf(BtfError::Read {
+                path: BTF_PATH.into(),
+                source: io::Error::other(e.to_string()),
+            })
+        })?;
+        let mut ebpf = EbpfLoader::new()
+            .btf(Some(&aya_btf))
+            .override_global("OFFSETS", &resolved.offsets, true)
+            .override_global("SETTINGS", &settings, true)
+            .map_max_entries("EVENTS", opts.ring_buffer_bytes)
+            .load(EBPF_OBJECT)
+            .map_err(|source| ProbeError::Load {
+                reason: explain_load_error(&source),
+                source,
+            })?;
+
+        if let Err(e) = aya_log::EbpfLogger::init(&mut ebpf).map(spawn_log_reader) {
+            tracing::debug!("kernel program log not available: {e}");
+        }
+
+        let mut program_ids = Vec::new();
+        for hook in HOOKS {
+            let program: &mut BtfTracePoint = ebpf
+                .program_mut(hook.program)
+                .ok_or(ProbeError::MissingMap(hook.program))?
+                .try_into()
+                .map_err(|source| ProbeError::Program {
+                    program: hook.program,
+                    tracepoint: hook.tracepoint,
+                    reason: "not a tp_btf program".into(),
+                    source,
+                })?;
+            let fail = |source: ProgramError| ProbeError::Program {
+                program: hook.program,
+                tracepoint: hook.tracepoint,
+                reason: explain_program_error(&source),
+                source,
+            };
+            program.load(hook.tracepoint, &aya_btf).map_err(fail)?;
+            program.attach().map_err(fail)?;
+            match program.fd().map(|fd| fd.as_fd().try_clone_to_owned()) {
+                Ok(Ok(fd)) => program_ids.push((hook.program, fd)),
+                _ => tracing::warn!(
+                    program = hook.program,
+                    "cannot watch the program's skip counter; skipped runs will not be reported"
+                ),
+            }
+            tracing::debug!(
+                program = hook.program,
+                "attached tp_btf/{}",
+                hook.tracepoint
+            );
+        }
+
+        let drops = PerCpuArray::try_from(
+            ebpf.take_map("DROPS")
+                .ok_or(ProbeError::MissingMap("DROPS"))?,
+        )
+        .map_err(|source| ProbeError::Map {
+            map: "DROPS",
+            source,
+        })?;
+        Ok(Probes {
+            ebpf,
+            drops,
+            stats: stats::ProgramStats::new(program_ids),
+            capabilities,
+            missing: resolved.missing,
+        })
+    }
+
+    /// Takes the event ring buffer (once).
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>, ProbeError> {
+        let map = self
+            .ebpf
+            .take_map("EVENTS")
+            .ok_or(ProbeError::MissingMap("EVENTS"))?;
+        RingBuf::try_from(map).map_err(|source| ProbeError::Map {
+            map: "EVENTS",
+            source,
+        })
+    }
+
+    /// Takes the watch filter maps (once).
+    pub fn take_watch_maps(&mut self) -> Result<WatchMaps, ProbeError> {
+        let mut take =
+            |name: &'static str| self.ebpf.take_map(name).ok_or(ProbeError::MissingMap(name));
+        let inodes = take("WATCH_INODES")?;
+        let devs = take("WATCH_DEVS")?;
+        let prefixes = take("WATCH_PREFIXES")?;
+        Ok(WatchMaps {
+            inodes: HashMap::try_from(inodes).map_err(|source| ProbeError::Map {
+                map: "WATCH_INODES",
+                source,
+            })?,
+            devs: HashMap::try_from(devs).map_err(|source| ProbeError::Map {
+                map: "WATCH_DEVS",
+                source,
+            })?,
+            prefixes: LpmTrie::try_from(prefixes).map_err(|source| ProbeError::Map {
+                map: "WATCH_PREFIXES",
+                source,
+            })?,
+        })
+    }
+
+    /// Totals of the kernel drop counters, summed over CPUs, plus runs the kernel skipped
+    /// because a program was already active on that CPU.
+    pub fn counters(&self) -> Counters {
+        let mut by_reason = [0u64; DropReason::COUNT as usize];
+        for reason in DropReason::ALL {
+            if let Ok(values) = self.drops.get(&(reason as u32), 0) {
+                by_reason[reason as usize] = values.iter().sum();
+            }
+        }
+        Counters {
+            by_reason,
+            program_busy: self.stats.recursion_misses(),
+        }
+    }
+
+    /// Which hook serves each event kind, as (kind, "tp_btf/<tracepoint>").
+    pub fn sensors() -> Vec<(String, String)> {
+        HOOKS
+            .iter()
+            .flat_map(|h| {
+                h.kinds
+                    .iter()
+                    .map(|k| ((*k).to_owned(), format!("tp_btf/{}", h.tracepoint)))
+            })
+            .collect()
+    }
+}
+
+/// Kernel-side loss and truncation totals.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub by_reason: [u64; DropReason::COUNT as usize],
+    pub program_busy: u64,
+}
+
+impl Counters {
+    pub fn get(&self, reason: DropReason) -> u64 {
+        self.by_reason[reason as usize]
+    }
+}
+
+fn spawn_log_reader<T: log::Log + Send + 'static>(logger: aya_log::EbpfLogger<T>) {
+    // SAFETY: the logger owns its ring buffer fd for as long as the `AsyncFd` holds it.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    };
+    let Ok(mut fd) = registered else {
+        return;
+    };
+    tokio::spawn(async move {
+        loop {
+            let Ok(mut guard) = fd.readable_mut().await else {
+                return;
+            };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+}
+
+/// Default size of the event ring buffer.
+pub fn default_ring_buffer_bytes() -> u32 {
+    agent_common::limits::DEFAULT_RING_BUFFER_BYTES
+}
+
+/// Checks a ring buffer size: a power of two and at least one page.
+pub fn validate_ring_buffer_bytes(bytes: u64) -> Result<u32, String> {
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
+    if bytes < page || !bytes.is_power_of_two() || bytes > (1 << 30) {
+        return Err(format!(
+            "ring buffer size {bytes} must be a power of two between {page} (one page) and 1 GiB"
+        ));
+    }
+    Ok(bytes as u32)
+}

@@ -1,0 +1,223 @@
+//! Kernel structure offsets for the programs, read from the running kernel's BTF.
+
+use agent_common::offsets::{KernelOffsets, features};
+
+use super::btf::{Btf, BtfError};
+
+/// A field the programs need but the kernel does not have, with what is lost.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MissingFeature {
+    pub field: String,
+    pub consequence: &'static str,
+}
+
+/// Offsets plus the optional features this kernel lacks.
+pub struct Resolved {
+    pub offsets: KernelOffsets,
+    pub missing: Vec<MissingFeature>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the running kernel's BTF lacks a field phi-agent needs ({source}); this kernel is not supported"
+)]
+pub struct OffsetsError {
+    #[source]
+    source: BtfError,
+}
+
+/// Resolves every offset. Required fields fail the load; optional ones clear a feature bit.
+pub fn resolve(btf: &Btf) -> Result<Resolved, OffsetsError> {
+    let req = |s: &str, path: &[&str]| -> Result<u32, OffsetsError> {
+        btf.member(s, path)
+            .map(|m| m.offset)
+            .map_err(|source| OffsetsError { source })
+    };
+    let mut missing = Vec::new();
+    let mut features = 0u32;
+    let mut opt = |s: &str, path: &[&str], bit: u32, consequence: &'static str| -> u32 {
+        match btf.member(s, path) {
+            Ok(m) => {
+                features |= bit;
+                m.offset
+            }
+            Err(_) => {
+                missing.push(MissingFeature {
+                    field: format!("{s}.{}", path.join(".")),
+                    consequence,
+                });
+                agent_common::offsets::ABSENT
+            }
+        }
+    };
+
+    let task_loginuid = opt(
+        "task_struct",
+        &["loginuid"],
+        features::LOGINUID,
+        "login uid unavailable (kernel without CONFIG_AUDITSYSCALL)",
+    );
+    let task_sessionid = opt(
+        "task_struct",
+        &["sessionid"],
+        features::SESSIONID,
+        "audit session id unavailable (kernel without CONFIG_AUDITSYSCALL)",
+    );
+    let task_start_boottime = opt(
+        "task_struct",
+        &["start_boottime"],
+        features::START_BOOTTIME,
+        "process start times unavailable",
+    );
+    let ti_status = opt(
+        "thread_info",
+        &["status"],
+        features::COMPAT,
+        "32-bit compat system calls are not recognized",
+    );
+    let sk_type = opt(
+        "sock",
+        &["sk_type"],
+        features::SK_TYPE,
+        "socket type and protocol of connections unavailable",
+    );
+    let sk_protocol = if sk_type == agent_common::offsets::ABSENT {
+        sk_type
+    } else {
+        opt(
+            "sock",
+            &["sk_protocol"],
+            features::SK_TYPE,
+            "socket protocol unavailable",
+        )
+    };
+    let sk_v6_daddr = opt(
+        "sock_common",
+        &["skc_v6_daddr"],
+        features::IPV6,
+        "IPv6 connection addresses come from the caller only (kernel without CONFIG_IPV6)",
+    );
+    let sk_v6_rcv_saddr = if sk_v6_daddr == agent_common::offsets::ABSENT {
+        sk_v6_daddr
+    } else {
+        opt(
+            "sock_common",
+            &["skc_v6_rcv_saddr"],
+            features::IPV6,
+            "IPv6 local address unavailable",
+        )
+    };
+    let task_ti = if ti_status == agent_common::offsets::ABSENT {
+        0
+    } else {
+        // thread_info is embedded in task_struct (CONFIG_THREAD_INFO_IN_TASK).
+        match btf.member("task_struct", &["thread_info"]) {
+            Ok(m) => m.offset,
+            Err(_) => {
+                features &= !features::COMPAT;
+                missing.push(MissingFeature {
+                    field: "task_struct.thread_info".into(),
+                    consequence: "32-bit compat system calls are not recognized",
+                });
+                0
+            }
+        }
+    };
+
+    let sock_common = req("sock", &["__sk_common"])?;
+    let offsets = KernelOffsets {
+        features,
+        regs_orig_ax: req("pt_regs", &["orig_ax"])?,
+        regs_di: req("pt_regs", &["di"])?,
+        regs_si: req("pt_regs", &["si"])?,
+        regs_dx: req("pt_regs", &["dx"])?,
+        regs_r10: req("pt_regs", &["r10"])?,
+        regs_bx: req("pt_regs", &["bx"])?,
+        regs_cx: req("pt_regs", &["cx"])?,
+        task_tgid: req("task_struct", &["tgid"])?,
+        task_pid: req("task_struct", &["pid"])?,
+        task_real_parent: req("task_struct", &["real_parent"])?,
+        task_group_leader: req("task_struct", &["group_leader"])?,
+        task_loginuid,
+        task_sessionid,
+        task_cred: req("task_struct", &["cred"])?,
+        task_files: req("task_struct", &["files"])?,
+        task_fs: req("task_struct", &["fs"])?,
+        task_mm: req("task_struct", &["mm"])?,
+        task_signal: req("task_struct", &["signal"])?,
+        task_exit_code: req("task_struct", &["exit_code"])?,
+        task_start_boottime,
+        task_ti_status: task_ti.wrapping_add(ti_status),
+        cred_uid: req("cred", &["uid"])?,
+        cred_gid: req("cred", &["gid"])?,
+        cred_euid: req("cred", &["euid"])?,
+        cred_egid: req("cred", &["egid"])?,
+        files_fdt: req("files_struct", &["fdt"])?,
+        fdt_max_fds: req("fdtable", &["max_fds"])?,
+        fdt_fd: req("fdtable", &["fd"])?,
+        file_dentry: req("file", &["f_path", "dentry"])?,
+        file_vfsmnt: req("file", &["f_path", "mnt"])?,
+        file_private_data: req("file", &["private_data"])?,
+        dentry_parent: req("dentry", &["d_parent"])?,
+        dentry_name_len: req("dentry", &["d_name", "len"])?,
+        dentry_name_ptr: req("dentry", &["d_name", "name"])?,
+        dentry_inode: req("dentry", &["d_inode"])?,
+        dentry_sb: req("dentry", &["d_sb"])?,
+        inode_ino: req("inode", &["i_ino"])?,
+        sb_dev: req("super_block", &["s_dev"])?,
+        mount_vfsmnt: req("mount", &["mnt"])?,
+        mount_parent: req("mount", &["mnt_parent"])?,
+        mount_mountpoint: req("mount", &["mnt_mountpoint"])?,
+        vfsmnt_root: req("vfsmount", &["mnt_root"])?,
+        fs_root_dentry: req("fs_struct", &["root", "dentry"])?,
+        fs_root_vfsmnt: req("fs_struct", &["root", "mnt"])?,
+        fs_pwd_dentry: req("fs_struct", &["pwd", "dentry"])?,
+        fs_pwd_vfsmnt: req("fs_struct", &["pwd", "mnt"])?,
+        mm_arg_start: req("mm_struct", &["arg_start"])?,
+        mm_arg_end: req("mm_struct", &["arg_end"])?,
+        bprm_file: req("linux_binprm", &["file"])?,
+        bprm_filename: req("linux_binprm", &["filename"])?,
+        signal_live: req("signal_struct", &["live"])?,
+        socket_sk: req("socket", &["sk"])?,
+        sk_family: sock_common + req("sock_common", &["skc_family"])?,
+        sk_daddr: sock_common + req("sock_common", &["skc_daddr"])?,
+        sk_rcv_saddr: sock_common + req("sock_common", &["skc_rcv_saddr"])?,
+        sk_dport: sock_common + req("sock_common", &["skc_dport"])?,
+        sk_num: sock_common + req("sock_common", &["skc_num"])?,
+        sk_v6_daddr: sock_common.wrapping_add(sk_v6_daddr),
+        sk_v6_rcv_saddr: sock_common.wrapping_add(sk_v6_rcv_saddr),
+        sk_type,
+        sk_protocol,
+    };
+    Ok(Resolved { offsets, missing })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn running_kernel_offsets_are_plausible() {
+        let btf = Btf::from_sys_fs().expect("kernel BTF present");
+        let r = resolve(&btf).expect("offsets resolve on the host kernel");
+        let o = r.offsets;
+        // pt_regs is a fixed user ABI on x86_64: orig_ax follows the 15 general registers.
+        assert_eq!(o.regs_orig_ax, 15 * 8);
+        assert_eq!(o.regs_di, 14 * 8);
+        // cred: euid follows uid, gid, suid, sgid.
+        assert_eq!(o.cred_euid, o.cred_uid + 16);
+        assert_eq!(o.cred_egid, o.cred_euid + 4);
+        // d_name.name follows d_name.len in struct qstr.
+        assert!(o.dentry_name_ptr > o.dentry_name_len);
+        assert_ne!(
+            o.features & features::LOGINUID,
+            0,
+            "this kernel has CONFIG_AUDIT"
+        );
+        assert!(
+            r.missing.is_empty(),
+            "missing on host kernel: {:?}",
+            r.missing
+        );
+    }
+}

@@ -1,0 +1,187 @@
+//! Checks before anything is loaded, each failing with one line that names the fix.
+
+use std::path::Path;
+
+/// Linux capabilities the agent cares about (numbers from `linux/capability.h`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cap {
+    DacReadSearch = 2,
+    SysAdmin = 21,
+    SysResource = 24,
+    AuditControl = 30,
+    Perfmon = 38,
+    Bpf = 39,
+}
+
+impl Cap {
+    pub const ALL: [Cap; 6] = [
+        Cap::Bpf,
+        Cap::Perfmon,
+        Cap::SysResource,
+        Cap::DacReadSearch,
+        Cap::SysAdmin,
+        Cap::AuditControl,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Cap::DacReadSearch => "CAP_DAC_READ_SEARCH",
+            Cap::SysAdmin => "CAP_SYS_ADMIN",
+            Cap::SysResource => "CAP_SYS_RESOURCE",
+            Cap::AuditControl => "CAP_AUDIT_CONTROL",
+            Cap::Perfmon => "CAP_PERFMON",
+            Cap::Bpf => "CAP_BPF",
+        }
+    }
+}
+
+/// The effective capability set of this process.
+#[derive(Clone, Copy, Debug)]
+pub struct Capabilities(u64);
+
+impl Capabilities {
+    pub fn current() -> Self {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        Self::from_status(&status)
+    }
+
+    fn from_status(status: &str) -> Self {
+        let eff = status
+            .lines()
+            .find_map(|l| l.strip_prefix("CapEff:"))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .unwrap_or(0);
+        Capabilities(eff)
+    }
+
+    pub fn has(self, cap: Cap) -> bool {
+        self.0 & (1u64 << cap as u32) != 0
+    }
+
+    /// Names of the capabilities of [`Cap::ALL`] that are held.
+    pub fn held(self) -> Vec<String> {
+        Cap::ALL
+            .iter()
+            .filter(|c| self.has(**c))
+            .map(|c| c.name().to_owned())
+            .collect()
+    }
+
+    /// Names of the capabilities of [`Cap::ALL`] that are not held.
+    pub fn lacking(self) -> Vec<String> {
+        Cap::ALL
+            .iter()
+            .filter(|c| !self.has(**c))
+            .map(|c| c.name().to_owned())
+            .collect()
+    }
+
+    /// Loading tracing programs needs CAP_BPF with CAP_PERFMON, or CAP_SYS_ADMIN.
+    pub fn can_load_probes(self) -> bool {
+        (self.has(Cap::Bpf) && self.has(Cap::Perfmon)) || self.has(Cap::SysAdmin)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PreflightError {
+    #[error(
+        "kernel BTF not found at {0}: phi-agent needs a kernel built with CONFIG_DEBUG_INFO_BTF=y \
+         (Linux >= 5.8; most distribution kernels since 2021 have it)"
+    )]
+    NoBtf(String),
+    #[error(
+        "phi-agent lacks the privileges to load kernel probes (has: {held}): run it as root, or \
+         grant CAP_BPF and CAP_PERFMON (plus CAP_SYS_RESOURCE and CAP_DAC_READ_SEARCH), e.g. \
+         `setcap cap_bpf,cap_perfmon,cap_sys_resource,cap_dac_read_search+ep phi-agent`"
+    )]
+    Privileges { held: String },
+    #[error("Linux {found} is too old: phi-agent needs Linux >= 5.8 with BTF")]
+    KernelTooOld { found: String },
+}
+
+/// The running kernel's release string (`uname -r`).
+pub fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+fn parse_version(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.split(['.', '-']);
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts
+        .next()?
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect::<String>()
+        .parse()
+        .ok()?;
+    Some((major, minor))
+}
+
+/// Runs every check. Raises `RLIMIT_MEMLOCK` for kernels that still charge BPF memory to it.
+pub fn check(btf_path: &Path) -> Result<Capabilities, PreflightError> {
+    let release = kernel_release();
+    if let Some(v) = parse_version(&release)
+        && v < (5, 8)
+    {
+        return Err(PreflightError::KernelTooOld { found: release });
+    }
+    if !btf_path.exists() {
+        return Err(PreflightError::NoBtf(btf_path.display().to_string()));
+    }
+    let caps = Capabilities::current();
+    if !caps.can_load_probes() {
+        let held = caps.held();
+        return Err(PreflightError::Privileges {
+            held: if held.is_empty() {
+                "none".into()
+            } else {
+                held.join(", ")
+            },
+        });
+    }
+    raise_memlock();
+    Ok(caps)
+}
+
+/// Kernels before 5.11 account BPF maps against `RLIMIT_MEMLOCK`; lift it where allowed.
+fn raise_memlock() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: plain system call with a valid struct.
+    let ret = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
+    if ret != 0 {
+        tracing::debug!(
+            "could not lift RLIMIT_MEMLOCK ({}); only matters before Linux 5.11",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_kernel_versions() {
+        assert_eq!(parse_version("6.18.44-fc-v595"), Some((6, 18)));
+        assert_eq!(parse_version("5.4.0-150-generic"), Some((5, 4)));
+        assert_eq!(parse_version("5.10rc1"), Some((5, 10)));
+        assert_eq!(parse_version("garbage"), None);
+    }
+
+    #[test]
+    fn reads_capabilities_from_status() {
+        let caps = Capabilities::from_status("Name:\tx\nCapEff:\t000000c000000000\n");
+        assert!(caps.has(Cap::Bpf) && caps.has(Cap::Perfmon));
+        assert!(!caps.has(Cap::SysAdmin));
+        assert!(caps.can_load_probes());
+        let none = Capabilities::from_status("CapEff:\t0000000000000000\n");
+        assert!(!none.can_load_probes());
+        assert_eq!(none.held(), Vec::<String>::new());
+        assert!(none.lacking().contains(&"CAP_BPF".to_owned()));
+    }
+}

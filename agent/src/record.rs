@@ -1,0 +1,348 @@
+//! Building audit records (`phiaudit.v1.Record`) from decoded kernel events, the process
+//! table and the watch list. Opens that user space finds outside every watched tree (the
+//! kernel passes on failed opens it could not judge) end here.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use agent_common::{
+    decode::{Connect, Exec, Exit, KernelEvent, Open, Subject},
+    event::{AddrOrigin, OpenSyscall as KOpenSyscall, PathOrigin, connect_flags, path_flags},
+};
+use phi_proto::v1::{self as pb, record::Event};
+
+use crate::{
+    clock::Clock,
+    process::ProcessTable,
+    text::{errno_name, escape_bytes, normalize},
+    watch::WatchList,
+};
+
+/// What records are stamped with.
+pub struct Stamp {
+    pub host_id: String,
+    pub boot_id: String,
+}
+
+/// Everything a record needs besides the event.
+pub struct Context<'a> {
+    pub stamp: &'a Stamp,
+    pub clock: &'a Clock,
+    pub processes: &'a mut ProcessTable,
+    pub watches: &'a WatchList,
+}
+
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+const AF_UNIX: u16 = 1;
+const O_ACCMODE: u32 = 0o3;
+const O_WRONLY: u32 = 0o1;
+const O_RDWR: u32 = 0o2;
+const O_CREAT: u32 = 0o100;
+const O_TRUNC: u32 = 0o1000;
+const O_TMPFILE: u32 = 0o20_200_000;
+const EINPROGRESS: i64 = 115;
+
+/// A record with the common stamp and `event`; seq and hashes are the chain's job.
+pub fn envelope(stamp: &Stamp, time: phi_proto::Timestamp, event: Event) -> pb::Record {
+    pb::Record {
+        host_id: stamp.host_id.clone(),
+        boot_id: stamp.boot_id.clone(),
+        time: Some(time),
+        event: Some(event),
+        ..Default::default()
+    }
+}
+
+fn outcome(ret: i64) -> pb::Outcome {
+    if ret >= 0 {
+        pb::Outcome {
+            success: true,
+            ret,
+            errno: String::new(),
+        }
+    } else {
+        pb::Outcome {
+            success: false,
+            ret,
+            errno: errno_name(-ret),
+        }
+    }
+}
+
+fn process(subject: &Subject, ctx: &mut Context<'_>, ppid_hint: Option<u32>) -> pb::Process {
+    let known = ctx.processes.get(subject.tgid).cloned();
+    let (ppid, exe, argv, start_ns) = match &known {
+        Some(p) => (
+            p.ppid,
+            p.exe.as_deref().map(escape_bytes).unwrap_or_default(),
+            p.argv.iter().map(|a| escape_bytes(a)).collect(),
+            p.start_ns,
+        ),
+        None => (0, String::new(), Vec::new(), 0),
+    };
+    pb::Process {
+        pid: subject.tgid,
+        tid: subject.pid,
+        ppid: ppid_hint.unwrap_or(ppid),
+        comm: escape_bytes(&subject.comm),
+        exe,
+        argv,
+        start_time: (start_ns != 0).then(|| ctx.clock.timestamp(start_ns)),
+        identity: Some(pb::Identity {
+            uid: subject.uid,
+            euid: subject.euid,
+            gid: subject.gid,
+            egid: subject.egid,
+            login_uid: subject.loginuid,
+            audit_session: subject.sessionid,
+        }),
+        cgroup_id: subject.cgroup_id,
+    }
+}
+
+fn kernel_record(
+    subject: &Subject,
+    ctx: &mut Context<'_>,
+    event: Event,
+    ppid: Option<u32>,
+) -> pb::Record {
+    let mut rec = envelope(ctx.stamp, ctx.clock.timestamp(subject.ktime_ns), event);
+    rec.process = Some(process(subject, ctx, ppid));
+    rec
+}
+
+/// Turns one kernel event into a record, updating the process table. `None` for events that
+/// are bookkeeping only (fork) or that user space finds outside every watched tree.
+pub fn from_event(event: &KernelEvent, ctx: &mut Context<'_>) -> Option<pb::Record> {
+    match event {
+        KernelEvent::Fork(fork) => {
+            ctx.processes.on_fork(fork);
+            None
+        }
+        KernelEvent::Exec(exec) => {
+            ctx.processes.on_exec(exec);
+            Some(kernel_record(
+                &exec.subject,
+                ctx,
+                Event::Exec(exec_event(exec)),
+                Some(exec.ppid),
+            ))
+        }
+        KernelEvent::Exit(exit) => {
+            let rec = kernel_record(&exit.subject, ctx, Event::Exit(exit_event(exit)), None);
+            ctx.processes.on_exit(exit.subject.tgid);
+            Some(rec)
+        }
+        KernelEvent::Open(open) => {
+            let ev = open_event(open, ctx.watches)?;
+            Some(kernel_record(&open.subject, ctx, Event::Open(ev), None))
+        }
+        KernelEvent::Connect(connect) => Some(kernel_record(
+            &connect.subject,
+            ctx,
+            Event::Connect(connect_event(connect)),
+            None,
+        )),
+    }
+}
+
+fn exec_event(exec: &Exec) -> pb::Exec {
+    pb::Exec {
+        exe: escape_bytes(&exec.exe.bytes),
+        filename: escape_bytes(&exec.filename),
+        argv: exec.argv.iter().map(|a| escape_bytes(a)).collect(),
+        argv_truncated: exec.argv_truncated || exec.argv_read_failed,
+        argv_bytes: exec.argv_total,
+        old_tid: if exec.old_pid != exec.subject.tgid {
+            exec.old_pid
+        } else {
+            0
+        },
+        exe_truncated: exec.exe.truncated(),
+        filename_truncated: exec.filename_truncated,
+    }
+}
+
+fn exit_event(exit: &Exit) -> pb::ProcessExit {
+    let code = exit.exit_code;
+    let signal = code & 0x7f;
+    pb::ProcessExit {
+        status: (signal == 0).then_some((code >> 8) & 0xff),
+        signal: (signal != 0).then_some(signal),
+        core_dumped: code & 0x80 != 0,
+    }
+}
+
+/// True when a path string has a `..` component.
+fn has_dotdot(path: &[u8]) -> bool {
+    path.split(|b| *b == b'/').any(|c| c == b"..")
+}
+
+/// Builds an open record, deciding the watched tree for paths the kernel left open.
+fn open_event(open: &Open, watches: &WatchList) -> Option<pb::Open> {
+    let (path, source) = match open.origin {
+        PathOrigin::File => (open.base.bytes.clone(), pb::PathSource::File),
+        PathOrigin::Absolute => (normalize(b"/", &open.user), pb::PathSource::Attempted),
+        PathOrigin::Relative => (
+            normalize(&open.base.bytes, &open.user),
+            pb::PathSource::Attempted,
+        ),
+    };
+    let truncated = open.base.truncated()
+        || open.user_flags & (path_flags::TRUNCATED | path_flags::DEPTH_EXCEEDED) != 0;
+    // The kernel's match stands unless the caller's string climbs with `..`, which only the
+    // normalized path can settle.
+    let kernel_watch = (open.watch_id != 0 && !has_dotdot(&open.user))
+        .then(|| watches.by_id(open.watch_id))
+        .flatten();
+    let watch = match kernel_watch {
+        Some(w) => Some(w.display()),
+        None => match watches.containing(&path) {
+            Some(w) => Some(w.display()),
+            // Too deep to judge anywhere: deliver rather than guess.
+            None if open.base.flags & path_flags::DEPTH_EXCEEDED != 0 => None,
+            None if open.origin == PathOrigin::File
+                && open.base.flags & path_flags::UNDECIDED == 0 =>
+            {
+                // The kernel matched a watch that has since been removed.
+                None
+            }
+            None => return None,
+        },
+    };
+    let flags = open.flags;
+    let acc = flags & O_ACCMODE;
+    let syscall = match open.syscall {
+        KOpenSyscall::Open => pb::OpenSyscall::Open,
+        KOpenSyscall::Openat => pb::OpenSyscall::Openat,
+        KOpenSyscall::Openat2 => pb::OpenSyscall::Openat2,
+        KOpenSyscall::Creat => pb::OpenSyscall::Creat,
+    };
+    let creates = flags & O_CREAT != 0 || flags & O_TMPFILE == O_TMPFILE;
+    Some(pb::Open {
+        path: escape_bytes(&path),
+        path_source: source as i32,
+        syscall: syscall as i32,
+        flags,
+        read: acc == 0 || acc == O_RDWR,
+        write: acc == O_WRONLY || acc == O_RDWR || flags & O_TRUNC != 0,
+        create: creates,
+        truncate: flags & O_TRUNC != 0,
+        mode: if creates { open.mode } else { 0 },
+        outcome: Some(outcome(open.ret)),
+        watch: watch.unwrap_or_default(),
+        path_truncated: truncated,
+        requested: if open.origin == PathOrigin::File {
+            String::new()
+        } else {
+            escape_bytes(&open.user)
+        },
+        inode: open.ino,
+        device: if open.dev != 0 {
+            format!("{}:{}", open.dev >> 20, open.dev & 0xfffff)
+        } else {
+            String::new()
+        },
+        compat: open.compat,
+    })
+}
+
+fn connect_event(c: &Connect) -> pb::Connect {
+    let (family, address, local) = match c.family {
+        AF_INET => {
+            let v4 = |a: &[u8; 16]| Ipv4Addr::new(a[0], a[1], a[2], a[3]).to_string();
+            (pb::AddressFamily::Inet, v4(&c.daddr), v4(&c.laddr))
+        }
+        AF_INET6 => (
+            pb::AddressFamily::Inet6,
+            Ipv6Addr::from(c.daddr).to_string(),
+            Ipv6Addr::from(c.laddr).to_string(),
+        ),
+        AF_UNIX => (pb::AddressFamily::Unix, String::new(), String::new()),
+        _ => (pb::AddressFamily::Unspecified, String::new(), String::new()),
+    };
+    let from_socket = c.origin == AddrOrigin::Socket;
+    let unix_path = if c.family == AF_UNIX {
+        if c.flags & connect_flags::UNIX_ABSTRACT != 0 {
+            format!(
+                "@{}",
+                escape_bytes(c.unix_path.get(1..).unwrap_or_default())
+            )
+        } else {
+            escape_bytes(&c.unix_path)
+        }
+    } else {
+        String::new()
+    };
+    pb::Connect {
+        family: family as i32,
+        address,
+        port: u32::from(c.dport),
+        unix_path,
+        local_address: if from_socket { local } else { String::new() },
+        local_port: if from_socket { u32::from(c.lport) } else { 0 },
+        in_progress: c.ret == -EINPROGRESS,
+        outcome: Some(outcome(c.ret)),
+        address_source: if from_socket {
+            pb::AddressSource::Socket
+        } else {
+            pb::AddressSource::Argument
+        } as i32,
+        fd: c.fd,
+        socket_type: match c.sock_type {
+            1 => "stream",
+            2 => "dgram",
+            3 => "raw",
+            5 => "seqpacket",
+            _ => "",
+        }
+        .to_owned(),
+        compat: c.compat,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_decode() {
+        let e = |code| Exit {
+            subject: Subject {
+                ktime_ns: 0,
+                tgid: 1,
+                pid: 1,
+                uid: 0,
+                gid: 0,
+                euid: 0,
+                egid: 0,
+                loginuid: None,
+                sessionid: None,
+                cgroup_id: 0,
+                comm: vec![],
+            },
+            exit_code: code,
+            start_ns: 0,
+        };
+        let normal = exit_event(&e(3 << 8));
+        assert_eq!((normal.status, normal.signal), (Some(3), None));
+        let killed = exit_event(&e(9));
+        assert_eq!((killed.status, killed.signal), (None, Some(9)));
+        assert!(exit_event(&e(11 | 0x80)).core_dumped);
+    }
+
+    #[test]
+    fn outcomes_name_errors() {
+        let o = outcome(-13);
+        assert!(!o.success);
+        assert_eq!(o.errno, "EACCES");
+        assert!(outcome(3).success);
+    }
+
+    #[test]
+    fn dotdot_detection() {
+        assert!(has_dotdot(b"../x"));
+        assert!(has_dotdot(b"/a/../b"));
+        assert!(!has_dotdot(b"/a/..b/c"));
+    }
+}

@@ -1,0 +1,215 @@
+//! `phi-agent run`: load the probes, then read events until SIGINT/SIGTERM. SIGHUP re-reads
+//! the configuration file and applies watch-list changes without a restart.
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::Context as _;
+use phi_proto::v1::{self as pb, record::Event};
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    signal::unix::{SignalKind, signal},
+};
+
+use crate::{
+    clock,
+    config::{self, FileConfig, Overrides, Settings},
+    output::JsonLines,
+    pipeline::Pipeline,
+    probes::{self, ProbeOptions, Probes},
+    process::ProcessTable,
+    record::Stamp,
+    watch::WatchList,
+};
+
+/// Ring-buffer items handled before the loop looks at signals and timers again.
+const DRAIN_BATCH: usize = 8192;
+/// How often kernel counters become gap records and watches are re-checked.
+const TICK: Duration = Duration::from_secs(1);
+const REVALIDATE_EVERY_TICKS: u64 = 5;
+
+pub struct RunInput {
+    pub config_path: Option<PathBuf>,
+    pub overrides: Overrides,
+    pub settings: Settings,
+}
+
+pub async fn run(input: RunInput) -> anyhow::Result<()> {
+    let RunInput {
+        config_path,
+        overrides,
+        settings,
+    } = input;
+
+    let mut probes = Probes::load(&ProbeOptions {
+        ring_buffer_bytes: settings.ring_buffer_bytes,
+        connect: settings.connect,
+    })?;
+    let capabilities = probes.capabilities;
+    tracing::info!(
+        held = %capabilities.held().join(","),
+        lacking = %capabilities.lacking().join(","),
+        "kernel probes attached"
+    );
+
+    let mut watches = WatchList::new(probes.take_watch_maps()?);
+    for dir in &settings.watch {
+        watches.add(dir)?;
+    }
+    if watches.is_empty() {
+        tracing::warn!("no directory is watched: only exec and connect are recorded");
+    }
+    let ring = probes.take_events()?;
+    // SAFETY: the ring buffer owns its map fd for as long as the `AsyncFd` holds it.
+    let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+        .map_err(std::io::Error::from)
+        .context("cannot poll the kernel ring buffer")?;
+
+    // Seeded after the probes attached: a process started in between is seen by both, never
+    // by neither.
+    let processes = ProcessTable::seeded();
+    let stamp = Stamp {
+        host_id: settings.host_id.clone(),
+        boot_id: clock::boot_id(),
+    };
+    let mut pipeline = Pipeline::new(stamp, processes, watches, Box::new(JsonLines::stdout()));
+
+    pipeline.emit_agent(Event::Agent(pb::AgentLifecycle {
+        phase: pb::agent_lifecycle::Phase::Start as i32,
+        version: env!("CARGO_PKG_VERSION").into(),
+        kernel_release: probes::preflight::kernel_release(),
+        watch: pipeline.watches.paths(),
+        sensors: Probes::sensors()
+            .into_iter()
+            .map(|(kind, hook)| pb::Sensor { kind, hook })
+            .collect(),
+        drops: None,
+        capabilities: capabilities.held(),
+        reason: String::new(),
+        ring_buffer_bytes: settings.ring_buffer_bytes,
+        limitations: probes
+            .missing
+            .iter()
+            .map(|m| format!("{}: {}", m.field, m.consequence))
+            .collect(),
+    }))?;
+    pipeline.flush()?;
+    tracing::info!(watch = ?pipeline.watches.paths(), "recording");
+
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+    let mut tick = tokio::time::interval(TICK);
+    let mut ticks = 0u64;
+
+    let reason = loop {
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard.context("polling the kernel ring buffer")?;
+                let ring = guard.get_inner_mut();
+                let mut handled = 0;
+                while handled < DRAIN_BATCH {
+                    let Some(item) = ring.next() else { break };
+                    pipeline.handle(&item)?;
+                    handled += 1;
+                }
+                if handled < DRAIN_BATCH {
+                    guard.clear_ready();
+                }
+                pipeline.flush()?;
+            }
+            _ = sigint.recv() => break "SIGINT",
+            _ = sigterm.recv() => break "SIGTERM",
+            _ = sighup.recv() => {
+                reload(&mut pipeline, config_path.as_deref(), &overrides)?;
+                pipeline.flush()?;
+            }
+            _ = tick.tick() => {
+                ticks += 1;
+                pipeline.clock.refresh();
+                pipeline.report_losses(probes.counters())?;
+                if ticks % REVALIDATE_EVERY_TICKS == 0 {
+                    for note in pipeline.watches.revalidate() {
+                        tracing::warn!("{note}");
+                    }
+                }
+                pipeline.flush()?;
+            }
+        }
+    };
+
+    // Drain what the kernel already handed over, then account for every loss.
+    let ring = ring.get_mut();
+    while let Some(item) = ring.next() {
+        pipeline.handle(&item)?;
+    }
+    let counters = probes.counters();
+    pipeline.report_losses(counters)?;
+    let totals = pipeline.totals(counters);
+    pipeline.emit_agent(Event::Agent(pb::AgentLifecycle {
+        phase: pb::agent_lifecycle::Phase::Stop as i32,
+        version: env!("CARGO_PKG_VERSION").into(),
+        kernel_release: probes::preflight::kernel_release(),
+        watch: pipeline.watches.paths(),
+        sensors: Vec::new(),
+        drops: Some(totals.to_proto()),
+        capabilities: Vec::new(),
+        reason: reason.into(),
+        ring_buffer_bytes: settings.ring_buffer_bytes,
+        limitations: Vec::new(),
+    }))?;
+    pipeline.flush()?;
+    drop(probes);
+    eprintln!(
+        "phi-agent: stopped on {reason}, probes detached; drop counters: {}",
+        totals.summary()
+    );
+    Ok(())
+}
+
+/// SIGHUP: re-read the config file and apply the new watch list. Settings that need a restart
+/// are reported, not applied. A config file that no longer parses changes nothing.
+fn reload(
+    pipeline: &mut Pipeline,
+    config_path: Option<&std::path::Path>,
+    overrides: &Overrides,
+) -> anyhow::Result<()> {
+    let Some(path) = config_path else {
+        tracing::info!("SIGHUP without --config: nothing to reload");
+        return Ok(());
+    };
+    let mut change = pb::ConfigChange {
+        source: "SIGHUP".into(),
+        ..Default::default()
+    };
+    let file = match FileConfig::load(path) {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::error!("reload refused, configuration unchanged: {e}");
+            change.errors.push(e.to_string());
+            change.watch = pipeline.watches.paths();
+            pipeline.emit_agent(Event::ConfigChange(change))?;
+            return Ok(());
+        }
+    };
+    let watch = match config::merge(&file, overrides) {
+        Ok(s) => s.watch,
+        Err(e) => {
+            tracing::error!("reload refused, configuration unchanged: {e}");
+            change.errors.push(e.to_string());
+            change.watch = pipeline.watches.paths();
+            pipeline.emit_agent(Event::ConfigChange(change))?;
+            return Ok(());
+        }
+    };
+    let applied = pipeline.watches.set(&watch);
+    for e in &applied.errors {
+        tracing::error!("watch entry not applied: {e}");
+    }
+    tracing::info!(added = ?applied.added, removed = ?applied.removed, "configuration reloaded");
+    change.watch_added = applied.added;
+    change.watch_removed = applied.removed;
+    change.errors = applied.errors;
+    change.watch = pipeline.watches.paths();
+    pipeline.emit_agent(Event::ConfigChange(change))?;
+    Ok(())
+}

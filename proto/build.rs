@@ -1,0 +1,25 @@
+//! Compiles `phiaudit/v1/*.proto` with protox (pure Rust: no protoc needed) and generates the
+//! prost types plus proto3-JSON serde impls (pbjson).
+use std::{env, fs, path::PathBuf};
+
+use prost::Message as _;
+
+const PROTOS: &[&str] = &["phiaudit/v1/record.proto"];
+
+fn main() -> anyhow::Result<()> {
+    println!("cargo:rerun-if-changed=phiaudit");
+    let out = PathBuf::from(env::var("OUT_DIR")?);
+    let fds = protox::compile(PROTOS, ["."])?;
+    let descriptor_bytes = fds.encode_to_vec();
+    fs::write(out.join("phiaudit_descriptor.bin"), &descriptor_bytes)?;
+
+    prost_build::Config::new()
+        .compile_well_known_types()
+        .extern_path(".google.protobuf", "::pbjson_types")
+        .compile_fds(fds)?;
+
+    pbjson_build::Builder::new()
+        .register_descriptors(&descriptor_bytes)?
+        .build(&[".phiaudit"])?;
+    Ok(())
+}

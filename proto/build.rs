@@ -20,6 +20,8 @@ fn main() -> anyhow::Result<()> {
 
     pbjson_build::Builder::new()
         .register_descriptors(&descriptor_bytes)?
+        // Every field is written, also zeros and empty values: `"uid": 0` must be visible.
+        .emit_fields()
         .build(&[".phiaudit"])?;
     Ok(())
 }

@@ -14,6 +14,15 @@ pub enum Error {
 }
 
 impl Error {
+    /// The error whose discriminant is `code` (for values returned across a subprogram call).
+    pub const fn from_code(code: u32) -> Self {
+        match code {
+            c if c == Error::Read as u32 => Error::Read,
+            c if c == Error::RingFull as u32 => Error::RingFull,
+            _ => Error::Scratch,
+        }
+    }
+
     /// The drop counter this error feeds.
     pub const fn reason(self) -> DropReason {
         match self {

@@ -63,9 +63,7 @@ pub fn handle(task: u64, ret: i64, syscall: OpenSyscall, a: [u64; 4], compat: bo
     }
     match process() {
         0 => Ok(()),
-        1 => Err(Error::Read),
-        2 => Err(Error::RingFull),
-        _ => Err(Error::Scratch),
+        code => Err(Error::from_code(code)),
     }
 }
 

@@ -1,0 +1,216 @@
+//! `cargo xtask setup`: installs the eBPF toolchain and the Debian packages the tests use.
+//! Idempotent: every step first checks, and only acts when something is missing.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Instant,
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::cmd::{self, exec, output, step};
+
+/// bpf-linker release the build uses.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// Debian packages the tests and tools use, with the reason (data in one place).
+pub const DEBIAN_PACKAGES: &[(&str, &str)] = &[
+    (
+        "util-linux",
+        "setpriv/unshare for running probes as other users",
+    ),
+    ("iproute2", "network namespaces for network tests"),
+    ("procps", "pkill and ps in scripts"),
+];
+
+pub fn run() -> anyhow::Result<()> {
+    let started = Instant::now();
+    step("setup: checking the build and test toolchain");
+    ensure_nightly()?;
+    let llvm_major = nightly_llvm_major()?;
+    ensure_rust_src()?;
+    ensure_bpf_linker(llvm_major)?;
+    ensure_debian_packages()?;
+    println!(
+        "    setup complete in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn rustup() -> Command {
+    Command::new("rustup")
+}
+
+fn ensure_nightly() -> anyhow::Result<()> {
+    let list = output(rustup().args(["toolchain", "list"]))
+        .context("rustup is needed (https://rustup.rs) and was not found")?;
+    if list.lines().any(|l| l.starts_with("nightly")) {
+        println!("    nightly toolchain: present");
+        return Ok(());
+    }
+    println!("    nightly toolchain: missing, installing");
+    exec(rustup().args(["toolchain", "install", "nightly", "--profile", "minimal"]))
+}
+
+/// Reads the LLVM major version from `rustc +nightly -vV`.
+fn nightly_llvm_major() -> anyhow::Result<u32> {
+    let vv = output(Command::new("rustc").args(["+nightly", "-vV"]))
+        .context("`rustc +nightly -vV` failed")?;
+    let release = vv
+        .lines()
+        .find_map(|l| l.strip_prefix("release: "))
+        .unwrap_or("?")
+        .to_owned();
+    let llvm = vv
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .context("`rustc +nightly -vV` does not report an LLVM version")?;
+    let major = llvm
+        .split('.')
+        .next()
+        .and_then(|m| m.parse().ok())
+        .with_context(|| format!("cannot parse LLVM version {llvm:?}"))?;
+    println!("    rustc nightly {release}, LLVM {llvm}");
+    Ok(major)
+}
+
+fn ensure_rust_src() -> anyhow::Result<()> {
+    let installed =
+        output(rustup().args(["component", "list", "--toolchain", "nightly", "--installed"]))
+            .unwrap_or_default();
+    if installed.lines().any(|l| l.starts_with("rust-src")) {
+        println!("    rust-src (nightly): present");
+        return Ok(());
+    }
+    println!("    rust-src (nightly): missing, installing");
+    exec(rustup().args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+}
+
+fn cargo_home() -> PathBuf {
+    std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")))
+        .unwrap_or_else(|| PathBuf::from("/root/.cargo"))
+}
+
+/// `bpf-linker --version` when it runs (its libLLVM resolves) and is the wanted release.
+fn bpf_linker_ok() -> Option<String> {
+    let v = output(Command::new("bpf-linker").arg("--version"))
+        .or_else(|| output(Command::new(cargo_home().join("bin/bpf-linker")).arg("--version")))?;
+    let v = v.trim().to_owned();
+    v.ends_with(BPF_LINKER_VERSION).then_some(v)
+}
+
+/// A folder whose `lib/` holds `libLLVM.so` and the versioned soname, both links to the
+/// nightly toolchain's own LLVM, for bpf-linker to build and run against.
+fn llvm_prefix(major: u32) -> anyhow::Result<PathBuf> {
+    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))
+        .context("`rustc +nightly --print sysroot` failed")?;
+    let libdir = Path::new(sysroot.trim()).join("lib");
+    let wanted = format!("libLLVM.so.{major}.");
+    let soname = std::fs::read_dir(&libdir)
+        .with_context(|| format!("cannot list {}", libdir.display()))?
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with(&wanted))
+        .with_context(|| {
+            format!(
+                "the nightly toolchain has no {wanted}* in {}: reinstall it with `rustup toolchain \
+                 install nightly`",
+                libdir.display()
+            )
+        })?;
+    let prefix = cargo_home().join(format!("phi-audit-llvm-{major}"));
+    let lib = prefix.join("lib");
+    std::fs::create_dir_all(&lib).with_context(|| format!("cannot create {}", lib.display()))?;
+    for name in ["libLLVM.so", soname.as_str()] {
+        let link = lib.join(name);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(libdir.join(&soname), &link)
+            .with_context(|| format!("cannot link {}", link.display()))?;
+    }
+    Ok(prefix)
+}
+
+fn ensure_bpf_linker(major: u32) -> anyhow::Result<()> {
+    if let Some(v) = bpf_linker_ok() {
+        println!("    {v}: present");
+        return Ok(());
+    }
+    println!(
+        "    bpf-linker {BPF_LINKER_VERSION}: missing or not runnable, building it against LLVM \
+         {major} (takes a few minutes)"
+    );
+    let prefix = llvm_prefix(major)?;
+    exec(
+        cmd::cargo()
+            .env("LLVM_PREFIX", &prefix)
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--locked",
+                "--force",
+                "--no-default-features",
+                "--features",
+            ])
+            .arg(format!("llvm-{major}")),
+    )?;
+    match bpf_linker_ok() {
+        Some(v) => {
+            println!("    {v}: installed");
+            Ok(())
+        }
+        None => bail!(
+            "bpf-linker was built but does not run; check that {} resolves",
+            prefix.join("lib/libLLVM.so").display()
+        ),
+    }
+}
+
+fn dpkg_installed(pkg: &str) -> bool {
+    output(Command::new("dpkg-query").args(["-W", "-f", "${Status}", pkg]))
+        .is_some_and(|s| s.contains("install ok installed"))
+}
+
+fn ensure_debian_packages() -> anyhow::Result<()> {
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .map(|(p, _)| *p)
+        .filter(|p| !dpkg_installed(p))
+        .collect();
+    if missing.is_empty() {
+        println!(
+            "    Debian packages: present ({})",
+            DEBIAN_PACKAGES
+                .iter()
+                .map(|(p, _)| *p)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        return Ok(());
+    }
+    if !cmd::is_root() {
+        bail!(
+            "Debian packages {} are missing and installing them needs root: run `sudo apt-get \
+             install {}`",
+            missing.join(", "),
+            missing.join(" ")
+        );
+    }
+    println!("    Debian packages: installing {}", missing.join(", "));
+    exec(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["update", "-q"]),
+    )?;
+    exec(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing),
+    )
+}

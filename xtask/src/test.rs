@@ -1,0 +1,83 @@
+//! `cargo xtask test`: setup, build, unit tests, lints, then the privileged tests that load the
+//! kernel probes into the running kernel (root, one test thread). With `CI=true` nothing may be
+//! skipped: a missing privilege is a failure.
+
+use std::ffi::OsString;
+
+use anyhow::bail;
+use clap::Args;
+
+use crate::{
+    cmd::{self, exec, step},
+    setup,
+};
+
+#[derive(Args)]
+pub struct TestArgs {
+    /// Only run tests whose name contains this text (passed to the test harness).
+    #[arg(long)]
+    filter: Option<String>,
+    /// Skip the lint step (formatting and clippy).
+    #[arg(long)]
+    no_lint: bool,
+}
+
+/// Packages with unprivileged tests.
+const UNIT_PACKAGES: &[&str] = &["agent-common", "phi-proto", "phi-agent", "xtask"];
+
+pub fn run(args: &TestArgs) -> anyhow::Result<()> {
+    setup::run()?;
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    if !cmd::is_root() {
+        bail!(
+            "the privileged tests load kernel probes and need root{}: run `sudo -E cargo xtask \
+             test`",
+            if ci {
+                " (CI=true: they may not be skipped)"
+            } else {
+                ""
+            }
+        );
+    }
+
+    if !args.no_lint {
+        step("lint: rustfmt and clippy");
+        exec(cmd::cargo().args(["fmt", "--all", "--", "--check"]))?;
+        exec(cmd::cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))?;
+    }
+
+    step("build: agent (with its kernel programs) and test crates");
+    exec(cmd::cargo().args(["build", "--workspace", "--all-targets"]))?;
+
+    step("unit tests");
+    let mut unit = cmd::cargo();
+    unit.arg("test");
+    for p in UNIT_PACKAGES {
+        unit.args(["-p", p]);
+    }
+    if let Some(f) = &args.filter {
+        unit.args(["--", f]);
+    }
+    exec(&mut unit)?;
+
+    step("privileged tests against the running kernel (root, one thread)");
+    let agent = cmd::workspace_root().join("target/debug/phi-agent");
+    let mut privileged = cmd::cargo();
+    privileged
+        .env("PHI_AGENT_BIN", &agent)
+        .env("PHI_REQUIRE_PRIVILEGED", "1")
+        .args(["test", "-p", "integration-tests", "--", "--test-threads=1"]);
+    if let Some(f) = &args.filter {
+        privileged.arg(OsString::from(f));
+    }
+    exec(&mut privileged)?;
+    step("all tests passed");
+    Ok(())
+}

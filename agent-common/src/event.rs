@@ -285,7 +285,7 @@ const _: () = {
     assert!(size_of::<ConnectEvent>() == 176);
     assert!(offset_of!(ConnectEvent, unix_path) == 56);
     assert!(offset_of!(ConnectEvent, _pad) == 173);
-    assert!(size_of::<ConnectEvent>() % 8 == 0);
+    assert!(size_of::<ConnectEvent>().is_multiple_of(8));
 };
 
 /// Offset of the tail (variable part) of an event whose body is `B`.

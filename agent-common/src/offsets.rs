@@ -213,4 +213,4 @@ mod user {
     unsafe impl aya::Pod for super::ProbeSettings {}
 }
 
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() % 4 == 0);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>().is_multiple_of(4));

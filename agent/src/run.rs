@@ -127,7 +127,7 @@ pub async fn run(input: RunInput) -> anyhow::Result<()> {
                 ticks += 1;
                 pipeline.clock.refresh();
                 pipeline.report_losses(probes.counters())?;
-                if ticks % REVALIDATE_EVERY_TICKS == 0 {
+                if ticks.is_multiple_of(REVALIDATE_EVERY_TICKS) {
                     for note in pipeline.watches.revalidate() {
                         tracing::warn!("{note}");
                     }

@@ -17,7 +17,7 @@ fn cstr(p: &Path) -> CString {
     CString::new(p.as_os_str().as_bytes()).expect("no NUL in path")
 }
 
-fn open_record<'a>(agent: &mut Agent, what: &str, path: &'a Path) -> Value {
+fn open_record(agent: &mut Agent, what: &str, path: &Path) -> Value {
     agent.wait_for(what, is::open_of(path))
 }
 

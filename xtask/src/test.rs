@@ -46,15 +46,47 @@ pub fn run(args: &TestArgs) -> anyhow::Result<()> {
         exec(cmd::cargo().args([
             "clippy",
             "--workspace",
+            "--exclude",
+            "agent-ebpf",
             "--all-targets",
             "--",
             "-D",
             "warnings",
         ]))?;
+        // The kernel programs, for the bpf target with the nightly toolchain.
+        exec(
+            std::process::Command::new("cargo")
+                .current_dir(cmd::workspace_root())
+                .env(
+                    "CARGO_TARGET_DIR",
+                    cmd::workspace_root().join("target/ebpf-clippy"),
+                )
+                .env("RUSTFLAGS", "--cfg bpf_target_arch=\"x86_64\"")
+                .args([
+                    "+nightly",
+                    "clippy",
+                    "-p",
+                    "agent-ebpf",
+                    "--target",
+                    "bpfel-unknown-none",
+                    "-Z",
+                    "build-std=core",
+                    "--release",
+                    "--",
+                    "-D",
+                    "warnings",
+                ]),
+        )?;
     }
 
     step("build: agent (with its kernel programs) and test crates");
-    exec(cmd::cargo().args(["build", "--workspace", "--all-targets"]))?;
+    exec(cmd::cargo().args([
+        "build",
+        "--workspace",
+        "--exclude",
+        "agent-ebpf",
+        "--all-targets",
+    ]))?;
 
     step("unit tests");
     let mut unit = cmd::cargo();

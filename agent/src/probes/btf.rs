@@ -288,7 +288,7 @@ impl Btf {
             size = self.size_of(m.type_id);
             id = m.type_id;
         }
-        if bits % 8 != 0 {
+        if !bits.is_multiple_of(8) {
             return Err(BtfError::Malformed("member not byte aligned"));
         }
         Ok(MemberLoc {

@@ -80,7 +80,7 @@ pub enum ProbeError {
     Load {
         reason: String,
         #[source]
-        source: aya::EbpfError,
+        source: Box<aya::EbpfError>,
     },
     #[error("the kernel refused program {program} (tp_btf/{tracepoint}): {reason}")]
     Program {
@@ -88,7 +88,7 @@ pub enum ProbeError {
         tracepoint: &'static str,
         reason: String,
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     #[error(
         "the kernel has no BTF-enabled raw tracepoint {0} (tp_btf needs Linux >= 5.5 with \
@@ -217,7 +217,7 @@ impl Probes {
             .load(EBPF_OBJECT)
             .map_err(|source| ProbeError::Load {
                 reason: explain_load_error(&source),
-                source,
+                source: Box::new(source),
             })?;
 
         if let Err(e) = aya_log::EbpfLogger::init(&mut ebpf).map(spawn_log_reader) {
@@ -234,13 +234,13 @@ impl Probes {
                     program: hook.program,
                     tracepoint: hook.tracepoint,
                     reason: "not a tp_btf program".into(),
-                    source,
+                    source: Box::new(source),
                 })?;
             let fail = |source: ProgramError| ProbeError::Program {
                 program: hook.program,
                 tracepoint: hook.tracepoint,
                 reason: explain_program_error(&source),
-                source,
+                source: Box::new(source),
             };
             program.load(hook.tracepoint, &aya_btf).map_err(fail)?;
             program.attach().map_err(fail)?;

@@ -4,7 +4,7 @@
 
 mod procfs;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, hash_map::Entry};
 
 use agent_common::decode::{Exec, Fork};
 
@@ -81,11 +81,10 @@ impl ProcessTable {
     /// The entry of `tgid`, reading /proc for a process the table has not seen (one that
     /// started between the /proc scan and the probes attaching).
     pub fn get(&mut self, tgid: u32) -> Option<&ProcessInfo> {
-        if !self.procs.contains_key(&tgid) {
-            let info = procfs::read(tgid)?;
-            self.procs.insert(tgid, info);
+        match self.procs.entry(tgid) {
+            Entry::Occupied(e) => Some(e.into_mut()),
+            Entry::Vacant(v) => Some(v.insert(procfs::read(tgid)?)),
         }
-        self.procs.get(&tgid)
     }
 }
 

@@ -43,6 +43,8 @@ pub struct KernelOffsets {
     pub task_pid: u32,
     pub task_real_parent: u32,
     pub task_group_leader: u32,
+    /// `task_struct.flags` (`PF_*`).
+    pub task_flags: u32,
     pub task_loginuid: u32,
     pub task_sessionid: u32,
     pub task_cred: u32,
@@ -142,6 +144,7 @@ impl KernelOffsets {
         task_pid: 0,
         task_real_parent: 0,
         task_group_leader: 0,
+        task_flags: 0,
         task_loginuid: 0,
         task_sessionid: 0,
         task_cred: 0,

@@ -43,6 +43,15 @@ pub fn has(feature: u32) -> bool {
     (unsafe { core::ptr::read_volatile(&OFFSETS.features) } & feature) != 0
 }
 
+/// `PF_KTHREAD`: the task is a kernel thread.
+const PF_KTHREAD: u32 = 0x0020_0000;
+
+/// True for kernel threads, whose fork and exit are not process-table events.
+#[inline(always)]
+pub fn is_kernel_thread(task: u64) -> Result<bool> {
+    Ok(read::<u32>(task, off!(task_flags))? & PF_KTHREAD != 0)
+}
+
 /// Reads a `T` from kernel memory at `base + off`.
 #[inline(always)]
 pub fn read<T>(base: u64, off: u64) -> Result<T> {

@@ -135,6 +135,15 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_is_valid() {
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/agent.example.toml");
+        let file = FileConfig::load(&example).expect("example config parses");
+        assert_eq!(file.watch.len(), 2);
+        let s = merge(&file, &Overrides::default()).expect("example config is valid");
+        assert_eq!(s.host_id, "ehr-db-01");
+    }
+
+    #[test]
     fn flags_override_file_and_watch_lists_join() {
         let file = FileConfig {
             host_id: Some("file-host".into()),

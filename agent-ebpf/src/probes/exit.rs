@@ -10,7 +10,7 @@ use super::fork::EMPTY_HEADER;
 use crate::{
     emit::{account, fill_header, submit_record},
     error::Result,
-    kernel::{has, off, read},
+    kernel::{has, is_kernel_thread, off, read},
 };
 
 #[repr(C)]
@@ -30,6 +30,9 @@ pub fn sched_process_exit(ctx: BtfTracePointContext) -> i32 {
 fn try_exit(task: u64) -> Result<()> {
     // `signal->live` is decremented before this tracepoint: zero means the whole thread group
     // is gone.
+    if is_kernel_thread(task)? {
+        return Ok(());
+    }
     let signal: u64 = read(task, off!(task_signal))?;
     let live: i32 = read(signal, off!(signal_live))?;
     if live != 0 {

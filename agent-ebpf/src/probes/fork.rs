@@ -10,7 +10,7 @@ use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
 use crate::{
     emit::{account, fill_header, submit_record},
     error::Result,
-    kernel::{current_task, has, off, read},
+    kernel::{current_task, has, is_kernel_thread, off, read},
 };
 
 #[repr(C)]
@@ -30,7 +30,7 @@ pub fn sched_process_fork(ctx: BtfTracePointContext) -> i32 {
 fn try_fork(child: u64) -> Result<()> {
     let tgid: u32 = read(child, off!(task_tgid))?;
     let pid: u32 = read(child, off!(task_pid))?;
-    if tgid != pid {
+    if tgid != pid || is_kernel_thread(child)? {
         return Ok(());
     }
     let parent: u64 = read(child, off!(task_real_parent))?;

@@ -154,6 +154,16 @@ fn explain_program_error(err: &ProgramError) -> String {
                 .into()
         }
         _ => match err {
+            ProgramError::LoadError { verifier_log, .. }
+                if verifier_log
+                    .to_string()
+                    .contains("BPF program is too large") =>
+            {
+                "the kernel's verifier gave up: the program needs more verification steps than \
+                 this kernel allows (1 million since Linux 5.2); this is a phi-agent bug, please \
+                 report it with the kernel version"
+                    .into()
+            }
             ProgramError::LoadError { verifier_log, .. } => {
                 let log = verifier_log.to_string();
                 let tail: Vec<&str> = log.lines().rev().take(3).collect();

@@ -138,6 +138,7 @@ pub fn resolve(btf: &Btf) -> Result<Resolved, OffsetsError> {
         task_pid: req("task_struct", &["pid"])?,
         task_real_parent: req("task_struct", &["real_parent"])?,
         task_group_leader: req("task_struct", &["group_leader"])?,
+        task_flags: req("task_struct", &["flags"])?,
         task_loginuid,
         task_sessionid,
         task_cred: req("task_struct", &["cred"])?,

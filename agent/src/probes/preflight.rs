@@ -166,6 +166,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn missing_btf_names_the_kernel_option() {
+        let err = check(Path::new("/nonexistent/vmlinux")).expect_err("no BTF there");
+        let msg = err.to_string();
+        assert!(msg.contains("CONFIG_DEBUG_INFO_BTF"), "{msg}");
+        assert!(msg.contains("/nonexistent/vmlinux"), "{msg}");
+        assert_eq!(msg.lines().count(), 1);
+    }
+
+    #[test]
     fn parses_kernel_versions() {
         assert_eq!(parse_version("6.18.44-fc-v595"), Some((6, 18)));
         assert_eq!(parse_version("5.4.0-150-generic"), Some((5, 4)));

@@ -85,6 +85,10 @@ pub struct KernelOffsets {
     pub dentry_sb: u32,
 
     pub inode_ino: u32,
+    pub inode_sb: u32,
+    /// `(inode_ino - inode_sb) / 8` when that is 1, 2 or 3 (both fit one 32-byte read),
+    /// else 0.
+    pub inode_sb_ino_words: u32,
     pub sb_dev: u32,
 
     // struct mount / vfsmount
@@ -171,6 +175,8 @@ impl KernelOffsets {
         dentry_inode: 0,
         dentry_sb: 0,
         inode_ino: 0,
+        inode_sb: 0,
+        inode_sb_ino_words: 0,
         sb_dev: 0,
         mount_vfsmnt: 0,
         mount_parent: 0,

@@ -26,6 +26,41 @@ pub const fn kernel_dev(major: u32, minor: u32) -> u32 {
     (major << 20) | (minor & 0xfffff)
 }
 
+/// Key of the verdict cache: a directory, as reached through one mount.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct VerdictKey {
+    /// `struct dentry *` of the directory.
+    pub dentry: u64,
+    /// `struct vfsmount *` it was reached through.
+    pub vfsmnt: u64,
+}
+
+/// A cached verdict for a directory: whether it lies under a watched tree. Valid only while
+/// both generations are unchanged and the dentry still belongs to the same inode (`inode`,
+/// `sb` and `ino` guard against the dentry's memory being reused for another directory).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VerdictEntry {
+    /// Kernel generation: bumped on rename, rmdir and mount changes.
+    pub kernel_generation: u64,
+    /// Agent generation: bumped on every watch-list change.
+    pub agent_generation: u64,
+    pub inode: u64,
+    pub sb: u64,
+    pub ino: u64,
+    /// Watch id, 0 for "not under any watched tree".
+    pub watch_id: u32,
+    pub _pad: u32,
+}
+
+/// Index of the kernel-owned and the agent-owned generation in the `GENERATION` array.
+pub mod generation {
+    pub const KERNEL: u32 = 0;
+    pub const AGENT: u32 = 1;
+    pub const COUNT: u32 = 2;
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: plain `#[repr(C)]` integers with explicit padding.
@@ -33,3 +68,5 @@ mod user {
 }
 
 const _: () = assert!(core::mem::size_of::<WatchKey>() == 16);
+const _: () = assert!(core::mem::size_of::<VerdictKey>() == 16);
+const _: () = assert!(core::mem::size_of::<VerdictEntry>() == 48);

@@ -2,7 +2,8 @@
 
 use agent_common::offsets::{KernelOffsets, ProbeSettings};
 use aya_ebpf::helpers::{
-    bpf_probe_read_kernel, bpf_probe_read_user, generated::bpf_get_current_task,
+    bpf_probe_read_kernel, bpf_probe_read_user,
+    generated::{bpf_get_current_task, bpf_get_current_task_btf},
 };
 
 use crate::error::{Error, Result};
@@ -74,19 +75,46 @@ pub fn current_task() -> u64 {
     unsafe { bpf_get_current_task() }
 }
 
-/// `task->files->fdt->fd[fd]`, or an error when the fd is out of range.
+/// Loads a field through a BTF pointer (`struct task_struct *` from
+/// `bpf_get_current_task_btf`, and what its pointer fields lead to): a plain load that the
+/// verifier checks against the kernel's BTF and guards against faults, much cheaper than a
+/// `bpf_probe_read_kernel` call.
+macro_rules! btf_load {
+    ($ty:ty, $base:expr, $field:ident) => {{
+        let at = $base + off!($field);
+        // SAFETY: `$base` is a BTF pointer; the verifier checks the constant offset and turns
+        // the load into a fault-safe one.
+        unsafe { *(at as *const $ty) }
+    }};
+}
+
+/// The current task as a BTF pointer (for `btf_load!`).
 #[inline(always)]
-pub fn fd_file(task: u64, fd: i64) -> Result<u64> {
+pub fn current_task_btf() -> u64 {
+    // SAFETY: helper without preconditions; returns a trusted `struct task_struct *`.
+    (unsafe { bpf_get_current_task_btf() }) as u64
+}
+
+/// `current->files->fdt->fd[fd]`, or an error when the fd is out of range.
+#[inline(always)]
+pub fn fd_file(fd: i64) -> Result<u64> {
     if fd < 0 {
         return Err(Error::Read);
     }
-    let files: u64 = read(task, off!(task_files))?;
-    let fdt: u64 = read(files, off!(files_fdt))?;
-    let max_fds: u32 = read(fdt, off!(fdt_max_fds))?;
+    let task = current_task_btf();
+    let files = btf_load!(u64, task, task_files);
+    if files == 0 {
+        return Err(Error::Read);
+    }
+    let fdt = btf_load!(u64, files, files_fdt);
+    if fdt == 0 {
+        return Err(Error::Read);
+    }
+    let max_fds = btf_load!(u32, fdt, fdt_max_fds);
     if fd as u64 >= u64::from(max_fds) {
         return Err(Error::Read);
     }
-    let fds: u64 = read(fdt, off!(fdt_fd))?;
+    let fds = btf_load!(u64, fdt, fdt_fd);
     let file: u64 = read(fds, (fd as u64) * 8)?;
     if file == 0 {
         return Err(Error::Read);
@@ -102,12 +130,11 @@ pub struct PathRef {
 }
 
 impl PathRef {
+    /// `file->f_path` in one read (`struct path` is `{ mnt, dentry }`, checked at load).
     #[inline(always)]
     pub fn of_file(file: u64) -> Result<Self> {
-        Ok(PathRef {
-            dentry: read(file, off!(file_dentry))?,
-            vfsmnt: read(file, off!(file_vfsmnt))?,
-        })
+        let [vfsmnt, dentry] = read::<[u64; 2]>(file, off!(file_vfsmnt))?;
+        Ok(PathRef { dentry, vfsmnt })
     }
 
     /// The task's root directory (`fs->root`), where absolute paths stop.
@@ -129,6 +156,22 @@ impl PathRef {
             vfsmnt: read(fs, off!(fs_pwd_vfsmnt))?,
         })
     }
+}
+
+/// Superblock pointer and inode number of an inode, in one read when the kernel's layout
+/// puts them within 32 bytes (`inode_sb_ino_words`, set at load), else in two.
+#[inline(always)]
+pub fn inode_sb_ino(inode: u64) -> Result<(u64, u64)> {
+    let w = read::<[u64; 4]>(inode, off!(inode_sb))?;
+    // SAFETY: reading a field of a static.
+    let gap = unsafe { core::ptr::read_volatile(&OFFSETS.inode_sb_ino_words) };
+    let ino = match gap {
+        1 => w[1],
+        2 => w[2],
+        3 => w[3],
+        _ => read(inode, off!(inode_ino))?,
+    };
+    Ok((w[0], ino))
 }
 
 /// Inode number and kernel device number of a dentry.

@@ -6,6 +6,7 @@
 //! come from the running kernel's BTF through the `OFFSETS` global.
 #![no_std]
 #![no_main]
+#![feature(asm_experimental_arch)]
 
 mod emit;
 mod error;
@@ -13,6 +14,7 @@ mod kernel;
 mod maps;
 mod path;
 mod probes;
+mod verdict;
 
 #[cfg(not(test))]
 #[panic_handler]

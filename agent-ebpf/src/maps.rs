@@ -2,12 +2,15 @@
 
 use agent_common::{
     drops::DropReason,
-    limits::{DEFAULT_RING_BUFFER_BYTES, MAX_WATCHES, SCRATCH_SIZE, WATCH_PREFIX_MAX},
-    watch::WatchKey,
+    limits::{
+        DEFAULT_RING_BUFFER_BYTES, MAX_WATCHES, SCRATCH_SIZE, VERDICT_CACHE_ENTRIES,
+        WATCH_PREFIX_MAX,
+    },
+    watch::{VerdictEntry, VerdictKey, WatchKey, generation},
 };
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LpmTrie, PerCpuArray, RingBuf, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
 };
 
 /// Events to user space. Its size is set by the agent at load time.
@@ -41,6 +44,21 @@ pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(slot::C
 /// Watched directories by (device, inode). Value: watch id.
 #[map]
 pub static WATCH_INODES: HashMap<WatchKey, u32> = HashMap::with_max_entries(MAX_WATCHES, 0);
+
+/// Watched directories by `struct dentry *`, learned when the agent opens (and so pins) each
+/// watched directory. Value: watch id.
+#[map]
+pub static WATCH_DENTRIES: HashMap<u64, u32> = HashMap::with_max_entries(MAX_WATCHES, 0);
+
+/// Remembered verdicts of directories (see `VerdictEntry`).
+#[map]
+pub static VERDICTS: LruHashMap<VerdictKey, VerdictEntry> =
+    LruHashMap::with_max_entries(VERDICT_CACHE_ENTRIES, 0);
+
+/// Generations that invalidate `VERDICTS`: index `generation::KERNEL` is bumped by the
+/// programs (rename, rmdir, mount changes), `generation::AGENT` by the agent (watch changes).
+#[map]
+pub static GENERATION: Array<u64> = Array::with_max_entries(generation::COUNT, 0);
 
 /// Devices that hold at least one watched directory. Value: number of watches on it.
 #[map]

@@ -1,12 +1,11 @@
-//! Path resolution in the kernel: the watch decision and the path text, both by walking
-//! dentries upward and crossing mounts.
+//! Path text in the kernel: resolved paths by walking dentries upward and crossing mounts, and
+//! the prefix lookup for failed opens.
 
 use core::ptr::{read_volatile, write_volatile};
 
 use agent_common::{
     event::path_flags,
     limits::{NAME_MAX, PATH_DEPTH_MAX, PATH_MAX, WATCH_PREFIX_MAX},
-    watch::WatchKey,
 };
 use aya_ebpf::{
     helpers::generated::{bpf_probe_read_kernel, bpf_probe_read_user_str},
@@ -14,104 +13,12 @@ use aya_ebpf::{
 };
 
 use crate::{
-    error::Result,
     kernel::{PathRef, off, read},
-    maps::{PREFIX_KEY, WATCH_DEVS, WATCH_INODES, WATCH_PREFIXES},
+    maps::{PREFIX_KEY, WATCH_PREFIXES},
 };
 
 /// Bytes a caller must reserve for [`write_path`]: the logical bound plus one component.
 pub const PATH_REGION: usize = PATH_MAX + NAME_MAX + 1;
-
-/// The kernel's judgement of a path.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
-    /// Under the watched tree with this id.
-    Watched(u32),
-    /// Not under any watched tree.
-    Unwatched,
-    /// Too deep to decide within `PATH_DEPTH_MAX` levels: user space must see it.
-    Undecided,
-}
-
-#[inline(always)]
-fn sb_dev(dentry: u64) -> Result<u32> {
-    let sb: u64 = read(dentry, off!(dentry_sb))?;
-    read(sb, off!(sb_dev))
-}
-
-#[inline(always)]
-fn dev_watched(dev: u32) -> bool {
-    WATCH_DEVS.get_ptr(dev).is_some()
-}
-
-/// Decides whether `path` lies under a watched directory. Checks every ancestor in the
-/// filesystem and, past each filesystem root, the mount point it is mounted on. Filesystems
-/// that hold no watched directory are skipped in one step.
-#[inline(always)]
-pub fn watch_verdict(path: PathRef) -> Result<Verdict> {
-    match walk_for_watch(path) {
-        VERDICT_UNWATCHED => Ok(Verdict::Unwatched),
-        VERDICT_UNDECIDED => Ok(Verdict::Undecided),
-        VERDICT_READ_ERROR => Err(crate::error::Error::Read),
-        id => Ok(Verdict::Watched(id as u32)),
-    }
-}
-
-// Results of `walk_for_watch`; positive values are watch ids. Subprograms return plain
-// integers: the kernel rejects the BTF of Rust enums.
-const VERDICT_UNWATCHED: i64 = 0;
-const VERDICT_UNDECIDED: i64 = -1;
-const VERDICT_READ_ERROR: i64 = -2;
-
-#[inline(never)]
-fn walk_for_watch(path: PathRef) -> i64 {
-    match walk_for_watch_inner(path) {
-        Ok(Verdict::Watched(id)) => i64::from(id),
-        Ok(Verdict::Unwatched) => VERDICT_UNWATCHED,
-        Ok(Verdict::Undecided) => VERDICT_UNDECIDED,
-        Err(_) => VERDICT_READ_ERROR,
-    }
-}
-
-#[inline(always)]
-fn walk_for_watch_inner(path: PathRef) -> Result<Verdict> {
-    let mut dentry = path.dentry;
-    let mut mnt = path.vfsmnt - off!(mount_vfsmnt);
-    let mut dev = sb_dev(dentry)?;
-    let mut watched_dev = dev_watched(dev);
-    for _ in 0..PATH_DEPTH_MAX {
-        if watched_dev {
-            let inode: u64 = read(dentry, off!(dentry_inode))?;
-            if inode != 0 {
-                let key = WatchKey {
-                    dev,
-                    _pad: 0,
-                    ino: read(inode, off!(inode_ino))?,
-                };
-                if let Some(id) = WATCH_INODES.get_ptr(key) {
-                    // SAFETY: pointer to a map value returned by the lookup.
-                    return Ok(Verdict::Watched(unsafe { *id }));
-                }
-            }
-            let parent: u64 = read(dentry, off!(dentry_parent))?;
-            if parent != dentry {
-                dentry = parent;
-                continue;
-            }
-        }
-        // At the root of this filesystem, or nothing on it is watched: go on from the mount
-        // point in the parent mount.
-        let parent_mnt: u64 = read(mnt, off!(mount_parent))?;
-        if parent_mnt == mnt {
-            return Ok(Verdict::Unwatched);
-        }
-        dentry = read(mnt, off!(mount_mountpoint))?;
-        mnt = parent_mnt;
-        dev = sb_dev(dentry)?;
-        watched_dev = dev_watched(dev);
-    }
-    Ok(Verdict::Undecided)
-}
 
 /// Loop state of [`write_path`], kept in map memory: the verifier does not track values in map
 /// memory, so each iteration re-reads them as unknown (and bounds-checks them) instead of

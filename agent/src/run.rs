@@ -158,6 +158,7 @@ pub async fn run(input: RunInput) -> anyhow::Result<()> {
         limitations: Vec::new(),
     }))?;
     pipeline.flush()?;
+    probes.log_run_times();
     drop(probes);
     eprintln!(
         "phi-agent: stopped on {reason}, probes detached; drop counters: {}",

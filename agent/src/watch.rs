@@ -4,7 +4,13 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    os::unix::{ffi::OsStrExt as _, fs::MetadataExt as _},
+    os::{
+        fd::OwnedFd,
+        unix::{
+            ffi::OsStrExt as _,
+            fs::{MetadataExt as _, OpenOptionsExt as _},
+        },
+    },
     path::{Path, PathBuf},
 };
 
@@ -35,6 +41,17 @@ pub enum WatchError {
     TooLong(PathBuf, usize),
     #[error("too many watched directories (at most {MAX_WATCHES})")]
     TooMany,
+    #[error(
+        "the kernel did not learn watch directory {0} when the agent opened it; the sys_exit \
+         program is not attached"
+    )]
+    NotRegistered(PathBuf),
+    #[error("cannot open watch directory {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("updating the kernel watch maps for {path} failed: {source}")]
     Map {
         path: PathBuf,
@@ -70,6 +87,9 @@ pub struct WatchList {
     maps: WatchMaps,
     by_path: BTreeMap<PathBuf, Watch>,
     dev_counts: HashMap<u32, u32>,
+    /// An open descriptor per watch id: it pins the directory's dentry, whose address the
+    /// kernel programs use to recognize the directory.
+    pins: HashMap<u32, OwnedFd>,
     next_id: u32,
 }
 
@@ -132,6 +152,7 @@ impl WatchList {
             maps,
             by_path: BTreeMap::new(),
             dev_counts: HashMap::new(),
+            pins: HashMap::new(),
             next_id: 1,
         }
     }
@@ -158,20 +179,31 @@ impl WatchList {
         Ok(Some(shown))
     }
 
+    /// Puts a watch into the kernel maps; on failure nothing of it stays behind.
     fn install(&mut self, watch: &Watch) -> Result<(), WatchError> {
+        let result = self.try_install(watch);
+        if result.is_err() {
+            self.uninstall(watch);
+        }
+        result
+    }
+
+    fn try_install(&mut self, watch: &Watch) -> Result<(), WatchError> {
         let map_err = |source| WatchError::Map {
             path: watch.path.clone(),
             source,
         };
+        // Counted first, so that `uninstall` after any failure below is exact.
+        let count = self.dev_counts.entry(watch.key.dev).or_insert(0);
+        *count += 1;
+        let count = *count;
         self.maps
             .inodes
             .insert(watch.key, watch.id, 0)
             .map_err(map_err)?;
-        let count = self.dev_counts.entry(watch.key.dev).or_insert(0);
-        *count += 1;
         self.maps
             .devs
-            .insert(watch.key.dev, *count, 0)
+            .insert(watch.key.dev, count, 0)
             .map_err(map_err)?;
         for key in prefix_keys(&watch.path) {
             self.maps
@@ -179,7 +211,41 @@ impl WatchList {
                 .insert(&key, watch.id, 0)
                 .map_err(map_err)?;
         }
+        self.bump_generation();
+        // Opening the directory teaches the kernel its dentry (see `register_watched_dentry`
+        // in the programs); keeping it open pins the dentry.
+        let pin = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+            .open(&watch.path)
+            .map_err(|source| WatchError::Open {
+                path: watch.path.clone(),
+                source,
+            })?;
+        if !self.registered_ids().contains(&watch.id) {
+            return Err(WatchError::NotRegistered(watch.path.clone()));
+        }
+        self.pins.insert(watch.id, OwnedFd::from(pin));
         Ok(())
+    }
+
+    /// Watch ids the kernel has learned a dentry for.
+    fn registered_ids(&self) -> Vec<u32> {
+        self.maps
+            .dentries
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(_, id)| id)
+            .collect()
+    }
+
+    /// Makes every verdict the kernel remembers stale.
+    fn bump_generation(&mut self) {
+        let index = agent_common::watch::generation::AGENT;
+        let current = self.maps.generation.get(&index, 0).unwrap_or(0);
+        if let Err(e) = self.maps.generation.set(index, current.wrapping_add(1), 0) {
+            tracing::error!("cannot invalidate the kernel's watch verdicts: {e}");
+        }
     }
 
     fn uninstall(&mut self, watch: &Watch) {
@@ -198,6 +264,19 @@ impl WatchList {
             // Another watch may share the path text only if it is the same path.
             let _ = self.maps.prefixes.remove(&key);
         }
+        let dentries: Vec<u64> = self
+            .maps
+            .dentries
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, id)| *id == watch.id)
+            .map(|(dentry, _)| dentry)
+            .collect();
+        for dentry in dentries {
+            let _ = self.maps.dentries.remove(&dentry);
+        }
+        self.pins.remove(&watch.id);
+        self.bump_generation();
     }
 
     /// Removes a tree by the path it was added with (or its canonical form).

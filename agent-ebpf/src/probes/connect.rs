@@ -128,7 +128,7 @@ pub fn handle(
     }
 
     if (ret == 0 || ret == -EINPROGRESS) && family != AF_UNIX {
-        if from_socket(task, fd, body).is_ok() {
+        if from_socket(fd, body).is_ok() {
             body.origin = AddrOrigin::Socket as u8;
         } else {
             body.flags |= connect_flags::SOCKET_READ_FAILED;
@@ -139,8 +139,8 @@ pub fn handle(
 
 /// Reads family, addresses and ports from the connected socket.
 #[inline(always)]
-fn from_socket(task: u64, fd: i32, body: &mut ConnectEvent) -> Result<()> {
-    let file = fd_file(task, i64::from(fd))?;
+fn from_socket(fd: i32, body: &mut ConnectEvent) -> Result<()> {
+    let file = fd_file(i64::from(fd))?;
     let sock: u64 = read(file, off!(file_private_data))?;
     let sk: u64 = read(sock, off!(socket_sk))?;
     if sk == 0 {

@@ -20,7 +20,8 @@ use crate::{
     error::{Error, Result},
     kernel::{PathRef, dentry_ino_dev, fd_file, read_user},
     maps::slot,
-    path::{Verdict, prefix_lookup, watch_verdict, write_path},
+    path::{prefix_lookup, write_path},
+    verdict::{self, Verdict},
 };
 
 const AT_FDCWD: i32 = -100;
@@ -175,9 +176,9 @@ fn count_path_flags(flags: u16) {
 /// Successful open: judge and name the new file.
 #[inline(always)]
 fn opened(call: &Call) -> Result<()> {
-    let file = fd_file(call.task, call.ret)?;
+    let file = fd_file(call.ret)?;
     let path = PathRef::of_file(file)?;
-    let (watch_id, extra) = match watch_verdict(path)? {
+    let (watch_id, extra) = match verdict::for_file(path)? {
         Verdict::Watched(id) => (id, 0),
         Verdict::Unwatched => return Ok(()),
         Verdict::Undecided => (0, path_flags::UNDECIDED),
@@ -214,9 +215,9 @@ fn failed(call: &Call, user_path: u64) -> Result<()> {
         let base = if call.dirfd == AT_FDCWD {
             PathRef::cwd_of(call.task)?
         } else {
-            PathRef::of_file(fd_file(call.task, i64::from(call.dirfd))?)?
+            PathRef::of_file(fd_file(i64::from(call.dirfd))?)?
         };
-        let id = match watch_verdict(base)? {
+        let id = match verdict::for_dir(base)? {
             Verdict::Watched(id) => id,
             Verdict::Undecided => 0,
             Verdict::Unwatched => {

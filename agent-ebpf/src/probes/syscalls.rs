@@ -1,30 +1,49 @@
-//! `sys_exit`: one program for every system call exit, which picks out the open family and
-//! connect by system call number before doing anything else. One hook at exit (instead of an
-//! enter/exit pair) keeps the cost for all other system calls at a compare and a return; the
-//! arguments are still in the saved registers at exit.
+//! `sys_exit`: one program for every system call exit, which picks out the calls it cares
+//! about by number before doing anything else. One hook at exit (instead of an enter/exit
+//! pair) keeps the cost for all other system calls at a compare and a return; the arguments
+//! are still in the saved registers at exit.
+//!
+//! Calls it cares about: the open family and connect (events), rename, rmdir and mount changes
+//! (they make remembered watch verdicts stale), and the agent's own opens of watched
+//! directories (they teach the kernel the directories' dentries).
 
 use agent_common::{
     event::{ConnectSyscall, OpenSyscall},
     offsets::features,
+    watch::WatchKey,
 };
 use aya_ebpf::{
-    helpers::bpf_get_current_pid_tgid, macros::btf_tracepoint, programs::BtfTracePointContext,
+    helpers::{bpf_get_current_pid_tgid, generated::bpf_get_current_task_btf},
+    macros::btf_tracepoint,
+    programs::BtfTracePointContext,
 };
 
 use super::{connect, open};
 use crate::{
     emit::account,
     error::Result,
-    kernel::{current_task, has, off, read, setting},
+    kernel::{PathRef, dentry_ino_dev, fd_file, has, off, setting},
+    maps::{WATCH_DENTRIES, WATCH_INODES},
+    verdict,
 };
 
 /// x86_64 system call numbers.
 mod nr64 {
     pub const OPEN: i64 = 2;
     pub const CONNECT: i64 = 42;
+    pub const RENAME: i64 = 82;
+    pub const RMDIR: i64 = 84;
     pub const CREAT: i64 = 85;
+    pub const PIVOT_ROOT: i64 = 155;
+    pub const MOUNT: i64 = 165;
+    pub const UMOUNT2: i64 = 166;
     pub const OPENAT: i64 = 257;
+    pub const UNLINKAT: i64 = 263;
+    pub const RENAMEAT: i64 = 264;
+    pub const RENAMEAT2: i64 = 316;
+    pub const MOVE_MOUNT: i64 = 429;
     pub const OPENAT2: i64 = 437;
+    pub const MOUNT_SETATTR: i64 = 442;
 }
 
 /// i386 system call numbers (32-bit compat entry, also reachable by `int 0x80` from 64-bit
@@ -32,22 +51,39 @@ mod nr64 {
 mod nr32 {
     pub const OPEN: i64 = 5;
     pub const CREAT: i64 = 8;
+    pub const MOUNT: i64 = 21;
+    pub const UMOUNT: i64 = 22;
+    pub const RENAME: i64 = 38;
+    pub const RMDIR: i64 = 40;
+    pub const UMOUNT2: i64 = 52;
     pub const SOCKETCALL: i64 = 102;
+    pub const PIVOT_ROOT: i64 = 217;
     pub const OPENAT: i64 = 295;
+    pub const UNLINKAT: i64 = 301;
+    pub const RENAMEAT: i64 = 302;
+    pub const RENAMEAT2: i64 = 353;
     pub const CONNECT: i64 = 362;
+    pub const MOVE_MOUNT: i64 = 429;
     pub const OPENAT2: i64 = 437;
+    pub const MOUNT_SETATTR: i64 = 442;
 }
 
 /// x32 ABI marker bit in the system call number.
 const X32_SYSCALL_BIT: i64 = 0x4000_0000;
 /// `thread_info.status` bit of a task inside a 32-bit system call.
 const TS_COMPAT: u32 = 0x0002;
+/// `unlinkat` flag that makes it remove a directory.
+const AT_REMOVEDIR: u64 = 0x200;
 
 /// What the exiting call was.
 #[derive(Clone, Copy)]
 enum Call {
     Open(OpenSyscall),
     Connect(ConnectSyscall),
+    /// Changes directory names or mounts: remembered verdicts become stale.
+    Invalidates,
+    /// `unlinkat`: invalidates when it removed a directory.
+    Unlinkat,
 }
 
 /// Saved register `field` of `regs`, a BTF pointer to `struct pt_regs` (a direct load).
@@ -68,27 +104,55 @@ pub fn sys_exit(ctx: BtfTracePointContext) -> i32 {
     match nr {
         nr64::OPEN
         | nr64::CONNECT
+        | nr64::RENAME
+        | nr64::RMDIR
         | nr64::CREAT
+        | nr64::PIVOT_ROOT
+        | nr64::MOUNT
+        | nr64::UMOUNT2
         | nr64::OPENAT
+        | nr64::UNLINKAT
+        | nr64::RENAMEAT
+        | nr64::RENAMEAT2
+        | nr64::MOVE_MOUNT
         | nr64::OPENAT2
+        | nr64::MOUNT_SETATTR
         | nr32::OPEN
         | nr32::CREAT
+        | nr32::MOUNT
+        | nr32::UMOUNT
+        | nr32::RENAME
+        | nr32::RMDIR
+        | nr32::UMOUNT2
         | nr32::SOCKETCALL
+        | nr32::PIVOT_ROOT
         | nr32::OPENAT
+        | nr32::UNLINKAT
+        | nr32::RENAMEAT
+        | nr32::RENAMEAT2
         | nr32::CONNECT => account(try_sys_exit(regs, ret, nr)),
         _ => {}
     }
     0
 }
 
+/// True when the current task is inside a 32-bit system call (a direct load through the
+/// task's BTF pointer: cheap enough to do for every candidate number).
 #[inline(always)]
-fn try_sys_exit(regs: u64, ret: i64, nr: i64) -> Result<()> {
-    if (bpf_get_current_pid_tgid() >> 32) as u32 == setting!(self_tgid) {
-        return Ok(());
+fn in_compat_syscall() -> bool {
+    if !has(features::COMPAT) {
+        return false;
     }
-    let task = current_task();
-    let compat = has(features::COMPAT) && read::<u32>(task, off!(task_ti_status))? & TS_COMPAT != 0;
-    let call = if compat {
+    // SAFETY: helper without preconditions; it returns a trusted `struct task_struct *`.
+    let task = unsafe { bpf_get_current_task_btf() } as u64;
+    let at = task + off!(task_ti_status);
+    // SAFETY: trusted BTF pointer; the verifier checks the constant offset.
+    (unsafe { *(at as *const u32) }) & TS_COMPAT != 0
+}
+
+#[inline(always)]
+fn classify(nr: i64, compat: bool) -> Option<Call> {
+    Some(if compat {
         match nr {
             nr32::OPEN => Call::Open(OpenSyscall::Open),
             nr32::CREAT => Call::Open(OpenSyscall::Creat),
@@ -96,7 +160,18 @@ fn try_sys_exit(regs: u64, ret: i64, nr: i64) -> Result<()> {
             nr32::OPENAT2 => Call::Open(OpenSyscall::Openat2),
             nr32::CONNECT => Call::Connect(ConnectSyscall::Connect),
             nr32::SOCKETCALL => Call::Connect(ConnectSyscall::Socketcall),
-            _ => return Ok(()),
+            nr32::UNLINKAT => Call::Unlinkat,
+            nr32::MOUNT
+            | nr32::UMOUNT
+            | nr32::RENAME
+            | nr32::RMDIR
+            | nr32::UMOUNT2
+            | nr32::PIVOT_ROOT
+            | nr32::RENAMEAT
+            | nr32::RENAMEAT2
+            | nr32::MOVE_MOUNT
+            | nr32::MOUNT_SETATTR => Call::Invalidates,
+            _ => return None,
         }
     } else {
         match nr {
@@ -105,8 +180,26 @@ fn try_sys_exit(regs: u64, ret: i64, nr: i64) -> Result<()> {
             nr64::OPENAT => Call::Open(OpenSyscall::Openat),
             nr64::OPENAT2 => Call::Open(OpenSyscall::Openat2),
             nr64::CONNECT => Call::Connect(ConnectSyscall::Connect),
-            _ => return Ok(()),
+            nr64::UNLINKAT => Call::Unlinkat,
+            nr64::RENAME
+            | nr64::RMDIR
+            | nr64::PIVOT_ROOT
+            | nr64::MOUNT
+            | nr64::UMOUNT2
+            | nr64::RENAMEAT
+            | nr64::RENAMEAT2
+            | nr64::MOVE_MOUNT
+            | nr64::MOUNT_SETATTR => Call::Invalidates,
+            _ => return None,
         }
+    })
+}
+
+#[inline(always)]
+fn try_sys_exit(regs: u64, ret: i64, nr: i64) -> Result<()> {
+    let compat = in_compat_syscall();
+    let Some(call) = classify(nr, compat) else {
+        return Ok(());
     };
     // Argument registers: di, si, dx, r10 natively; bx, cx, dx, si for i386 (32-bit values).
     let args = if compat {
@@ -124,8 +217,45 @@ fn try_sys_exit(regs: u64, ret: i64, nr: i64) -> Result<()> {
             reg!(regs, regs_r10),
         ]
     };
+    let task = crate::kernel::current_task();
+    let own = (bpf_get_current_pid_tgid() >> 32) as u32 == setting!(self_tgid);
     match call {
+        Call::Invalidates => {
+            if ret == 0 {
+                verdict::bump_kernel_generation();
+            }
+            Ok(())
+        }
+        Call::Unlinkat => {
+            if ret == 0 && args[2] & AT_REMOVEDIR != 0 {
+                verdict::bump_kernel_generation();
+            }
+            Ok(())
+        }
+        Call::Open(_) if own => {
+            if ret >= 0 {
+                register_watched_dentry(ret)?;
+            }
+            Ok(())
+        }
+        Call::Connect(_) if own => Ok(()),
         Call::Open(syscall) => open::handle(task, ret, syscall, args, compat),
         Call::Connect(syscall) => connect::handle(task, ret, syscall, args, compat),
     }
+}
+
+/// The agent opens every watched directory (and keeps it open, which pins its dentry): if the
+/// file it just opened is a watched directory, remember its dentry.
+#[inline(always)]
+fn register_watched_dentry(fd: i64) -> Result<()> {
+    let path = PathRef::of_file(fd_file(fd)?)?;
+    let (ino, dev) = dentry_ino_dev(path.dentry)?;
+    if let Some(id) = WATCH_INODES.get_ptr(WatchKey { dev, _pad: 0, ino }) {
+        // SAFETY: pointer to a map value returned by the lookup.
+        let id = unsafe { *id };
+        WATCH_DENTRIES
+            .insert(path.dentry, id, 0)
+            .map_err(|_| crate::error::Error::Read)?;
+    }
+    Ok(())
 }

@@ -12,7 +12,7 @@ use agent_common::{
 };
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray, RingBuf, lpm_trie::LpmTrie},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf, lpm_trie::LpmTrie},
     programs::{BtfTracePoint, ProgramError},
 };
 
@@ -118,8 +118,10 @@ pub struct Probes {
 /// The watch filter maps.
 pub struct WatchMaps {
     pub inodes: HashMap<MapData, WatchKey, u32>,
+    pub dentries: HashMap<MapData, u64, u32>,
     pub devs: HashMap<MapData, u32, u32>,
     pub prefixes: LpmTrie<MapData, [u8; WATCH_PREFIX_MAX], u32>,
+    pub generation: Array<MapData, u64>,
 }
 
 /// Whether kernel lockdown is in a mode that keeps BPF from reading kernel memory.
@@ -302,11 +304,21 @@ impl Probes {
         let mut take =
             |name: &'static str| self.ebpf.take_map(name).ok_or(ProbeError::MissingMap(name));
         let inodes = take("WATCH_INODES")?;
+        let dentries = take("WATCH_DENTRIES")?;
         let devs = take("WATCH_DEVS")?;
         let prefixes = take("WATCH_PREFIXES")?;
+        let generation = take("GENERATION")?;
         Ok(WatchMaps {
             inodes: HashMap::try_from(inodes).map_err(|source| ProbeError::Map {
                 map: "WATCH_INODES",
+                source,
+            })?,
+            dentries: HashMap::try_from(dentries).map_err(|source| ProbeError::Map {
+                map: "WATCH_DENTRIES",
+                source,
+            })?,
+            generation: Array::try_from(generation).map_err(|source| ProbeError::Map {
+                map: "GENERATION",
                 source,
             })?,
             devs: HashMap::try_from(devs).map_err(|source| ProbeError::Map {
@@ -332,6 +344,16 @@ impl Probes {
         Counters {
             by_reason,
             program_busy: self.stats.recursion_misses(),
+        }
+    }
+
+    /// Logs how often each program ran and its mean cost (when `kernel.bpf_stats_enabled`
+    /// is on).
+    pub fn log_run_times(&self) {
+        for (program, runs, ns) in self.stats.run_times() {
+            if runs > 0 && ns > 0 {
+                tracing::info!(program, runs, mean_ns = ns / runs, "kernel program cost");
+            }
         }
     }
 

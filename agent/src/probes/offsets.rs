@@ -125,6 +125,19 @@ pub fn resolve(btf: &Btf) -> Result<Resolved, OffsetsError> {
     };
 
     let sock_common = req("sock", &["__sk_common"])?;
+    let inode_sb = req("inode", &["i_sb"])?;
+    let inode_ino = req("inode", &["i_ino"])?;
+    let inode_sb_ino_words = match inode_ino.checked_sub(inode_sb) {
+        Some(d) if d % 8 == 0 && (8..=24).contains(&d) => d / 8,
+        _ => 0,
+    };
+    let file_vfsmnt = req("file", &["f_path", "mnt"])?;
+    let file_dentry = req("file", &["f_path", "dentry"])?;
+    if file_dentry != file_vfsmnt + 8 {
+        return Err(OffsetsError {
+            source: BtfError::Malformed("struct path is not { mnt, dentry }"),
+        });
+    }
     let offsets = KernelOffsets {
         features,
         regs_orig_ax: req("pt_regs", &["orig_ax"])?,
@@ -156,15 +169,17 @@ pub fn resolve(btf: &Btf) -> Result<Resolved, OffsetsError> {
         files_fdt: req("files_struct", &["fdt"])?,
         fdt_max_fds: req("fdtable", &["max_fds"])?,
         fdt_fd: req("fdtable", &["fd"])?,
-        file_dentry: req("file", &["f_path", "dentry"])?,
-        file_vfsmnt: req("file", &["f_path", "mnt"])?,
+        file_dentry,
+        file_vfsmnt,
         file_private_data: req("file", &["private_data"])?,
         dentry_parent: req("dentry", &["d_parent"])?,
         dentry_name_len: req("dentry", &["d_name", "len"])?,
         dentry_name_ptr: req("dentry", &["d_name", "name"])?,
         dentry_inode: req("dentry", &["d_inode"])?,
         dentry_sb: req("dentry", &["d_sb"])?,
-        inode_ino: req("inode", &["i_ino"])?,
+        inode_ino,
+        inode_sb,
+        inode_sb_ino_words,
         sb_dev: req("super_block", &["s_dev"])?,
         mount_vfsmnt: req("mount", &["mnt"])?,
         mount_parent: req("mount", &["mnt_parent"])?,

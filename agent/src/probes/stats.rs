@@ -45,6 +45,15 @@ impl ProgramStats {
         (ret == 0).then_some(info)
     }
 
+    /// (program, runs, total ns) per program; the kernel counts run time only while
+    /// `kernel.bpf_stats_enabled` is 1.
+    pub fn run_times(&self) -> Vec<(&'static str, u64, u64)> {
+        self.programs
+            .iter()
+            .filter_map(|(name, fd)| Self::info(fd).map(|i| (*name, i.run_cnt, i.run_time_ns)))
+            .collect()
+    }
+
     /// Sum of `recursion_misses` over the agent's programs (0 on kernels before 5.12, which do
     /// not report it).
     pub fn recursion_misses(&self) -> u64 {

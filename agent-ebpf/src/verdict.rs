@@ -1,0 +1,193 @@
+//! The watch decision: does a file or directory lie under a watched tree?
+//!
+//! A directory's verdict is remembered in `VERDICTS`, keyed by (dentry, mount), so that an open
+//! outside the watched trees normally costs a handful of reads instead of a walk to the root.
+//! A remembered verdict is used only while nothing that could change it has happened: the
+//! agent bumps its generation on every watch-list change, the programs bump theirs on every
+//! successful rename, rmdir and mount change, and the dentry must still hold the same inode
+//! (same address, superblock and inode number), so reuse of its memory is noticed.
+
+use agent_common::{
+    limits::PATH_DEPTH_MAX,
+    watch::{VerdictEntry, VerdictKey, generation},
+};
+
+use crate::{
+    error::{Error, Result},
+    kernel::{PathRef, inode_sb_ino, off, read},
+    maps::{GENERATION, VERDICTS, WATCH_DENTRIES, WATCH_DEVS},
+};
+
+/// The kernel's judgement of a path.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Under the watched tree with this id.
+    Watched(u32),
+    /// Not under any watched tree.
+    Unwatched,
+    /// Too deep to decide within `PATH_DEPTH_MAX` levels: user space must see it.
+    Undecided,
+}
+
+/// Verdict for an opened file: the file itself may be a watched directory; otherwise its
+/// directory decides.
+#[inline(always)]
+pub fn for_file(path: PathRef) -> Result<Verdict> {
+    if let Some(id) = watched_dentry(path.dentry) {
+        return Ok(Verdict::Watched(id));
+    }
+    let parent: u64 = read(path.dentry, off!(dentry_parent))?;
+    if parent == path.dentry {
+        // The root of its filesystem: its mount decides.
+        return for_dir(path);
+    }
+    for_dir(PathRef {
+        dentry: parent,
+        vfsmnt: path.vfsmnt,
+    })
+}
+
+/// Verdict for a directory (itself or an ancestor watched).
+#[inline(always)]
+pub fn for_dir(dir: PathRef) -> Result<Verdict> {
+    match decide_dir(dir) {
+        UNWATCHED => Ok(Verdict::Unwatched),
+        UNDECIDED => Ok(Verdict::Undecided),
+        READ_ERROR => Err(Error::Read),
+        id => Ok(Verdict::Watched(id as u32)),
+    }
+}
+
+// Results of `decide_dir`; positive values are watch ids. Subprograms return plain integers:
+// the kernel rejects the BTF of Rust enums.
+const UNWATCHED: i64 = 0;
+const UNDECIDED: i64 = -1;
+const READ_ERROR: i64 = -2;
+
+#[inline(always)]
+fn watched_dentry(dentry: u64) -> Option<u32> {
+    // SAFETY: pointer to a map value returned by the lookup.
+    WATCH_DENTRIES.get_ptr(dentry).map(|id| unsafe { *id })
+}
+
+#[inline(always)]
+fn generation(index: u32) -> u64 {
+    // SAFETY: pointer to a map value returned by the lookup.
+    GENERATION.get_ptr(index).map_or(0, |g| unsafe { *g })
+}
+
+/// Marks every remembered verdict stale (after a rename, rmdir or mount change).
+#[inline(always)]
+pub fn bump_kernel_generation() {
+    if let Some(g) = GENERATION.get_ptr_mut(generation::KERNEL) {
+        // An atomic add (`BPF_XADD`): concurrent bumps on several CPUs must not merge into
+        // one. core has no atomic read-modify-write for the bpf target.
+        // SAFETY: `g` points to an 8-byte aligned array value that lives as long as the map.
+        unsafe {
+            core::arch::asm!(
+                "lock *(u64 *)({g} + 0) += {one}",
+                g = in(reg) g,
+                one = in(reg) 1u64,
+                options(nostack),
+            );
+        }
+    }
+}
+
+#[inline(never)]
+fn decide_dir(dir: PathRef) -> i64 {
+    match decide_dir_inner(dir) {
+        Ok(Verdict::Watched(id)) => i64::from(id),
+        Ok(Verdict::Unwatched) => UNWATCHED,
+        Ok(Verdict::Undecided) => UNDECIDED,
+        Err(_) => READ_ERROR,
+    }
+}
+
+#[inline(always)]
+fn decide_dir_inner(dir: PathRef) -> Result<Verdict> {
+    let kernel_generation = generation(generation::KERNEL);
+    let agent_generation = generation(generation::AGENT);
+    let inode: u64 = read(dir.dentry, off!(dentry_inode))?;
+    if inode == 0 {
+        return walk(dir);
+    }
+    let (sb, ino) = inode_sb_ino(inode)?;
+    let key = VerdictKey {
+        dentry: dir.dentry,
+        vfsmnt: dir.vfsmnt,
+    };
+    if let Some(e) = VERDICTS.get_ptr(key) {
+        // SAFETY: pointer to a map value returned by the lookup.
+        let e = unsafe { &*e };
+        if e.kernel_generation == kernel_generation
+            && e.agent_generation == agent_generation
+            && e.inode == inode
+            && e.sb == sb
+            && e.ino == ino
+        {
+            return Ok(if e.watch_id == 0 {
+                Verdict::Unwatched
+            } else {
+                Verdict::Watched(e.watch_id)
+            });
+        }
+    }
+    let verdict = walk(dir)?;
+    let watch_id = match verdict {
+        Verdict::Watched(id) => id,
+        Verdict::Unwatched => 0,
+        Verdict::Undecided => return Ok(verdict),
+    };
+    let entry = VerdictEntry {
+        kernel_generation,
+        agent_generation,
+        inode,
+        sb,
+        ino,
+        watch_id,
+        _pad: 0,
+    };
+    // A full cache evicts its least recently used entry; failure only costs a later walk.
+    let _ = VERDICTS.insert(key, entry, 0);
+    Ok(verdict)
+}
+
+#[inline(always)]
+fn sb_watched(dentry: u64) -> Result<bool> {
+    let sb: u64 = read(dentry, off!(dentry_sb))?;
+    let dev: u32 = read(sb, off!(sb_dev))?;
+    Ok(WATCH_DEVS.get_ptr(dev).is_some())
+}
+
+/// Walks from `dir` to the root of its mount namespace: every ancestor in each filesystem
+/// that holds a watched directory, then the mount point the filesystem is mounted on.
+/// Filesystems without watched directories are crossed in one step.
+#[inline(always)]
+fn walk(dir: PathRef) -> Result<Verdict> {
+    let mut dentry = dir.dentry;
+    let mut mnt = dir.vfsmnt - off!(mount_vfsmnt);
+    let mut watched_sb = sb_watched(dentry)?;
+    for _ in 0..PATH_DEPTH_MAX {
+        if watched_sb {
+            if let Some(id) = watched_dentry(dentry) {
+                return Ok(Verdict::Watched(id));
+            }
+            let parent: u64 = read(dentry, off!(dentry_parent))?;
+            if parent != dentry {
+                dentry = parent;
+                continue;
+            }
+        }
+        // At the root of this filesystem, or nothing on it is watched: go on from the mount
+        // point in the parent mount.
+        let parent_mnt: u64 = read(mnt, off!(mount_parent))?;
+        if parent_mnt == mnt {
+            return Ok(Verdict::Unwatched);
+        }
+        dentry = read(mnt, off!(mount_mountpoint))?;
+        mnt = parent_mnt;
+        watched_sb = sb_watched(dentry)?;
+    }
+    Ok(Verdict::Undecided)
+}

@@ -19,8 +19,9 @@ pub const UNIX_PATH_MAX: usize = 108;
 pub const WATCH_PREFIX_MAX: usize = 256;
 /// Most watched directory trees at once.
 pub const MAX_WATCHES: u32 = 1024;
-/// Directories whose watch verdict the kernel remembers (LRU).
-pub const VERDICT_CACHE_ENTRIES: u32 = 16384;
+/// Slots of the per-CPU verdict cache (a power of two).
+pub const VERDICT_CACHE_BITS: u32 = 12;
+pub const VERDICT_CACHE_ENTRIES: u32 = 1 << VERDICT_CACHE_BITS;
 /// Size of one per-CPU scratch slot in which an event is assembled before it is copied to the
 /// ring buffer. Large enough for the biggest event (exec).
 pub const SCRATCH_SIZE: usize = 16384;

@@ -76,6 +76,15 @@ pub struct KernelOffsets {
     pub file_private_data: u32,
 
     // struct dentry
+    /// `dentry.d_flags`.
+    pub dentry_flags: u32,
+    /// `(d_parent - d_flags) / 8` when 1, 2 or 3 (one 32-byte read gives both), else 0.
+    pub dentry_flags_parent_words: u32,
+    /// `DCACHE_ENTRY_TYPE` mask and the directory types (`DCACHE_DIRECTORY_TYPE`,
+    /// `DCACHE_AUTODIR_TYPE`) of `d_flags`.
+    pub dcache_type_mask: u32,
+    pub dcache_directory_type: u32,
+    pub dcache_autodir_type: u32,
     pub dentry_parent: u32,
     /// `dentry.d_name.len`.
     pub dentry_name_len: u32,
@@ -169,6 +178,11 @@ impl KernelOffsets {
         file_dentry: 0,
         file_vfsmnt: 0,
         file_private_data: 0,
+        dentry_flags: 0,
+        dentry_flags_parent_words: 0,
+        dcache_type_mask: 0,
+        dcache_directory_type: 0,
+        dcache_autodir_type: 0,
         dentry_parent: 0,
         dentry_name_len: 0,
         dentry_name_ptr: 0,

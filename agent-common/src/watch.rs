@@ -26,22 +26,17 @@ pub const fn kernel_dev(major: u32, minor: u32) -> u32 {
     (major << 20) | (minor & 0xfffff)
 }
 
-/// Key of the verdict cache: a directory, as reached through one mount.
+/// A remembered verdict for a directory, in a per-CPU direct-mapped cache: whether it lies
+/// under a watched tree. The slot holds its key (dentry, mount); it is used only while both
+/// generations are unchanged and the dentry still holds the same inode (`inode`, `sb` and
+/// `ino` guard against the dentry's memory being reused for another directory).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct VerdictKey {
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VerdictEntry {
     /// `struct dentry *` of the directory.
     pub dentry: u64,
     /// `struct vfsmount *` it was reached through.
     pub vfsmnt: u64,
-}
-
-/// A cached verdict for a directory: whether it lies under a watched tree. Valid only while
-/// both generations are unchanged and the dentry still belongs to the same inode (`inode`,
-/// `sb` and `ino` guard against the dentry's memory being reused for another directory).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct VerdictEntry {
     /// Kernel generation: bumped on rename, rmdir and mount changes.
     pub kernel_generation: u64,
     /// Agent generation: bumped on every watch-list change.
@@ -68,5 +63,4 @@ mod user {
 }
 
 const _: () = assert!(core::mem::size_of::<WatchKey>() == 16);
-const _: () = assert!(core::mem::size_of::<VerdictKey>() == 16);
-const _: () = assert!(core::mem::size_of::<VerdictEntry>() == 48);
+const _: () = assert!(core::mem::size_of::<VerdictEntry>() == 64);

@@ -174,6 +174,26 @@ pub fn inode_sb_ino(inode: u64) -> Result<(u64, u64)> {
     Ok((w[0], ino))
 }
 
+/// `d_flags` and `d_parent` of a dentry, in one read where the layout allows.
+#[inline(always)]
+pub fn dentry_flags_parent(dentry: u64) -> Result<(u32, u64)> {
+    // SAFETY: reading a field of a static.
+    let gap = unsafe { core::ptr::read_volatile(&OFFSETS.dentry_flags_parent_words) };
+    if gap == 0 {
+        return Ok((
+            read(dentry, off!(dentry_flags))?,
+            read(dentry, off!(dentry_parent))?,
+        ));
+    }
+    let w = read::<[u64; 4]>(dentry, off!(dentry_flags))?;
+    let parent = match gap {
+        1 => w[1],
+        2 => w[2],
+        _ => w[3],
+    };
+    Ok((w[0] as u32, parent))
+}
+
 /// Inode number and kernel device number of a dentry.
 #[inline(always)]
 pub fn dentry_ino_dev(dentry: u64) -> Result<(u64, u32)> {

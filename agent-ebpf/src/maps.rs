@@ -6,11 +6,11 @@ use agent_common::{
         DEFAULT_RING_BUFFER_BYTES, MAX_WATCHES, SCRATCH_SIZE, VERDICT_CACHE_ENTRIES,
         WATCH_PREFIX_MAX,
     },
-    watch::{VerdictEntry, VerdictKey, WatchKey, generation},
+    watch::{VerdictEntry, WatchKey, generation},
 };
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf, lpm_trie::Key},
 };
 
 /// Events to user space. Its size is set by the agent at load time.
@@ -50,10 +50,11 @@ pub static WATCH_INODES: HashMap<WatchKey, u32> = HashMap::with_max_entries(MAX_
 #[map]
 pub static WATCH_DENTRIES: HashMap<u64, u32> = HashMap::with_max_entries(MAX_WATCHES, 0);
 
-/// Remembered verdicts of directories (see `VerdictEntry`).
+/// Remembered verdicts of directories (see `VerdictEntry`): direct-mapped, per CPU, so a
+/// lookup is an array index and a slot is never written by two CPUs at once.
 #[map]
-pub static VERDICTS: LruHashMap<VerdictKey, VerdictEntry> =
-    LruHashMap::with_max_entries(VERDICT_CACHE_ENTRIES, 0);
+pub static VERDICTS: PerCpuArray<VerdictEntry> =
+    PerCpuArray::with_max_entries(VERDICT_CACHE_ENTRIES, 0);
 
 /// Generations that invalidate `VERDICTS`: index `generation::KERNEL` is bumped by the
 /// programs (rename, rmdir, mount changes), `generation::AGENT` by the agent (watch changes).

@@ -1,20 +1,21 @@
 //! The watch decision: does a file or directory lie under a watched tree?
 //!
-//! A directory's verdict is remembered in `VERDICTS`, keyed by (dentry, mount), so that an open
-//! outside the watched trees normally costs a handful of reads instead of a walk to the root.
+//! A directory's verdict is remembered in `VERDICTS`, a per-CPU direct-mapped cache keyed by
+//! (dentry, mount), so that an open outside the watched trees normally costs a handful of reads
+//! instead of a walk to the root.
 //! A remembered verdict is used only while nothing that could change it has happened: the
 //! agent bumps its generation on every watch-list change, the programs bump theirs on every
 //! successful rename, rmdir and mount change, and the dentry must still hold the same inode
 //! (same address, superblock and inode number), so reuse of its memory is noticed.
 
 use agent_common::{
-    limits::PATH_DEPTH_MAX,
-    watch::{VerdictEntry, VerdictKey, generation},
+    limits::{PATH_DEPTH_MAX, VERDICT_CACHE_BITS},
+    watch::{VerdictEntry, generation},
 };
 
 use crate::{
     error::{Error, Result},
-    kernel::{PathRef, inode_sb_ino, off, read},
+    kernel::{PathRef, dentry_flags_parent, inode_sb_ino, off, read},
     maps::{GENERATION, VERDICTS, WATCH_DENTRIES, WATCH_DEVS},
 };
 
@@ -33,10 +34,13 @@ pub enum Verdict {
 /// directory decides.
 #[inline(always)]
 pub fn for_file(path: PathRef) -> Result<Verdict> {
-    if let Some(id) = watched_dentry(path.dentry) {
+    let (flags, parent) = dentry_flags_parent(path.dentry)?;
+    let kind = flags & (off!(dcache_type_mask) as u32);
+    if (kind == off!(dcache_directory_type) as u32 || kind == off!(dcache_autodir_type) as u32)
+        && let Some(id) = watched_dentry(path.dentry)
+    {
         return Ok(Verdict::Watched(id));
     }
-    let parent: u64 = read(path.dentry, off!(dentry_parent))?;
     if parent == path.dentry {
         // The root of its filesystem: its mount decides.
         return for_dir(path);
@@ -113,25 +117,24 @@ fn decide_dir_inner(dir: PathRef) -> Result<Verdict> {
         return walk(dir);
     }
     let (sb, ino) = inode_sb_ino(inode)?;
-    let key = VerdictKey {
-        dentry: dir.dentry,
-        vfsmnt: dir.vfsmnt,
-    };
-    if let Some(e) = VERDICTS.get_ptr(key) {
-        // SAFETY: pointer to a map value returned by the lookup.
-        let e = unsafe { &*e };
-        if e.kernel_generation == kernel_generation
-            && e.agent_generation == agent_generation
-            && e.inode == inode
-            && e.sb == sb
-            && e.ino == ino
-        {
-            return Ok(if e.watch_id == 0 {
-                Verdict::Unwatched
-            } else {
-                Verdict::Watched(e.watch_id)
-            });
-        }
+    let slot = VERDICTS
+        .get_ptr_mut(cache_slot(dir))
+        .ok_or(Error::Scratch)?;
+    // SAFETY: this CPU's slot; only this program touches the cache.
+    let e = unsafe { &mut *slot };
+    if e.dentry == dir.dentry
+        && e.vfsmnt == dir.vfsmnt
+        && e.kernel_generation == kernel_generation
+        && e.agent_generation == agent_generation
+        && e.inode == inode
+        && e.sb == sb
+        && e.ino == ino
+    {
+        return Ok(if e.watch_id == 0 {
+            Verdict::Unwatched
+        } else {
+            Verdict::Watched(e.watch_id)
+        });
     }
     let verdict = walk(dir)?;
     let watch_id = match verdict {
@@ -139,7 +142,9 @@ fn decide_dir_inner(dir: PathRef) -> Result<Verdict> {
         Verdict::Unwatched => 0,
         Verdict::Undecided => return Ok(verdict),
     };
-    let entry = VerdictEntry {
+    *e = VerdictEntry {
+        dentry: dir.dentry,
+        vfsmnt: dir.vfsmnt,
         kernel_generation,
         agent_generation,
         inode,
@@ -148,9 +153,14 @@ fn decide_dir_inner(dir: PathRef) -> Result<Verdict> {
         watch_id,
         _pad: 0,
     };
-    // A full cache evicts its least recently used entry; failure only costs a later walk.
-    let _ = VERDICTS.insert(key, entry, 0);
     Ok(verdict)
+}
+
+/// Cache slot of a directory: a multiplicative hash of the dentry and mount addresses.
+#[inline(always)]
+fn cache_slot(dir: PathRef) -> u32 {
+    let mixed = (dir.dentry ^ dir.vfsmnt.rotate_left(29)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    (mixed >> (64 - VERDICT_CACHE_BITS)) as u32
 }
 
 #[inline(always)]

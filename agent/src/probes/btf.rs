@@ -71,6 +71,8 @@ pub struct Btf {
     types: Vec<Type>,
     strings: Vec<u8>,
     structs_by_name: HashMap<String, u32>,
+    /// Enumerator values by name (the first definition wins).
+    enumerators: HashMap<String, i64>,
 }
 
 /// Where a member lives: byte offset and size in bytes.
@@ -129,6 +131,7 @@ impl Btf {
             size_or_type: 0,
             members: Vec::new(),
         }];
+        let mut enumerators: Vec<(u32, i64)> = Vec::new();
         let mut pos = 0;
         while pos < types_sec.len() {
             let name_off = u32_at(types_sec, pos)?;
@@ -162,12 +165,29 @@ impl Btf {
                     }
                     vlen * 12
                 }
-                KIND_ENUM => vlen * 8,
+                KIND_ENUM => {
+                    for i in 0..vlen {
+                        let e = pos + i * 8;
+                        enumerators.push((
+                            u32_at(types_sec, e)?,
+                            i64::from(u32_at(types_sec, e + 4)? as i32),
+                        ));
+                    }
+                    vlen * 8
+                }
                 KIND_FUNC_PROTO => vlen * 8,
                 KIND_VAR => 4,
                 KIND_DATASEC => vlen * 12,
                 KIND_DECL_TAG => 4,
-                KIND_ENUM64 => vlen * 12,
+                KIND_ENUM64 => {
+                    for i in 0..vlen {
+                        let e = pos + i * 12;
+                        let lo = u64::from(u32_at(types_sec, e + 4)?);
+                        let hi = u64::from(u32_at(types_sec, e + 8)?);
+                        enumerators.push((u32_at(types_sec, e)?, (hi << 32 | lo) as i64));
+                    }
+                    vlen * 12
+                }
                 _ => return Err(BtfError::Malformed("unknown type kind")),
             };
             pos += extra;
@@ -186,7 +206,16 @@ impl Btf {
             types,
             strings,
             structs_by_name: HashMap::new(),
+            enumerators: HashMap::new(),
         };
+        let mut values = HashMap::new();
+        for (name_off, value) in enumerators {
+            let name = btf.name(name_off);
+            if !name.is_empty() {
+                values.entry(name.to_owned()).or_insert(value);
+            }
+        }
+        btf.enumerators = values;
         let mut by_name = HashMap::new();
         for (id, t) in btf.types.iter().enumerate() {
             if (t.kind == KIND_STRUCT || t.kind == KIND_UNION) && t.size_or_type > 0 {
@@ -297,6 +326,11 @@ impl Btf {
         })
     }
 
+    /// Value of the enumerator `name`, when the kernel defines it in an enum (not a macro).
+    pub fn enum_value(&self, name: &str) -> Option<i64> {
+        self.enumerators.get(name).copied()
+    }
+
     /// True when a typedef `btf_trace_<name>` exists, i.e. the raw tracepoint can take a
     /// `tp_btf` program.
     pub fn has_btf_tracepoint(&self, name: &str) -> bool {
@@ -399,5 +433,7 @@ mod tests {
             .expect("f_path.dentry");
         assert_eq!(dentry.size, 8);
         assert!(btf.has_btf_tracepoint("sys_exit"));
+        // A well-known enumerator of the running kernel.
+        assert_eq!(btf.enum_value("BPF_MAP_TYPE_RINGBUF"), Some(27));
     }
 }

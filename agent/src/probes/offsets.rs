@@ -131,6 +131,14 @@ pub fn resolve(btf: &Btf) -> Result<Resolved, OffsetsError> {
         Some(d) if d % 8 == 0 && (8..=24).contains(&d) => d / 8,
         _ => 0,
     };
+    let dentry_flags = req("dentry", &["d_flags"])?;
+    let dentry_parent = req("dentry", &["d_parent"])?;
+    let dentry_flags_parent_words = match dentry_parent.checked_sub(dentry_flags) {
+        Some(d) if d % 8 == 0 && (8..=24).contains(&d) && dentry_flags % 8 == 0 => d / 8,
+        _ => 0,
+    };
+    // Dentry type bits: an enum in recent kernels, long-stable macro values before.
+    let flag = |name: &str, fallback: u32| btf.enum_value(name).map_or(fallback, |v| v as u32);
     let file_vfsmnt = req("file", &["f_path", "mnt"])?;
     let file_dentry = req("file", &["f_path", "dentry"])?;
     if file_dentry != file_vfsmnt + 8 {
@@ -172,7 +180,12 @@ pub fn resolve(btf: &Btf) -> Result<Resolved, OffsetsError> {
         file_dentry,
         file_vfsmnt,
         file_private_data: req("file", &["private_data"])?,
-        dentry_parent: req("dentry", &["d_parent"])?,
+        dentry_flags,
+        dentry_flags_parent_words,
+        dcache_type_mask: flag("DCACHE_ENTRY_TYPE", 7 << 20),
+        dcache_directory_type: flag("DCACHE_DIRECTORY_TYPE", 2 << 20),
+        dcache_autodir_type: flag("DCACHE_AUTODIR_TYPE", 3 << 20),
+        dentry_parent,
         dentry_name_len: req("dentry", &["d_name", "len"])?,
         dentry_name_ptr: req("dentry", &["d_name", "name"])?,
         dentry_inode: req("dentry", &["d_inode"])?,

@@ -226,6 +226,10 @@ pub struct ProbeSettings {
     pub self_tgid: u32,
     /// Report connect calls (1) or not (0).
     pub connect_enabled: u32,
+    /// Wake the agent only once this many bytes wait in the ring buffer (it also polls on a
+    /// short timer), so that a burst costs one wakeup, not one per event.
+    pub wakeup_bytes: u32,
+    pub _pad: u32,
 }
 
 #[cfg(feature = "user")]

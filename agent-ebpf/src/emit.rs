@@ -13,7 +13,7 @@ use aya_ebpf::helpers::{
 
 use crate::{
     error::{Error, Result},
-    kernel::{has, off, read},
+    kernel::{has, off, read, setting},
     maps::{DROPS, EVENTS, SCRATCH},
 };
 
@@ -74,6 +74,22 @@ pub fn fill_header(buf: *mut u8, kind: EventKind, task: u64) -> Result<()> {
     Ok(())
 }
 
+/// `bpf_ringbuf_output` flags: no wakeup, forced wakeup; `bpf_ringbuf_query`: pending bytes.
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+const BPF_RB_AVAIL_DATA: u64 = 0;
+
+/// Wakes the agent only when enough data waits; it drains on a timer otherwise.
+#[inline(always)]
+fn wakeup_flags(len: usize) -> u64 {
+    let pending = EVENTS.query(BPF_RB_AVAIL_DATA);
+    if pending + len as u64 >= u64::from(setting!(wakeup_bytes)) {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    }
+}
+
 /// Copies the first `len` bytes of `buf` (an assembled event) to the ring buffer.
 #[inline(always)]
 pub fn submit(buf: *mut u8, len: usize) -> Result<()> {
@@ -86,7 +102,9 @@ pub fn submit(buf: *mut u8, len: usize) -> Result<()> {
     unsafe { (*buf.cast::<EventHeader>()).len = len as u32 };
     // SAFETY: `buf` is a scratch slot of `SCRATCH_SIZE` bytes and `len` is bounded by it.
     let event = unsafe { core::slice::from_raw_parts(buf.cast_const(), len) };
-    EVENTS.output::<[u8]>(event, 0).map_err(|_| Error::RingFull)
+    EVENTS
+        .output::<[u8]>(event, wakeup_flags(len))
+        .map_err(|_| Error::RingFull)
 }
 
 /// Thin entry helper: counts the drop reason of an error.
@@ -103,5 +121,7 @@ pub fn submit_record<T>(record: &mut T) -> Result<()> {
     let hdr = (record as *mut T).cast::<EventHeader>();
     // SAFETY: every record type starts with its header.
     unsafe { (*hdr).len = size_of::<T>() as u32 };
-    EVENTS.output::<T>(&*record, 0).map_err(|_| Error::RingFull)
+    EVENTS
+        .output::<T>(&*record, wakeup_flags(size_of::<T>()))
+        .map_err(|_| Error::RingFull)
 }

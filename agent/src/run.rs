@@ -23,6 +23,9 @@ use crate::{
 
 /// Ring-buffer items handled before the loop looks at signals and timers again.
 const DRAIN_BATCH: usize = 8192;
+/// How often the ring buffer is drained without a wakeup (the programs wake the agent only
+/// for larger batches): the longest a record waits in the kernel.
+const POLL: Duration = Duration::from_millis(25);
 /// How often kernel counters become gap records and watches are re-checked.
 const TICK: Duration = Duration::from_secs(1);
 const REVALIDATE_EVERY_TICKS: u64 = 5;
@@ -99,23 +102,20 @@ pub async fn run(input: RunInput) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sighup = signal(SignalKind::hangup())?;
     let mut tick = tokio::time::interval(TICK);
+    let mut poll = tokio::time::interval(POLL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut ticks = 0u64;
 
     let reason = loop {
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard.context("polling the kernel ring buffer")?;
-                let ring = guard.get_inner_mut();
-                let mut handled = 0;
-                while handled < DRAIN_BATCH {
-                    let Some(item) = ring.next() else { break };
-                    pipeline.handle(&item)?;
-                    handled += 1;
-                }
-                if handled < DRAIN_BATCH {
+                if drain(guard.get_inner_mut(), &mut pipeline, DRAIN_BATCH)? < DRAIN_BATCH {
                     guard.clear_ready();
                 }
-                pipeline.flush()?;
+            }
+            _ = poll.tick() => {
+                drain(ring.get_mut(), &mut pipeline, DRAIN_BATCH)?;
             }
             _ = sigint.recv() => break "SIGINT",
             _ = sigterm.recv() => break "SIGTERM",
@@ -138,10 +138,7 @@ pub async fn run(input: RunInput) -> anyhow::Result<()> {
     };
 
     // Drain what the kernel already handed over, then account for every loss.
-    let ring = ring.get_mut();
-    while let Some(item) = ring.next() {
-        pipeline.handle(&item)?;
-    }
+    drain(ring.get_mut(), &mut pipeline, usize::MAX)?;
     let counters = probes.counters();
     pipeline.report_losses(counters)?;
     let totals = pipeline.totals(counters);
@@ -165,6 +162,24 @@ pub async fn run(input: RunInput) -> anyhow::Result<()> {
         totals.summary()
     );
     Ok(())
+}
+
+/// Handles up to `max` ring-buffer items; returns how many there were.
+fn drain(
+    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
+    pipeline: &mut Pipeline,
+    max: usize,
+) -> anyhow::Result<usize> {
+    let mut handled = 0;
+    while handled < max {
+        let Some(item) = ring.next() else { break };
+        pipeline.handle(&item)?;
+        handled += 1;
+    }
+    if handled > 0 {
+        pipeline.flush()?;
+    }
+    Ok(handled)
 }
 
 /// SIGHUP: re-read the config file and apply the new watch list. Settings that need a restart

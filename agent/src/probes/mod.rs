@@ -214,6 +214,8 @@ impl Probes {
         let settings = ProbeSettings {
             self_tgid: std::process::id(),
             connect_enabled: u32::from(opts.connect),
+            wakeup_bytes: wakeup_bytes(opts.ring_buffer_bytes),
+            _pad: 0,
         };
         let aya_btf = aya::Btf::from_sys_fs().map_err(|e| {
             ProbeError::Btf(BtfError::Read {
@@ -400,6 +402,12 @@ fn spawn_log_reader<T: log::Log + Send + 'static>(logger: aya_log::EbpfLogger<T>
             guard.clear_ready();
         }
     });
+}
+
+/// How full the ring buffer gets before the programs wake the agent: an eighth of it, at
+/// most 256 KiB. Below that the agent picks events up on its poll timer.
+pub fn wakeup_bytes(ring_buffer_bytes: u32) -> u32 {
+    (ring_buffer_bytes / 8).min(256 * 1024)
 }
 
 /// Default size of the event ring buffer.

@@ -6,9 +6,12 @@ use agent_common::{
     limits::SCRATCH_SIZE,
     offsets::features,
 };
-use aya_ebpf::helpers::{
-    bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
-    generated::{bpf_get_current_cgroup_id, bpf_ktime_get_boot_ns},
+use aya_ebpf::{
+    EbpfContext,
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
+        generated::{bpf_get_current_cgroup_id, bpf_ktime_get_boot_ns},
+    },
 };
 
 use crate::{
@@ -107,11 +110,15 @@ pub fn submit(buf: *mut u8, len: usize) -> Result<()> {
         .map_err(|_| Error::RingFull)
 }
 
-/// Thin entry helper: counts the drop reason of an error.
+/// Thin entry helper: counts the drop reason of an error. A missing scratch slot means the
+/// loader and the programs disagree; that is also logged (aya-log) for the agent's log.
 #[inline(always)]
-pub fn account(result: Result<()>) {
+pub fn account<C: EbpfContext>(ctx: &C, result: Result<()>) {
     if let Err(e) = result {
         count_drop(e.reason());
+        if e == Error::Scratch {
+            aya_log_ebpf::error!(ctx, "per-CPU scratch slot missing: events are being lost");
+        }
     }
 }
 

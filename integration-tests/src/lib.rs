@@ -288,8 +288,13 @@ impl Agent {
     }
 
     /// Stops the agent with SIGINT and collects everything it wrote.
-    pub fn stop(mut self) -> Stopped {
-        self.signal(libc::SIGINT);
+    pub fn stop(self) -> Stopped {
+        self.stop_with(libc::SIGINT)
+    }
+
+    /// Stops the agent with `sig` and collects everything it wrote.
+    pub fn stop_with(mut self, sig: libc::c_int) -> Stopped {
+        self.signal(sig);
         let deadline = Instant::now() + Duration::from_secs(30);
         let status = loop {
             if let Some(status) = self.child.try_wait().expect("wait for agent") {

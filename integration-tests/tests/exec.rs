@@ -49,7 +49,14 @@ fn exec_records_argv_executable_and_parent() {
         r.get("exit").is_some() && is::from_pid(r, pid)
     });
     assert_eq!(exit["exit"]["status"], 0);
-    agent.stop();
+    let stopped = agent.stop_with(libc::SIGTERM);
+    assert!(stopped.status.success(), "{}", stopped.stderr);
+    assert_eq!(stopped.stop_record()["agent"]["reason"], "SIGTERM");
+    assert!(
+        stopped.stderr.contains("probes detached"),
+        "{}",
+        stopped.stderr
+    );
 }
 
 #[test]

@@ -30,7 +30,7 @@ const _: () = assert!(
 pub fn sched_process_exec(ctx: BtfTracePointContext) -> i32 {
     let old_pid: u32 = ctx.arg(1);
     let bprm: u64 = ctx.arg(2);
-    account(try_exec(old_pid, bprm));
+    account(&ctx, try_exec(old_pid, bprm));
     0
 }
 

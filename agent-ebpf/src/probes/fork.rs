@@ -22,7 +22,7 @@ struct ForkRecord {
 #[btf_tracepoint(function = "sched_process_fork")]
 pub fn sched_process_fork(ctx: BtfTracePointContext) -> i32 {
     let child: u64 = ctx.arg(1);
-    account(try_fork(child));
+    account(&ctx, try_fork(child));
     0
 }
 

@@ -130,7 +130,7 @@ pub fn sys_exit(ctx: BtfTracePointContext) -> i32 {
         | nr32::UNLINKAT
         | nr32::RENAMEAT
         | nr32::RENAMEAT2
-        | nr32::CONNECT => account(try_sys_exit(regs, ret, nr)),
+        | nr32::CONNECT => account(&ctx, try_sys_exit(regs, ret, nr)),
         _ => {}
     }
     0

@@ -3,7 +3,7 @@
 //! user-space decisions. Changes take effect in the kernel immediately.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     os::{
         fd::OwnedFd,
         unix::{
@@ -90,6 +90,8 @@ pub struct WatchList {
     /// An open descriptor per watch id: it pins the directory's dentry, whose address the
     /// kernel programs use to recognize the directory.
     pins: HashMap<u32, OwnedFd>,
+    /// Watch ids with a problem already reported by `revalidate`.
+    troubled: HashSet<u32>,
     next_id: u32,
 }
 
@@ -153,6 +155,7 @@ impl WatchList {
             by_path: BTreeMap::new(),
             dev_counts: HashMap::new(),
             pins: HashMap::new(),
+            troubled: HashSet::new(),
             next_id: 1,
         }
     }
@@ -324,33 +327,44 @@ impl WatchList {
 
     /// Re-checks every watched directory: one that was deleted and recreated has a new inode,
     /// which the kernel maps must follow. Returns a note for each repaired or vanished entry.
+    /// Each problem is reported once, when it starts, and again when it is over.
     pub fn revalidate(&mut self) -> Vec<String> {
         let mut notes = Vec::new();
         let watches: Vec<Watch> = self.by_path.values().cloned().collect();
         for old in watches {
-            match resolve(&old.path) {
-                Ok((canonical, key)) if canonical == old.path && key == old.key => {}
+            let problem = match resolve(&old.path) {
+                Ok((canonical, key)) if canonical == old.path && key == old.key => None,
                 Ok((canonical, key)) if canonical == old.path => {
                     self.uninstall(&old);
                     let new = Watch { key, ..old.clone() };
-                    match self.install(&new) {
+                    let installed = self.install(&new);
+                    // Keep the new identity either way: a failed install is retried from
+                    // the new key, not from the old one.
+                    self.by_path.insert(canonical, new.clone());
+                    match installed {
                         Ok(()) => {
                             notes.push(format!(
                                 "watch directory {} was replaced; now watching the new one",
                                 new.display()
                             ));
-                            self.by_path.insert(canonical, new);
+                            None
                         }
-                        Err(e) => notes.push(e.to_string()),
+                        Err(e) => Some(e.to_string()),
                     }
                 }
-                Ok(_) | Err(_) => {
-                    notes.push(format!(
-                        "watch directory {} no longer resolves to itself; it stays in the list \
-                         and is re-checked",
-                        old.display()
-                    ));
+                Ok(_) | Err(_) => Some(format!(
+                    "watch directory {} no longer exists as it was; it stays in the list and is \
+                     re-checked",
+                    old.display()
+                )),
+            };
+            match problem {
+                Some(note) if self.troubled.insert(old.id) => notes.push(note),
+                Some(_) => {}
+                None if self.troubled.remove(&old.id) => {
+                    notes.push(format!("watch directory {} is back", old.display()))
                 }
+                None => {}
             }
         }
         notes

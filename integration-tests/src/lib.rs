@@ -268,6 +268,28 @@ impl Agent {
         }
     }
 
+    /// Like `wait_for`, but returns `None` when nothing matched within `timeout`.
+    pub fn try_wait_for(
+        &mut self,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Option<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.records.recv_timeout(left) {
+                Ok(rec) => {
+                    self.history.push(rec.clone());
+                    if pred(&rec) {
+                        return Some(rec);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => return None,
+                Err(RecvTimeoutError::Disconnected) => self.fail("the agent exited"),
+            }
+        }
+    }
+
     /// Collects records until one satisfies `marker`; returns those before it.
     pub fn records_until(&mut self, what: &str, marker: impl Fn(&Value) -> bool) -> Vec<Value> {
         let start = self.history.len();

@@ -81,3 +81,24 @@ fn a_directory_added_at_run_time_takes_effect_without_restart() {
     );
     agent.stop();
 }
+
+#[test]
+fn a_watched_directory_deleted_and_recreated_is_watched_again() {
+    let parent = TestDir::new("recreate");
+    let dir = parent.path().join("ehr");
+    std::fs::create_dir(&dir).expect("mkdir");
+    let mut agent = Agent::start(["--watch".as_ref(), dir.as_os_str()]);
+    std::fs::remove_dir_all(&dir).expect("remove");
+    std::fs::create_dir(&dir).expect("recreate");
+    let file = dir.join("chart.txt");
+    std::fs::write(&file, b"x").expect("write");
+    // The agent re-checks its watch list every few seconds.
+    let seen = (0..40).any(|_| {
+        std::fs::read(&file).expect("read");
+        agent
+            .try_wait_for(std::time::Duration::from_millis(500), is::open_of(&file))
+            .is_some()
+    });
+    assert!(seen, "opens in the recreated directory were never recorded");
+    agent.stop();
+}

@@ -86,7 +86,7 @@ impl Capabilities {
 pub enum PreflightError {
     #[error(
         "kernel BTF not found at {0}: phi-agent needs a kernel built with CONFIG_DEBUG_INFO_BTF=y \
-         (Linux >= 5.8; most distribution kernels since 2021 have it)"
+         (Linux >= 5.11; most distribution kernels since 2021 have it)"
     )]
     NoBtf(String),
     #[error(
@@ -95,7 +95,9 @@ pub enum PreflightError {
          `setcap cap_bpf,cap_perfmon,cap_sys_resource,cap_dac_read_search+ep phi-agent`"
     )]
     Privileges { held: String },
-    #[error("Linux {found} is too old: phi-agent needs Linux >= 5.8 with BTF")]
+    #[error(
+        "Linux {found} is too old: phi-agent needs Linux >= 5.11 with BTF (BPF ring buffers, BTF task pointers)"
+    )]
     KernelTooOld { found: String },
 }
 
@@ -123,7 +125,7 @@ fn parse_version(release: &str) -> Option<(u32, u32)> {
 pub fn check(btf_path: &Path) -> Result<Capabilities, PreflightError> {
     let release = kernel_release();
     if let Some(v) = parse_version(&release)
-        && v < (5, 8)
+        && v < (5, 11)
     {
         return Err(PreflightError::KernelTooOld { found: release });
     }

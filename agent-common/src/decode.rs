@@ -2,8 +2,8 @@
 //! Nothing here trusts the kernel's byte counts without checking them against the buffer.
 
 use crate::event::{
-    AddrOrigin, ConnectEvent, ConnectSyscall, EventHeader, EventKind, ExecEvent, ExitEvent,
-    ForkEvent, OpenEvent, OpenSyscall, PathOrigin, path_flags,
+    AddrOrigin, ChdirEvent, ConnectEvent, ConnectSyscall, EventHeader, EventKind, ExecEvent,
+    ExitEvent, ForkEvent, OpenEvent, OpenSyscall, PathOrigin, path_flags,
 };
 
 /// Why a ring-buffer item could not be decoded.
@@ -118,6 +118,16 @@ pub struct Exec {
     pub argv_read_failed: bool,
     /// Size of the whole argument area in the process.
     pub argv_total: u32,
+    pub env: Vec<Vec<u8>>,
+    pub env_truncated: bool,
+    pub env_total: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Chdir {
+    pub subject: Subject,
+    /// The new working directory, resolved.
+    pub cwd: KernelPath,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -183,6 +193,7 @@ pub enum KernelEvent {
     Exit(Exit),
     Open(Open),
     Connect(Connect),
+    Chdir(Chdir),
 }
 
 impl KernelEvent {
@@ -193,6 +204,7 @@ impl KernelEvent {
             KernelEvent::Exit(e) => &e.subject,
             KernelEvent::Open(e) => &e.subject,
             KernelEvent::Connect(e) => &e.subject,
+            KernelEvent::Chdir(e) => &e.subject,
         }
     }
 }
@@ -250,6 +262,7 @@ pub fn decode(bytes: &[u8]) -> Result<KernelEvent, DecodeError> {
             let exe = take(&mut tail, usize::from(b.exe_len))?;
             let filename = take(&mut tail, usize::from(b.filename_len))?;
             let argv = take(&mut tail, usize::from(b.argv_len))?;
+            let env = take(&mut tail, usize::from(b.env_len))?;
             use crate::event::exec_flags as f;
             KernelEvent::Exec(Exec {
                 subject,
@@ -263,6 +276,9 @@ pub fn decode(bytes: &[u8]) -> Result<KernelEvent, DecodeError> {
                 argv_truncated: b.flags & f::ARGV_TRUNCATED != 0,
                 argv_read_failed: b.flags & f::ARGV_READ_FAILED != 0,
                 argv_total: b.argv_total,
+                env: split_args(env),
+                env_truncated: b.flags & (f::ENV_TRUNCATED | f::ENV_READ_FAILED) != 0,
+                env_total: b.env_total,
             })
         }
         EventKind::Fork => {
@@ -309,6 +325,14 @@ pub fn decode(bytes: &[u8]) -> Result<KernelEvent, DecodeError> {
                 user: until_nul(user).to_vec(),
                 user_flags: b.user_flags,
                 compat: b.compat != 0,
+            })
+        }
+        EventKind::Chdir => {
+            let (b, mut tail) = body_and_tail::<ChdirEvent>(bytes)?;
+            let path = take(&mut tail, usize::from(b.path_len))?;
+            KernelEvent::Chdir(Chdir {
+                subject,
+                cwd: KernelPath::from_leaf_first(path, b.path_flags),
             })
         }
         EventKind::Connect => {

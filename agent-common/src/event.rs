@@ -16,6 +16,7 @@ pub enum EventKind {
     Exit = 3,
     Open = 4,
     Connect = 5,
+    Chdir = 6,
 }
 
 impl TryFrom<u32> for EventKind {
@@ -27,6 +28,7 @@ impl TryFrom<u32> for EventKind {
             3 => EventKind::Exit,
             4 => EventKind::Open,
             5 => EventKind::Connect,
+            6 => EventKind::Chdir,
             other => return Err(other),
         })
     }
@@ -164,11 +166,15 @@ pub mod exec_flags {
     pub const ARGV_READ_FAILED: u16 = 1 << 1;
     /// The file name given to execve was cut.
     pub const FILENAME_TRUNCATED: u16 = 1 << 2;
+    /// The environment area was longer than `ENV_MAX`; the environment was cut.
+    pub const ENV_TRUNCATED: u16 = 1 << 3;
+    /// Reading the environment area failed.
+    pub const ENV_READ_FAILED: u16 = 1 << 4;
 }
 
 /// Body of an [`EventKind::Exec`] event. Tail: `exe_len` bytes of the executable's resolved
 /// path (leaf first), `filename_len` bytes of the name given to execve, `argv_len` bytes of
-/// the NUL-separated argument area.
+/// the NUL-separated argument area, `env_len` bytes of the NUL-separated environment.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct ExecEvent {
@@ -180,13 +186,27 @@ pub struct ExecEvent {
     pub start_ns: u64,
     /// Full size of the argument area (`arg_end - arg_start`).
     pub argv_total: u32,
+    /// Full size of the environment area (`env_end - env_start`).
+    pub env_total: u32,
     pub exe_len: u16,
     pub exe_flags: u16,
     pub filename_len: u16,
     pub argv_len: u16,
+    pub env_len: u16,
     /// [`exec_flags`].
     pub flags: u16,
-    pub _pad: u16,
+    pub _pad: u32,
+}
+
+/// Body of an [`EventKind::Chdir`] event: the task's new working directory. Tail:
+/// `path_len` bytes of the resolved path (leaf first).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ChdirEvent {
+    pub path_len: u16,
+    /// [`path_flags`].
+    pub path_flags: u16,
+    pub _pad: u32,
 }
 
 /// Body of an [`EventKind::Fork`] event (new processes only, not threads). The header
@@ -279,7 +299,9 @@ const _: () = {
     assert!(size_of::<EventHeader>() == 72);
     assert!(offset_of!(EventHeader, cgroup_id) == 48);
     assert!(size_of::<OpenEvent>() == 48);
-    assert!(size_of::<ExecEvent>() == 32);
+    assert!(size_of::<ExecEvent>() == 40);
+    assert!(offset_of!(ExecEvent, _pad) == 36);
+    assert!(size_of::<ChdirEvent>() == 8);
     assert!(size_of::<ForkEvent>() == 16);
     assert!(size_of::<ExitEvent>() == 16);
     assert!(size_of::<ConnectEvent>() == 176);

@@ -9,6 +9,8 @@ pub const NAME_MAX: usize = 255;
 pub const PATH_DEPTH_MAX: u32 = 64;
 /// Bytes of the argument area copied at exec (arguments are NUL separated).
 pub const ARGV_MAX: usize = 4096;
+/// Bytes of the environment area copied at exec (variables are NUL separated).
+pub const ENV_MAX: usize = 4096;
 /// Bytes of the file name passed to execve that are kept.
 pub const EXEC_FILENAME_MAX: usize = 512;
 /// Task command name length (`TASK_COMM_LEN`).

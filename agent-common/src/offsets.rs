@@ -120,6 +120,8 @@ pub struct KernelOffsets {
     // struct mm_struct
     pub mm_arg_start: u32,
     pub mm_arg_end: u32,
+    pub mm_env_start: u32,
+    pub mm_env_end: u32,
 
     // struct linux_binprm
     pub bprm_file: u32,
@@ -202,6 +204,8 @@ impl KernelOffsets {
         fs_pwd_vfsmnt: 0,
         mm_arg_start: 0,
         mm_arg_end: 0,
+        mm_env_start: 0,
+        mm_env_end: 0,
         bprm_file: 0,
         bprm_filename: 0,
         signal_live: 0,

@@ -56,6 +56,10 @@ pub struct RunArgs {
     #[arg(long)]
     pub no_connect: bool,
 
+    /// Directory for the agent's state (pseudonym key, chain) [default: /var/lib/phi-audit].
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+
     /// Level of the agent's own log on standard error: error, warn, info, debug or trace (or a
     /// tracing filter such as "phi_agent=debug").
     #[arg(

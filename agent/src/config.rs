@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::probes;
+use crate::{probes, redact::rules::RedactionConfig};
 
 /// The configuration file's contents.
 #[derive(Debug, Default, Deserialize, Clone, PartialEq, Eq)]
@@ -22,6 +22,11 @@ pub struct FileConfig {
     pub ring_buffer_bytes: Option<u64>,
     /// Record connect calls (default true).
     pub connect: Option<bool>,
+    /// Where the agent keeps its state (keys, chain); default /var/lib/phi-audit.
+    pub state_dir: Option<PathBuf>,
+    /// Redaction rules and pseudonym key.
+    #[serde(default)]
+    pub redaction: RedactionConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -59,7 +64,11 @@ pub struct Overrides {
     pub host_id: Option<String>,
     pub ring_buffer_bytes: Option<u64>,
     pub no_connect: bool,
+    pub state_dir: Option<PathBuf>,
 }
+
+/// Default state directory.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/phi-audit";
 
 /// The effective settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,6 +78,18 @@ pub struct Settings {
     pub stdout: bool,
     pub ring_buffer_bytes: u32,
     pub connect: bool,
+    pub state_dir: PathBuf,
+    pub redaction: RedactionConfig,
+}
+
+impl Settings {
+    /// The pseudonym key file: configured, or `<state_dir>/redaction.key`.
+    pub fn redaction_key_file(&self) -> PathBuf {
+        self.redaction
+            .key_file
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("redaction.key"))
+    }
 }
 
 fn hostname() -> String {
@@ -109,6 +130,12 @@ pub fn merge(file: &FileConfig, flags: &Overrides) -> Result<Settings, ConfigErr
         stdout: flags.stdout || file.stdout.unwrap_or(false),
         ring_buffer_bytes: ring,
         connect: !flags.no_connect && file.connect.unwrap_or(true),
+        state_dir: flags
+            .state_dir
+            .clone()
+            .or_else(|| file.state_dir.clone())
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+        redaction: file.redaction.clone(),
     };
     if !settings.stdout {
         return Err(ConfigError::Invalid(
@@ -151,6 +178,7 @@ mod tests {
             stdout: Some(true),
             ring_buffer_bytes: Some(1 << 20),
             connect: Some(true),
+            ..Default::default()
         };
         let flags = Overrides {
             watch: vec!["/b".into(), "/c".into()],

@@ -1,16 +1,18 @@
 //! phi-agent: the phi-audit host agent.
 //!
 //! Data flow, one module per stage: `probes` (kernel programs, ring buffer) → `pipeline`
-//! (decode) → `process` (process table) → `record` (identity, records) → `output`.
+//! (decode) → `process` (process table) → `identity` → `record` → `redact` → `output`.
 
 mod cli;
 mod clock;
 mod config;
+mod identity;
 mod output;
 mod pipeline;
 mod probes;
 mod process;
 mod record;
+mod redact;
 mod run;
 mod text;
 mod watch;
@@ -59,15 +61,21 @@ fn prepare(args: RunArgs) -> anyhow::Result<run::RunInput> {
         host_id: args.host_id,
         ring_buffer_bytes: args.ring_buffer_bytes,
         no_connect: args.no_connect,
+        state_dir: args.state_dir,
     };
     let settings = config::merge(&file, &overrides)?;
     for dir in &settings.watch {
         watch::check(dir)?;
     }
+    let rules = redact::rules::build(&settings.redaction)?;
+    // Host checks before any state is created.
+    probes::preflight::check(std::path::Path::new(probes::BTF_PATH))?;
+    let key = redact::key::load_or_create(&settings.redaction_key_file())?;
     Ok(run::RunInput {
         config_path: args.config,
         overrides,
         settings,
+        redactor: redact::Redactor::new(rules, key),
     })
 }
 

@@ -9,10 +9,12 @@ use phi_proto::v1::{self as pb, record::Event};
 
 use crate::{
     clock::Clock,
+    identity::Identities,
     output::Sink,
     probes::Counters,
     process::ProcessTable,
     record::{self, Context, Stamp},
+    redact::Redactor,
     watch::WatchList,
 };
 
@@ -79,6 +81,8 @@ pub struct Pipeline {
     pub clock: Clock,
     pub processes: ProcessTable,
     pub watches: WatchList,
+    identities: Identities,
+    redactor: Redactor,
     sink: Box<dyn Sink + Send>,
     /// Number of the last record written.
     seq: u64,
@@ -92,6 +96,7 @@ impl Pipeline {
         stamp: Stamp,
         processes: ProcessTable,
         watches: WatchList,
+        redactor: Redactor,
         sink: Box<dyn Sink + Send>,
     ) -> Self {
         Pipeline {
@@ -99,6 +104,8 @@ impl Pipeline {
             clock: Clock::new(),
             processes,
             watches,
+            identities: Identities::new(),
+            redactor,
             sink,
             seq: 0,
             decode_errors: 0,
@@ -106,8 +113,10 @@ impl Pipeline {
         }
     }
 
-    /// Numbers and writes one record.
+    /// Redacts, numbers and writes one record. Every record passes here: nothing reaches a
+    /// sink unredacted.
     pub fn emit(&mut self, mut record: pb::Record) -> std::io::Result<()> {
+        self.redactor.record(&mut record);
         self.seq += 1;
         record.seq = self.seq;
         self.sink.write(&record)
@@ -132,6 +141,7 @@ impl Pipeline {
                     clock: &self.clock,
                     processes: &mut self.processes,
                     watches: &self.watches,
+                    identities: &mut self.identities,
                 };
                 if let Some(rec) = record::from_event(&event, &mut ctx) {
                     self.emit(rec)?;

@@ -12,10 +12,14 @@ use phi_proto::v1::{self as pb, record::Event};
 
 use crate::{
     clock::Clock,
+    identity::{Credentials, Identities},
     process::ProcessTable,
     text::{errno_name, escape_bytes, normalize},
     watch::WatchList,
 };
+
+/// Parents listed on every record.
+const ANCESTORS: usize = 8;
 
 /// What records are stamped with.
 pub struct Stamp {
@@ -29,6 +33,7 @@ pub struct Context<'a> {
     pub clock: &'a Clock,
     pub processes: &'a mut ProcessTable,
     pub watches: &'a WatchList,
+    pub identities: &'a mut Identities,
 }
 
 const AF_INET: u16 = 2;
@@ -70,33 +75,50 @@ fn outcome(ret: i64) -> pb::Outcome {
 }
 
 fn process(subject: &Subject, ctx: &mut Context<'_>, ppid_hint: Option<u32>) -> pb::Process {
-    let known = ctx.processes.get(subject.tgid).cloned();
-    let (ppid, exe, argv, start_ns) = match &known {
-        Some(p) => (
-            p.ppid,
-            p.exe.as_deref().map(escape_bytes).unwrap_or_default(),
-            p.argv.iter().map(|a| escape_bytes(a)).collect(),
-            p.start_ns,
-        ),
-        None => (0, String::new(), Vec::new(), 0),
+    let known = ctx.processes.get(subject.tgid).cloned().unwrap_or_default();
+    let (ancestors, cut) = ctx.processes.ancestors(subject.tgid, ANCESTORS);
+    let names = &mut ctx.identities.names;
+    let mut chain: Vec<pb::Ancestor> = ancestors
+        .iter()
+        .map(|(pid, a)| pb::Ancestor {
+            pid: *pid,
+            comm: escape_bytes(&a.comm),
+            exe: a.exe.as_deref().map(escape_bytes).unwrap_or_default(),
+            uid: a.uid,
+            user: names.user(a.uid),
+            start_time: (a.start_ns != 0).then(|| ctx.clock.timestamp(a.start_ns)),
+            truncated: false,
+        })
+        .collect();
+    if cut && let Some(last) = chain.last_mut() {
+        last.truncated = true;
+    }
+    let creds = Credentials {
+        tgid: subject.tgid,
+        uid: subject.uid,
+        euid: subject.euid,
+        gid: subject.gid,
+        egid: subject.egid,
+        loginuid: subject.loginuid,
+        sessionid: subject.sessionid,
     };
+    let identity = ctx.identities.identity(&creds, ctx.processes, ctx.clock);
     pb::Process {
         pid: subject.tgid,
         tid: subject.pid,
-        ppid: ppid_hint.unwrap_or(ppid),
+        ppid: ppid_hint.unwrap_or(known.ppid),
         comm: escape_bytes(&subject.comm),
-        exe,
-        argv,
-        start_time: (start_ns != 0).then(|| ctx.clock.timestamp(start_ns)),
-        identity: Some(pb::Identity {
-            uid: subject.uid,
-            euid: subject.euid,
-            gid: subject.gid,
-            egid: subject.egid,
-            login_uid: subject.loginuid,
-            audit_session: subject.sessionid,
-        }),
+        exe: known.exe.as_deref().map(escape_bytes).unwrap_or_default(),
+        argv: known.argv.iter().map(|a| escape_bytes(a)).collect(),
+        start_time: (known.start_ns != 0).then(|| ctx.clock.timestamp(known.start_ns)),
+        identity: Some(identity),
         cgroup_id: subject.cgroup_id,
+        cwd: known.cwd.as_deref().map(escape_bytes).unwrap_or_default(),
+        ancestors: chain,
+        container: ctx
+            .identities
+            .containers
+            .resolve(subject.cgroup_id, subject.tgid),
     }
 }
 
@@ -114,7 +136,12 @@ fn kernel_record(
 /// Turns one kernel event into a record, updating the process table. `None` for events that
 /// are bookkeeping only (fork) or that user space finds outside every watched tree.
 pub fn from_event(event: &KernelEvent, ctx: &mut Context<'_>) -> Option<pb::Record> {
+    ctx.processes.observe(event.subject());
     match event {
+        KernelEvent::Chdir(chdir) => {
+            ctx.processes.on_chdir(chdir);
+            None
+        }
         KernelEvent::Fork(fork) => {
             ctx.processes.on_fork(fork);
             None
@@ -160,6 +187,9 @@ fn exec_event(exec: &Exec) -> pb::Exec {
         },
         exe_truncated: exec.exe.truncated(),
         filename_truncated: exec.filename_truncated,
+        env: exec.env.iter().map(|v| escape_bytes(v)).collect(),
+        env_truncated: exec.env_truncated,
+        env_bytes: exec.env_total,
     }
 }
 

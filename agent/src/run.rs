@@ -34,6 +34,7 @@ pub struct RunInput {
     pub config_path: Option<PathBuf>,
     pub overrides: Overrides,
     pub settings: Settings,
+    pub redactor: crate::redact::Redactor,
 }
 
 pub async fn run(input: RunInput) -> anyhow::Result<()> {
@@ -41,6 +42,7 @@ pub async fn run(input: RunInput) -> anyhow::Result<()> {
         config_path,
         overrides,
         settings,
+        redactor,
     } = input;
 
     let mut probes = Probes::load(&ProbeOptions {
@@ -74,7 +76,13 @@ pub async fn run(input: RunInput) -> anyhow::Result<()> {
         host_id: settings.host_id.clone(),
         boot_id: clock::boot_id(),
     };
-    let mut pipeline = Pipeline::new(stamp, processes, watches, Box::new(JsonLines::stdout()));
+    let mut pipeline = Pipeline::new(
+        stamp,
+        processes,
+        watches,
+        redactor,
+        Box::new(JsonLines::stdout()),
+    );
 
     pipeline.emit_agent(Event::Agent(pb::AgentLifecycle {
         phase: pb::agent_lifecycle::Phase::Start as i32,

@@ -86,6 +86,8 @@ pub fn set_mode(path: &Path, mode: u32) {
 /// A running agent.
 pub struct Agent {
     child: Child,
+    /// The agent's state directory (pseudonym key...), unless the test gave its own.
+    _state: Option<tempfile::TempDir>,
     records: Receiver<Value>,
     stderr: Option<JoinHandle<String>>,
     /// Every record received so far, in order.
@@ -177,9 +179,16 @@ impl Agent {
         S: AsRef<OsStr>,
     {
         require_root();
-        let mut child = Command::new(agent_bin())
-            .args(["run", "--stdout", "--log", "warn"])
-            .args(args)
+        let args: Vec<std::ffi::OsString> =
+            args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+        let state = (!args.iter().any(|a| a == "--state-dir"))
+            .then(|| tempfile::tempdir().expect("state dir"));
+        let mut cmd = Command::new(agent_bin());
+        cmd.args(["run", "--stdout", "--log", "warn"]).args(&args);
+        if let Some(dir) = &state {
+            cmd.arg("--state-dir").arg(dir.path());
+        }
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -205,6 +214,7 @@ impl Agent {
         });
         let mut agent = Agent {
             child,
+            _state: state,
             records: rx,
             stderr: Some(stderr),
             history: Vec::new(),

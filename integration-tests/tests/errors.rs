@@ -21,13 +21,28 @@ fn run_agent(args: &[&str], as_nobody: bool) -> (i32, String) {
 fn missing_privileges_name_the_capabilities() {
     require_root();
     let dir = TestDir::new("noperm");
-    let (code, err) = run_agent(&["--watch", dir.path().to_str().expect("utf8")], true);
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).expect("mkdir");
+    integration_tests::set_mode(&state, 0o777);
+    let (code, err) = run_agent(
+        &[
+            "--watch",
+            dir.path().to_str().expect("utf8"),
+            "--state-dir",
+            state.to_str().expect("utf8"),
+        ],
+        true,
+    );
     assert_ne!(code, 0);
     assert!(
         err.contains("CAP_BPF") && err.contains("CAP_PERFMON"),
         "{err}"
     );
     assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert!(
+        !state.join("redaction.key").exists(),
+        "nothing is created before the host checks pass"
+    );
 }
 
 #[test]

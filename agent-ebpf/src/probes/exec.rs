@@ -4,7 +4,7 @@
 use agent_common::{
     drops::DropReason,
     event::{EventKind, ExecEvent, exec_flags, path_flags, tail_offset},
-    limits::{ARGV_MAX, EXEC_FILENAME_MAX, PATH_MAX},
+    limits::{ARGV_MAX, ENV_MAX, EXEC_FILENAME_MAX, PATH_MAX},
     offsets::features,
 };
 use aya_ebpf::{
@@ -51,6 +51,8 @@ fn try_exec(old_pid: u32, bprm: u64) -> Result<()> {
     };
     body.flags = 0;
     body._pad = 0;
+    body.env_len = 0;
+    body.env_total = 0;
 
     // The executed file (after binfmt handling: the interpreter for scripts).
     let file: u64 = read(bprm, off!(bprm_file))?;
@@ -122,5 +124,27 @@ fn try_exec(old_pid: u32, bprm: u64) -> Result<()> {
         argv_len = 0;
     }
     body.argv_len = argv_len as u16;
-    submit(buf, TAIL + exe_len + filename_len + argv_len)
+
+    // The environment of the new image (redacted in user space like argv).
+    let env_start: u64 = read(mm, off!(mm_env_start))?;
+    let env_end: u64 = read(mm, off!(mm_env_end))?;
+    let env_total = env_end.saturating_sub(env_start);
+    body.env_total = env_total as u32;
+    let mut env_len = env_total as usize;
+    if env_total > ENV_MAX as u64 {
+        env_len = ENV_MAX;
+        body.flags |= exec_flags::ENV_TRUNCATED;
+        count_drop(DropReason::Truncated);
+    }
+    let at = TAIL + exe_len + filename_len + argv_len;
+    // SAFETY: at most `ENV_MAX` bytes after argv, inside the slot.
+    let r =
+        unsafe { bpf_probe_read_user(buf.add(at).cast(), env_len as u32, env_start as *const _) };
+    if r < 0 {
+        body.flags |= exec_flags::ENV_READ_FAILED;
+        count_drop(DropReason::ReadFailure);
+        env_len = 0;
+    }
+    body.env_len = env_len as u16;
+    submit(buf, at + env_len)
 }

@@ -18,7 +18,7 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 
-use super::{connect, open};
+use super::{chdir, connect, open};
 use crate::{
     emit::account,
     error::Result,
@@ -30,6 +30,8 @@ use crate::{
 /// x86_64 system call numbers.
 mod nr64 {
     pub const OPEN: i64 = 2;
+    pub const CHDIR: i64 = 80;
+    pub const FCHDIR: i64 = 81;
     pub const CONNECT: i64 = 42;
     pub const RENAME: i64 = 82;
     pub const RMDIR: i64 = 84;
@@ -50,6 +52,8 @@ mod nr64 {
 /// code, so they must be recognized to stay complete).
 mod nr32 {
     pub const OPEN: i64 = 5;
+    pub const CHDIR: i64 = 12;
+    pub const FCHDIR: i64 = 133;
     pub const CREAT: i64 = 8;
     pub const MOUNT: i64 = 21;
     pub const UMOUNT: i64 = 22;
@@ -84,6 +88,8 @@ enum Call {
     Invalidates,
     /// `unlinkat`: invalidates when it removed a directory.
     Unlinkat,
+    /// The working directory changed.
+    Chdir,
 }
 
 /// Saved register `field` of `regs`, a BTF pointer to `struct pt_regs` (a direct load).
@@ -103,6 +109,8 @@ pub fn sys_exit(ctx: BtfTracePointContext) -> i32 {
     let nr = (reg!(regs, regs_orig_ax) as i64) & !X32_SYSCALL_BIT;
     match nr {
         nr64::OPEN
+        | nr64::CHDIR
+        | nr64::FCHDIR
         | nr64::CONNECT
         | nr64::RENAME
         | nr64::RMDIR
@@ -118,6 +126,8 @@ pub fn sys_exit(ctx: BtfTracePointContext) -> i32 {
         | nr64::OPENAT2
         | nr64::MOUNT_SETATTR
         | nr32::OPEN
+        | nr32::CHDIR
+        | nr32::FCHDIR
         | nr32::CREAT
         | nr32::MOUNT
         | nr32::UMOUNT
@@ -161,6 +171,7 @@ fn classify(nr: i64, compat: bool) -> Option<Call> {
             nr32::CONNECT => Call::Connect(ConnectSyscall::Connect),
             nr32::SOCKETCALL => Call::Connect(ConnectSyscall::Socketcall),
             nr32::UNLINKAT => Call::Unlinkat,
+            nr32::CHDIR | nr32::FCHDIR => Call::Chdir,
             nr32::MOUNT
             | nr32::UMOUNT
             | nr32::RENAME
@@ -181,6 +192,7 @@ fn classify(nr: i64, compat: bool) -> Option<Call> {
             nr64::OPENAT2 => Call::Open(OpenSyscall::Openat2),
             nr64::CONNECT => Call::Connect(ConnectSyscall::Connect),
             nr64::UNLINKAT => Call::Unlinkat,
+            nr64::CHDIR | nr64::FCHDIR => Call::Chdir,
             nr64::RENAME
             | nr64::RMDIR
             | nr64::PIVOT_ROOT
@@ -238,7 +250,13 @@ fn try_sys_exit(regs: u64, ret: i64, nr: i64) -> Result<()> {
             }
             Ok(())
         }
-        Call::Connect(_) if own => Ok(()),
+        Call::Connect(_) | Call::Chdir if own => Ok(()),
+        Call::Chdir => {
+            if ret == 0 {
+                chdir::handle(task)?;
+            }
+            Ok(())
+        }
         Call::Open(syscall) => open::handle(task, ret, syscall, args, compat),
         Call::Connect(syscall) => connect::handle(task, ret, syscall, args, compat),
     }

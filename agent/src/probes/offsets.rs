@@ -204,6 +204,8 @@ pub fn resolve(btf: &Btf) -> Result<Resolved, OffsetsError> {
         fs_pwd_vfsmnt: req("fs_struct", &["pwd", "mnt"])?,
         mm_arg_start: req("mm_struct", &["arg_start"])?,
         mm_arg_end: req("mm_struct", &["arg_end"])?,
+        mm_env_start: req("mm_struct", &["env_start"])?,
+        mm_env_end: req("mm_struct", &["env_end"])?,
         bprm_file: req("linux_binprm", &["file"])?,
         bprm_filename: req("linux_binprm", &["filename"])?,
         signal_live: req("signal_struct", &["live"])?,

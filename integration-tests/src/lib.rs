@@ -184,7 +184,11 @@ impl Agent {
         let state = (!args.iter().any(|a| a == "--state-dir"))
             .then(|| tempfile::tempdir().expect("state dir"));
         let mut cmd = Command::new(agent_bin());
-        cmd.args(["run", "--stdout", "--log", "warn"]).args(&args);
+        cmd.args(["run", "--stdout"]);
+        if !args.iter().any(|a| a == "--log") {
+            cmd.args(["--log", "warn"]);
+        }
+        cmd.args(&args);
         if let Some(dir) = &state {
             cmd.arg("--state-dir").arg(dir.path());
         }

@@ -14,6 +14,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod sshd;
+
 use serde_json::Value;
 
 /// How long the agent may take to load its programs.

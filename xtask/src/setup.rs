@@ -22,6 +22,9 @@ pub const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ),
     ("iproute2", "network namespaces for network tests"),
     ("procps", "pkill and ps in scripts"),
+    ("openssh-server", "real ssh logins in the identity tests"),
+    ("openssh-client", "the ssh client of those tests"),
+    ("sudo", "the sudo chain in the identity tests"),
 ];
 
 pub fn run() -> anyhow::Result<()> {

@@ -13,6 +13,10 @@ use phi_proto::v1 as pb;
 
 /// Minimum time between rescans of the pod log directory.
 const POD_RESCAN: Duration = Duration::from_secs(5);
+/// Minimum time between walks of the whole cgroup tree (for ids of exited processes).
+const TREE_RESCAN: Duration = Duration::from_secs(1);
+/// Most cgroup directories a walk visits.
+const TREE_LIMIT: usize = 200_000;
 
 pub struct Containers {
     /// Mount point of the cgroup v2 hierarchy.
@@ -23,6 +27,7 @@ pub struct Containers {
     /// pod uid → (namespace, name)
     pods: HashMap<String, (String, String)>,
     pods_scanned: Option<Instant>,
+    tree_scanned: Option<Instant>,
 }
 
 /// The cgroup2 mount point, from /proc/self/mountinfo.
@@ -97,28 +102,38 @@ impl Containers {
             paths: HashMap::new(),
             pods: HashMap::new(),
             pods_scanned: None,
+            tree_scanned: None,
         }
     }
 
-    /// The cgroup path of `cgroup_id`, learned from /proc/<tgid>/cgroup and checked against
-    /// the directory's inode number (which is the cgroup id).
+    /// The cgroup path of `cgroup_id` (the inode number of its directory): from
+    /// /proc/<tgid>/cgroup while the process lives, else by walking the cgroup tree.
     fn path_of(&mut self, cgroup_id: u64, tgid: u32) -> Option<String> {
         if let Some(p) = self.paths.get(&cgroup_id) {
             return Some(p.clone());
         }
         let root = self.root.clone()?;
-        let text = std::fs::read_to_string(format!("/proc/{tgid}/cgroup")).ok()?;
-        let rel = text.lines().find_map(|l| l.strip_prefix("0::"))?.to_owned();
-        let dir = root.join(rel.trim_start_matches('/'));
-        let ino = std::fs::metadata(&dir).ok()?.ino();
-        if ino != cgroup_id {
-            return None;
-        }
-        if self.paths.len() > 65536 {
+        if self.paths.len() > TREE_LIMIT {
             self.paths.clear();
         }
-        self.paths.insert(cgroup_id, rel.clone());
-        Some(rel)
+        let from_proc = std::fs::read_to_string(format!("/proc/{tgid}/cgroup"))
+            .ok()
+            .and_then(|text| {
+                let rel = text.lines().find_map(|l| l.strip_prefix("0::"))?.to_owned();
+                let ino = std::fs::metadata(root.join(rel.trim_start_matches('/')))
+                    .ok()?
+                    .ino();
+                (ino == cgroup_id).then_some(rel)
+            });
+        if let Some(rel) = from_proc {
+            self.paths.insert(cgroup_id, rel.clone());
+            return Some(rel);
+        }
+        if self.tree_scanned.is_none_or(|t| t.elapsed() > TREE_RESCAN) {
+            self.tree_scanned = Some(Instant::now());
+            walk_tree(&root, &mut self.paths);
+        }
+        self.paths.get(&cgroup_id).cloned()
     }
 
     fn pod_names(&mut self, uid: &str) -> Option<(String, String)> {
@@ -151,6 +166,30 @@ impl Containers {
             pod_namespace,
             cgroup: path,
         })
+    }
+}
+
+/// Records every cgroup directory below `root` as inode → path.
+fn walk_tree(root: &Path, out: &mut HashMap<u64, String>) {
+    let mut stack = vec![PathBuf::from("/")];
+    let mut seen = 0;
+    while let Some(rel) = stack.pop() {
+        seen += 1;
+        if seen > TREE_LIMIT {
+            break;
+        }
+        let dir = root.join(rel.strip_prefix("/").unwrap_or(&rel));
+        if let Ok(meta) = std::fs::metadata(&dir) {
+            out.insert(meta.ino(), rel.to_string_lossy().into_owned());
+        }
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.filter_map(Result::ok) {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(rel.join(e.file_name()));
+            }
+        }
     }
 }
 

@@ -168,6 +168,8 @@ mod tests {
         assert_eq!(file.watch.len(), 2);
         let s = merge(&file, &Overrides::default()).expect("example config is valid");
         assert_eq!(s.host_id, "ehr-db-01");
+        crate::redact::rules::build(&s.redaction).expect("example redaction rules are valid");
+        assert_eq!(s.redaction.rules.len(), 1);
     }
 
     #[test]

@@ -82,11 +82,14 @@ const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
 const BPF_RB_AVAIL_DATA: u64 = 0;
 
-/// Wakes the agent only when enough data waits; it drains on a timer otherwise.
+/// Wakes the agent once when the waiting data crosses the threshold; it drains on a timer
+/// otherwise. Above the threshold the agent is awake and draining already: waking it for every
+/// further event would only cost the producer.
 #[inline(always)]
 fn wakeup_flags(len: usize) -> u64 {
     let pending = EVENTS.query(BPF_RB_AVAIL_DATA);
-    if pending + len as u64 >= u64::from(setting!(wakeup_bytes)) {
+    let threshold = u64::from(setting!(wakeup_bytes));
+    if pending < threshold && pending + len as u64 >= threshold {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP

@@ -82,6 +82,7 @@ pub struct Pipeline {
     pub processes: ProcessTable,
     pub watches: WatchList,
     identities: Identities,
+    contexts: record::ProcessCache,
     redactor: Redactor,
     sink: Box<dyn Sink + Send>,
     /// Number of the last record written.
@@ -105,6 +106,7 @@ impl Pipeline {
             processes,
             watches,
             identities: Identities::new(),
+            contexts: record::ProcessCache::default(),
             redactor,
             sink,
             seq: 0,
@@ -142,6 +144,7 @@ impl Pipeline {
                     processes: &mut self.processes,
                     watches: &self.watches,
                     identities: &mut self.identities,
+                    cache: &mut self.contexts,
                 };
                 if let Some(rec) = record::from_event(&event, &mut ctx) {
                     self.emit(rec)?;

@@ -27,6 +27,16 @@ pub struct Stamp {
     pub boot_id: String,
 }
 
+/// Process contexts already built, reused while the process table has not changed: records of
+/// a busy process differ only in their event.
+#[derive(Default)]
+pub struct ProcessCache {
+    entries: std::collections::HashMap<u32, (u64, [u32; 6], u64, pb::Process)>,
+}
+
+/// Contexts kept before the cache is cleared.
+const PROCESS_CACHE_MAX: usize = 4096;
+
 /// Everything a record needs besides the event.
 pub struct Context<'a> {
     pub stamp: &'a Stamp,
@@ -34,6 +44,7 @@ pub struct Context<'a> {
     pub processes: &'a mut ProcessTable,
     pub watches: &'a WatchList,
     pub identities: &'a mut Identities,
+    pub cache: &'a mut ProcessCache,
 }
 
 const AF_INET: u16 = 2;
@@ -75,6 +86,44 @@ fn outcome(ret: i64) -> pb::Outcome {
 }
 
 fn process(subject: &Subject, ctx: &mut Context<'_>, ppid_hint: Option<u32>) -> pb::Process {
+    let creds = [
+        subject.uid,
+        subject.euid,
+        subject.gid,
+        subject.egid,
+        subject.loginuid.unwrap_or(u32::MAX),
+        subject.sessionid.unwrap_or(u32::MAX),
+    ];
+    let version = ctx.processes.version();
+    if ppid_hint.is_none()
+        && let Some((v, c, cg, p)) = ctx.cache.entries.get(&subject.tgid)
+        && *v == version
+        && *c == creds
+        && *cg == subject.cgroup_id
+        && p.comm.as_bytes() == subject.comm.as_slice()
+    {
+        let mut p = p.clone();
+        p.tid = subject.pid;
+        return p;
+    }
+    let built = build_process(subject, ctx, ppid_hint);
+    // Building may have read /proc and changed the table; key by the version after it.
+    if ctx.cache.entries.len() >= PROCESS_CACHE_MAX {
+        ctx.cache.entries.clear();
+    }
+    ctx.cache.entries.insert(
+        subject.tgid,
+        (
+            ctx.processes.version(),
+            creds,
+            subject.cgroup_id,
+            built.clone(),
+        ),
+    );
+    built
+}
+
+fn build_process(subject: &Subject, ctx: &mut Context<'_>, ppid_hint: Option<u32>) -> pb::Process {
     let known = ctx.processes.get(subject.tgid).cloned().unwrap_or_default();
     let (ancestors, cut) = ctx.processes.ancestors(subject.tgid, ANCESTORS);
     let names = &mut ctx.identities.names;

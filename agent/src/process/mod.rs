@@ -40,6 +40,8 @@ pub struct ProcessInfo {
 #[derive(Default)]
 pub struct ProcessTable {
     procs: HashMap<u32, ProcessInfo>,
+    /// Bumped on every change: what was built from the table is still right while it stays.
+    version: u64,
     /// Exited pids, oldest first, with their start times (a reused pid is not evicted).
     exited: VecDeque<(u32, u64)>,
 }
@@ -67,21 +69,31 @@ impl ProcessTable {
         self.procs.len()
     }
 
+    /// The table's version: it changes whenever anything in the table changes.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
     /// Records the credentials and name an event shows for its process.
     pub fn observe(&mut self, s: &Subject) {
-        if let Some(p) = self.get_mut(s.tgid) {
+        let Some(p) = self.get_mut(s.tgid) else {
+            return;
+        };
+        if (p.uid, p.euid, p.loginuid, p.sessionid) != (s.uid, s.euid, s.loginuid, s.sessionid)
+            || p.comm != s.comm
+        {
             p.uid = s.uid;
             p.euid = s.euid;
             p.loginuid = s.loginuid;
             p.sessionid = s.sessionid;
-            if p.comm != s.comm {
-                p.comm = s.comm.clone();
-            }
+            p.comm.clone_from(&s.comm);
+            self.version += 1;
         }
     }
 
     /// A new process inherits its parent's image, directory and environment hints.
     pub fn on_fork(&mut self, fork: &Fork) {
+        self.version += 1;
         let parent = self.get(fork.parent_tgid).cloned().unwrap_or_default();
         self.procs.insert(
             fork.child_tgid,
@@ -96,6 +108,7 @@ impl ProcessTable {
 
     /// A process replaced its image.
     pub fn on_exec(&mut self, exec: &Exec) {
+        self.version += 1;
         let previous = self.get(exec.subject.tgid).cloned().unwrap_or_default();
         let s = &exec.subject;
         self.procs.insert(
@@ -121,6 +134,7 @@ impl ProcessTable {
 
     /// A process changed its working directory.
     pub fn on_chdir(&mut self, chdir: &Chdir) {
+        self.version += 1;
         if let Some(p) = self.get_mut(chdir.subject.tgid) {
             p.cwd = Some(chdir.cwd.bytes.clone());
         }
@@ -129,6 +143,7 @@ impl ProcessTable {
     /// A process ended. It stays known (marked exited) for a while: its children may still
     /// have records to attribute.
     pub fn on_exit(&mut self, tgid: u32) {
+        self.version += 1;
         let Some(p) = self.procs.get_mut(&tgid) else {
             return;
         };
@@ -150,7 +165,11 @@ impl ProcessTable {
     fn get_mut(&mut self, tgid: u32) -> Option<&mut ProcessInfo> {
         match self.procs.entry(tgid) {
             Entry::Occupied(e) => Some(e.into_mut()),
-            Entry::Vacant(v) => Some(v.insert(procfs::read(tgid)?)),
+            Entry::Vacant(v) => {
+                let info = procfs::read(tgid)?;
+                self.version += 1;
+                Some(v.insert(info))
+            }
         }
     }
 

@@ -20,14 +20,57 @@ use self::rules::{Action, Check, FieldClass, RuleSet, luhn, plausible_ssn};
 /// Hex digits of the keyed hash kept in a token (64 bits).
 const TOKEN_HEX: usize = 16;
 
+/// Entries of the result cache before it is cleared.
+const CACHE_MAX: usize = 8192;
+
+/// Pattern rules of one field class, with a set that finds in one pass which of them match.
+struct ClassRules {
+    set: regex::RegexSet,
+    /// Index into `RuleSet::patterns` of each member of `set`.
+    rules: Vec<usize>,
+}
+
+/// What the patterns did to one text: the new text and the hits per rule.
+type Cached = Option<(String, Vec<(usize, u32)>)>;
+
 /// The configured redaction engine.
 pub struct Redactor {
     rules: RuleSet,
     key: [u8; key::KEY_BYTES],
+    classes: Vec<(FieldClass, ClassRules)>,
+    /// Results per class and text: process names, executables and ancestors repeat on
+    /// almost every record. Tokens depend only on the key, so a cached result stays right.
+    cache: std::collections::HashMap<FieldClass, std::collections::HashMap<String, Cached>>,
 }
 
 /// Counts per (field, rule, action) while one record is redacted.
 type Hits = BTreeMap<(String, String, &'static str), u32>;
+
+/// A field's name in the redaction list, formatted only when something in it was redacted.
+#[derive(Clone, Copy)]
+enum Name<'a> {
+    Plain(&'a str),
+    /// `field[i]`
+    Item(&'a str, usize),
+    /// `field[i].member`
+    Member(&'a str, usize, &'a str),
+}
+
+impl Name<'_> {
+    fn render(self) -> String {
+        match self {
+            Name::Plain(f) => f.to_owned(),
+            Name::Item(f, i) => format!("{f}[{i}]"),
+            Name::Member(f, i, m) => format!("{f}[{i}].{m}"),
+        }
+    }
+}
+
+fn hit(hits: &mut Hits, name: Name<'_>, rule: &str, action: Action, count: u32) {
+    *hits
+        .entry((name.render(), rule.to_owned(), action.name()))
+        .or_insert(0) += count;
+}
 
 fn program_of(argv: &[String]) -> &str {
     argv.first()
@@ -37,7 +80,35 @@ fn program_of(argv: &[String]) -> &str {
 
 impl Redactor {
     pub fn new(rules: RuleSet, key: [u8; key::KEY_BYTES]) -> Self {
-        Redactor { rules, key }
+        use FieldClass::{Argv, Comm, Env, Path, Payload};
+        let classes = [Argv, Env, Path, Comm, Payload]
+            .into_iter()
+            .map(|class| {
+                let members: Vec<usize> = (0..rules.patterns.len())
+                    .filter(|i| rules.patterns[*i].classes.contains(&class))
+                    .collect();
+                #[expect(
+                    clippy::expect_used,
+                    reason = "each pattern compiled on its own already"
+                )]
+                let set =
+                    regex::RegexSet::new(members.iter().map(|i| rules.patterns[*i].regex.as_str()))
+                        .expect("patterns that compile alone compile as a set");
+                (
+                    class,
+                    ClassRules {
+                        set,
+                        rules: members,
+                    },
+                )
+            })
+            .collect();
+        Redactor {
+            rules,
+            key,
+            classes,
+            cache: std::collections::HashMap::new(),
+        }
     }
 
     /// The replacement for `value` matched by `rule`.
@@ -60,13 +131,50 @@ impl Redactor {
     }
 
     /// Applies the pattern rules of `class` to `text`; `None` when nothing matched.
-    fn text(&self, class: FieldClass, text: &str, field: &str, hits: &mut Hits) -> Option<String> {
+    fn text(
+        &mut self,
+        class: FieldClass,
+        text: &str,
+        field: Name<'_>,
+        hits: &mut Hits,
+    ) -> Option<String> {
+        let cached = self.cache.get(&class).and_then(|c| c.get(text)).cloned();
+        let result = match cached {
+            Some(cached) => cached,
+            None => {
+                let computed = self.compute(class, text);
+                let cache = self.cache.entry(class).or_default();
+                if cache.len() >= CACHE_MAX {
+                    cache.clear();
+                }
+                cache.insert(text.to_owned(), computed.clone());
+                computed
+            }
+        };
+        let (new, counts) = result?;
+        for (i, count) in counts {
+            let rule = &self.rules.patterns[i];
+            hit(hits, field, &rule.name, rule.action, count);
+        }
+        Some(new)
+    }
+
+    fn compute(&self, class: FieldClass, text: &str) -> Cached {
+        let (_, class_rules) = self.classes.iter().find(|(c, _)| *c == class)?;
+        // One pass finds which rules match at all; most texts match none.
+        let matching: Vec<usize> = class_rules
+            .set
+            .matches(text)
+            .iter()
+            .map(|m| class_rules.rules[m])
+            .collect();
+        if matching.is_empty() {
+            return None;
+        }
         // (start, end, rule index): earlier rules win where matches overlap.
         let mut spans: Vec<(usize, usize, usize)> = Vec::new();
-        for (i, rule) in self.rules.patterns.iter().enumerate() {
-            if !rule.classes.contains(&class) {
-                continue;
-            }
+        for i in matching {
+            let rule = &self.rules.patterns[i];
             for caps in rule.regex.captures_iter(text) {
                 let Some(m) = caps.name("value").or_else(|| caps.get(0)) else {
                     continue;
@@ -89,28 +197,30 @@ impl Redactor {
         }
         spans.sort_unstable();
         let mut out = String::with_capacity(text.len() + 16 * spans.len());
+        let mut counts: Vec<(usize, u32)> = Vec::new();
         let mut at = 0;
         for (start, end, i) in spans {
             let rule = &self.rules.patterns[i];
             out.push_str(&text[at..start]);
             out.push_str(&self.token(&rule.name, rule.action, &text[start..end], rule.digits_only));
             at = end;
-            *hits
-                .entry((field.to_owned(), rule.name.clone(), rule.action.name()))
-                .or_insert(0) += 1;
+            match counts.iter_mut().find(|(r, _)| *r == i) {
+                Some((_, c)) => *c += 1,
+                None => counts.push((i, 1)),
+            }
         }
         out.push_str(&text[at..]);
-        Some(out)
+        Some((out, counts))
     }
 
-    fn field(&self, class: FieldClass, value: &mut String, field: &str, hits: &mut Hits) {
+    fn field(&mut self, class: FieldClass, value: &mut String, field: Name<'_>, hits: &mut Hits) {
         if let Some(new) = self.text(class, value, field, hits) {
             *value = new;
         }
     }
 
     /// Command-line arguments: flag rules (the value after `--password`), then patterns.
-    fn argv(&self, argv: &mut [String], field: &str, hits: &mut Hits) {
+    fn argv(&mut self, argv: &mut [String], field: &str, hits: &mut Hits) {
         let program = program_of(argv).to_owned();
         let mut done = vec![false; argv.len()];
         for i in 0..argv.len() {
@@ -119,107 +229,92 @@ impl Redactor {
                     continue;
                 }
                 for flag in &rule.flags {
-                    let name = format!("{field}[{}]", i + 1);
                     if argv[i] == *flag && i + 1 < argv.len() && !done[i + 1] {
                         argv[i + 1] = self.token(&rule.name, rule.action, &argv[i + 1], false);
                         done[i + 1] = true;
-                        *hits
-                            .entry((name, rule.name.clone(), rule.action.name()))
-                            .or_insert(0) += 1;
+                        hit(hits, Name::Item(field, i + 1), &rule.name, rule.action, 1);
                         continue;
                     }
-                    let inline = argv[i]
-                        .strip_prefix(flag.as_str())
-                        .and_then(|rest| rest.strip_prefix('='))
-                        .or_else(|| {
-                            (rule.attached && argv[i].len() > flag.len())
-                                .then(|| argv[i].strip_prefix(flag.as_str()))
-                                .flatten()
-                        })
-                        .filter(|v| !v.is_empty() && !done[i])
-                        .map(str::to_owned);
-                    if let Some(value) = inline {
-                        let sep = if argv[i][flag.len()..].starts_with('=') {
-                            "="
-                        } else {
-                            ""
-                        };
-                        argv[i] = format!(
-                            "{flag}{sep}{}",
-                            self.token(&rule.name, rule.action, &value, false)
-                        );
-                        done[i] = true;
-                        *hits
-                            .entry((
-                                format!("{field}[{i}]"),
-                                rule.name.clone(),
-                                rule.action.name(),
-                            ))
-                            .or_insert(0) += 1;
+                    if done[i] || !argv[i].starts_with(flag.as_str()) {
+                        continue;
                     }
+                    let rest = &argv[i][flag.len()..];
+                    let (sep, value) = match rest.strip_prefix('=') {
+                        Some(v) => ("=", v),
+                        None if rule.attached => ("", rest),
+                        None => continue,
+                    };
+                    if value.is_empty() {
+                        continue;
+                    }
+                    let token = self.token(&rule.name, rule.action, value, false);
+                    argv[i] = format!("{flag}{sep}{token}");
+                    done[i] = true;
+                    hit(hits, Name::Item(field, i), &rule.name, rule.action, 1);
                 }
             }
         }
         for (i, arg) in argv.iter_mut().enumerate() {
             if !done[i] {
-                self.field(FieldClass::Argv, arg, &format!("{field}[{i}]"), hits);
+                self.field(FieldClass::Argv, arg, Name::Item(field, i), hits);
             }
         }
     }
 
     /// Environment variables: by name (`PGPASSWORD`), then patterns over the value.
-    fn env(&self, env: &mut [String], field: &str, hits: &mut Hits) {
+    fn env(&mut self, env: &mut [String], field: &str, hits: &mut Hits) {
         for (i, var) in env.iter_mut().enumerate() {
-            let name = format!("{field}[{i}]");
+            let name = Name::Item(field, i);
             let Some((key, value)) = var.split_once('=') else {
-                self.field(FieldClass::Env, var, &name, hits);
+                self.field(FieldClass::Env, var, name, hits);
                 continue;
             };
             if value.is_empty() {
                 continue;
             }
             if let Some(rule) = self.rules.env_names.iter().find(|r| r.names.is_match(key)) {
-                *var = format!(
-                    "{key}={}",
-                    self.token(&rule.name, rule.action, value, false)
-                );
-                *hits
-                    .entry((name, rule.name.clone(), rule.action.name()))
-                    .or_insert(0) += 1;
+                let token = self.token(&rule.name, rule.action, value, false);
+                hit(hits, name, &rule.name, rule.action, 1);
+                *var = format!("{key}={token}");
                 continue;
             }
-            if let Some(new) = self.text(FieldClass::Env, value, &name, hits) {
+            if let Some(new) = self.text(FieldClass::Env, value, name, hits) {
                 *var = format!("{key}={new}");
             }
         }
     }
 
-    fn paths(&self, paths: &mut [String], field: &str, hits: &mut Hits) {
+    fn paths(&mut self, paths: &mut [String], field: &str, hits: &mut Hits) {
         for (i, p) in paths.iter_mut().enumerate() {
-            self.field(FieldClass::Path, p, &format!("{field}[{i}]"), hits);
+            self.field(FieldClass::Path, p, Name::Item(field, i), hits);
         }
     }
 
     /// Redacts every text field of `rec` and lists what was changed in `rec.redactions`.
-    pub fn record(&self, rec: &mut pb::Record) {
+    pub fn record(&mut self, rec: &mut pb::Record) {
         let mut hits = Hits::new();
         let h = &mut hits;
         if let Some(p) = rec.process.as_mut() {
             self.argv(&mut p.argv, "process.argv", h);
-            self.field(FieldClass::Path, &mut p.exe, "process.exe", h);
-            self.field(FieldClass::Path, &mut p.cwd, "process.cwd", h);
-            self.field(FieldClass::Comm, &mut p.comm, "process.comm", h);
+            self.field(FieldClass::Path, &mut p.exe, Name::Plain("process.exe"), h);
+            self.field(FieldClass::Path, &mut p.cwd, Name::Plain("process.cwd"), h);
+            self.field(
+                FieldClass::Comm,
+                &mut p.comm,
+                Name::Plain("process.comm"),
+                h,
+            );
             for (i, a) in p.ancestors.iter_mut().enumerate() {
                 self.field(
                     FieldClass::Path,
                     &mut a.exe,
-                    &format!("process.ancestors[{i}].exe"),
+                    Name::Member("process.ancestors", i, "exe"),
                     h,
                 );
                 self.field(
                     FieldClass::Comm,
                     &mut a.comm,
-                    &format!("process.ancestors[{i}].comm"),
+                    Name::Member("process.ancestors", i, "comm"),
                     h,
                 );
             }
@@ -227,7 +322,7 @@ impl Redactor {
                 self.field(
                     FieldClass::Path,
                     &mut s.leader_exe,
-                    "process.identity.session.leader_exe",
+                    Name::Plain("process.identity.session.leader_exe"),
                     h,
                 );
             }
@@ -236,15 +331,30 @@ impl Redactor {
             Some(Event::Exec(e)) => {
                 self.argv(&mut e.argv, "exec.argv", h);
                 self.env(&mut e.env, "exec.env", h);
-                self.field(FieldClass::Path, &mut e.exe, "exec.exe", h);
-                self.field(FieldClass::Path, &mut e.filename, "exec.filename", h);
+                self.field(FieldClass::Path, &mut e.exe, Name::Plain("exec.exe"), h);
+                self.field(
+                    FieldClass::Path,
+                    &mut e.filename,
+                    Name::Plain("exec.filename"),
+                    h,
+                );
             }
             Some(Event::Open(o)) => {
-                self.field(FieldClass::Path, &mut o.path, "open.path", h);
-                self.field(FieldClass::Path, &mut o.requested, "open.requested", h);
+                self.field(FieldClass::Path, &mut o.path, Name::Plain("open.path"), h);
+                self.field(
+                    FieldClass::Path,
+                    &mut o.requested,
+                    Name::Plain("open.requested"),
+                    h,
+                );
             }
             Some(Event::Connect(c)) => {
-                self.field(FieldClass::Path, &mut c.unix_path, "connect.unix_path", h);
+                self.field(
+                    FieldClass::Path,
+                    &mut c.unix_path,
+                    Name::Plain("connect.unix_path"),
+                    h,
+                );
             }
             Some(Event::Agent(a)) => self.paths(&mut a.watch, "agent.watch", h),
             Some(Event::ConfigChange(c)) => {
@@ -274,7 +384,7 @@ mod tests {
         Redactor::new(rules::build(cfg).expect("valid rules"), [9u8; 32])
     }
 
-    fn redact_argv(r: &Redactor, args: &[&str]) -> (Vec<String>, Hits) {
+    fn redact_argv(r: &mut Redactor, args: &[&str]) -> (Vec<String>, Hits) {
         let mut v: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
         let mut hits = Hits::new();
         r.argv(&mut v, "argv", &mut hits);
@@ -283,42 +393,42 @@ mod tests {
 
     #[test]
     fn pseudonyms_are_keyed_stable_and_canonical() {
-        let r = engine(&RedactionConfig::default());
-        let (a, _) = redact_argv(&r, &["x", "219-09-9999"]);
-        let (b, _) = redact_argv(&r, &["x", "ssn 219099999 here"]);
+        let mut r = engine(&RedactionConfig::default());
+        let (a, _) = redact_argv(&mut r, &["x", "219-09-9999"]);
+        let (b, _) = redact_argv(&mut r, &["x", "ssn 219099999 here"]);
         assert!(a[1].starts_with("[ssn:"), "{a:?}");
         assert!(b[1].contains(&a[1]), "same SSN, same token: {a:?} {b:?}");
-        let other = Redactor::new(
+        let mut other = Redactor::new(
             rules::build(&RedactionConfig::default()).expect("rules"),
             [1; 32],
         );
-        let (c, _) = redact_argv(&other, &["x", "219-09-9999"]);
+        let (c, _) = redact_argv(&mut other, &["x", "219-09-9999"]);
         assert_ne!(a[1], c[1], "another key gives another token");
     }
 
     #[test]
     fn flags_programs_and_attached_values() {
-        let r = engine(&RedactionConfig::default());
+        let mut r = engine(&RedactionConfig::default());
         let (v, hits) = redact_argv(
-            &r,
+            &mut r,
             &["mysql", "-u", "ehr", "-pHunter2x", "--password=S3cret&1"],
         );
         assert_eq!(v[1], "-u");
         assert!(v[3].starts_with("-p[password-flag:"), "{v:?}");
         assert!(v[4].starts_with("--password=[password-flag:"), "{v:?}");
         assert_eq!(hits.len(), 2);
-        let (v, _) = redact_argv(&r, &["psql", "-p", "5432"]);
+        let (v, _) = redact_argv(&mut r, &["psql", "-p", "5432"]);
         assert_eq!(v[2], "5432", "-p is a port for psql");
-        let (v, _) = redact_argv(&r, &["sshpass", "-p", "pw123456", "ssh", "db1"]);
+        let (v, _) = redact_argv(&mut r, &["sshpass", "-p", "pw123456", "ssh", "db1"]);
         assert!(v[2].starts_with("[password-flag:"));
         assert_eq!(v[3..], ["ssh", "db1"]);
     }
 
     #[test]
     fn overlapping_detectors_keep_the_host_of_a_url() {
-        let r = engine(&RedactionConfig::default());
+        let mut r = engine(&RedactionConfig::default());
         let (v, _) = redact_argv(
-            &r,
+            &mut r,
             &["psql", "postgres://app:S3cretPass@db.internal:5432/ehr"],
         );
         assert!(v[1].contains("db.internal"), "{v:?}");
@@ -327,7 +437,7 @@ mod tests {
 
     #[test]
     fn benign_numbers_survive() {
-        let r = engine(&RedactionConfig::default());
+        let mut r = engine(&RedactionConfig::default());
         for args in [
             &["kill", "-TERM", "123456"][..],
             &["nc", "-z", "10.0.0.5", "5432"],
@@ -335,7 +445,7 @@ mod tests {
             &["git", "checkout", "3f2c9a1b7d4e"],
             &["date", "+%s", "1700000000"],
         ] {
-            let (v, hits) = redact_argv(&r, args);
+            let (v, hits) = redact_argv(&mut r, args);
             assert_eq!(v, args, "changed: {hits:?}");
         }
     }
@@ -346,7 +456,7 @@ mod tests {
             default_action: Some(Action::Mask),
             ..Default::default()
         };
-        let r = engine(&cfg);
+        let mut r = engine(&cfg);
         let mut env = vec![
             "PGPASSWORD=S3cretPass".to_owned(),
             "HOME=/root".to_owned(),
@@ -370,7 +480,7 @@ mod tests {
             "#,
         )
         .expect("config");
-        let r = engine(&cfg);
+        let mut r = engine(&cfg);
         let mut rec = pb::Record {
             event: Some(Event::Open(pb::Open {
                 path: "/srv/ehr/Jane_Roe/chart.pdf".into(),
@@ -419,9 +529,12 @@ mod tests {
     #[test]
     fn large_inputs_are_linear() {
         // 4 KiB of near-misses must not blow up (no backtracking engine).
-        let r = engine(&RedactionConfig::default());
+        let mut r = engine(&RedactionConfig::default());
         let text = "1-".repeat(2048);
         let mut hits = Hits::new();
-        assert!(r.text(FieldClass::Argv, &text, "f", &mut hits).is_none());
+        assert!(
+            r.text(FieldClass::Argv, &text, Name::Plain("f"), &mut hits)
+                .is_none()
+        );
     }
 }

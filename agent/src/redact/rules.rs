@@ -5,7 +5,7 @@ use regex::Regex;
 use serde::Deserialize;
 
 /// Kinds of text a rule applies to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FieldClass {
     /// Command-line arguments.

@@ -1,10 +1,10 @@
 //! Compiles `phiaudit/v1/*.proto` with protox (pure Rust: no protoc needed) and generates the
-//! prost types plus proto3-JSON serde impls (pbjson).
+//! prost types, the tonic service code and proto3-JSON serde impls (pbjson).
 use std::{env, fs, path::PathBuf};
 
 use prost::Message as _;
 
-const PROTOS: &[&str] = &["phiaudit/v1/record.proto"];
+const PROTOS: &[&str] = &["phiaudit/v1/record.proto", "phiaudit/v1/chain.proto"];
 
 fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-changed=phiaudit");
@@ -13,9 +13,12 @@ fn main() -> anyhow::Result<()> {
     let descriptor_bytes = fds.encode_to_vec();
     fs::write(out.join("phiaudit_descriptor.bin"), &descriptor_bytes)?;
 
-    prost_build::Config::new()
-        .compile_well_known_types()
+    // Messages and the Ingest service (tonic client and server).
+    tonic_prost_build::configure()
+        .compile_well_known_types(true)
         .extern_path(".google.protobuf", "::pbjson_types")
+        .build_client(true)
+        .build_server(true)
         .compile_fds(fds)?;
 
     pbjson_build::Builder::new()

@@ -1,0 +1,197 @@
+//! Sealing records into the per-host hash chain, and checking links.
+//!
+//! `body` = canonical encoding of the Record with `seq` and `prev_hash` set and `hash` empty;
+//! `hash` = SHA-256(prev_hash ‖ body). The genesis `prev_hash` is 32 zero bytes. Receivers
+//! hash the bytes they received, never a re-encoding, so a newer agent's records verify on an
+//! older collector. See docs/chain.md.
+
+use phi_proto::v1::{Record, SealedRecord};
+use prost::Message as _;
+use sha2::{Digest as _, Sha256};
+
+/// The `prev_hash` of a chain's first record.
+pub const GENESIS: [u8; 32] = [0; 32];
+
+/// SHA-256(prev_hash ‖ body).
+pub fn link_hash(prev_hash: &[u8], body: &[u8]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(prev_hash);
+    h.update(body);
+    h.finalize().into()
+}
+
+/// Where a chain ends: the last seq and its hash.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Head {
+    pub seq: u64,
+    pub hash: [u8; 32],
+}
+
+impl Head {
+    /// An empty chain: the first record gets seq 1.
+    pub const EMPTY: Head = Head {
+        seq: 0,
+        hash: GENESIS,
+    };
+}
+
+/// Appends records to a chain.
+#[derive(Clone, Debug)]
+pub struct Sealer {
+    head: Head,
+}
+
+impl Sealer {
+    pub fn new(head: Head) -> Self {
+        Sealer { head }
+    }
+
+    pub fn head(&self) -> Head {
+        self.head
+    }
+
+    /// Numbers `record`, links it to the chain and returns it sealed. `record` is left with
+    /// its seq, prev_hash and hash set.
+    pub fn seal(&mut self, record: &mut Record) -> SealedRecord {
+        let seq = self.head.seq + 1;
+        record.seq = seq;
+        record.prev_hash = self.head.hash.to_vec();
+        record.hash.clear();
+        let body = record.encode_to_vec();
+        let hash = link_hash(&self.head.hash, &body);
+        record.hash = hash.to_vec();
+        self.head = Head { seq, hash };
+        SealedRecord {
+            seq,
+            body,
+            hash: hash.to_vec(),
+        }
+    }
+}
+
+/// Why a sealed record does not continue a chain.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum LinkError {
+    #[error("seq {got} does not follow {expected_prev}")]
+    Sequence { expected_prev: u64, got: u64 },
+    #[error("seq {seq}: hash does not match SHA-256(prev_hash ‖ body)")]
+    Hash { seq: u64 },
+    #[error("seq {seq}: the body is not a record ({reason})")]
+    Body { seq: u64, reason: String },
+    #[error("seq {seq}: the body says seq {body_seq}")]
+    BodySeq { seq: u64, body_seq: u64 },
+    #[error("seq {seq}: the body's prev_hash is not the chain's previous hash")]
+    PrevHash { seq: u64 },
+    #[error("seq {seq}: the body carries a hash (it must be empty)")]
+    BodyHash { seq: u64 },
+}
+
+/// Checks that `sealed` continues the chain ending at `prev`; returns the decoded record.
+pub fn check_link(prev: Head, sealed: &SealedRecord) -> Result<Record, LinkError> {
+    if sealed.seq != prev.seq + 1 {
+        return Err(LinkError::Sequence {
+            expected_prev: prev.seq,
+            got: sealed.seq,
+        });
+    }
+    check_hash(&prev.hash, sealed)
+}
+
+/// Checks `sealed`'s hash and body against `prev_hash` (without checking its seq against a
+/// head); returns the decoded record.
+pub fn check_hash(prev_hash: &[u8], sealed: &SealedRecord) -> Result<Record, LinkError> {
+    let seq = sealed.seq;
+    if link_hash(prev_hash, &sealed.body).as_slice() != sealed.hash.as_slice() {
+        return Err(LinkError::Hash { seq });
+    }
+    let record = Record::decode(sealed.body.as_slice()).map_err(|e| LinkError::Body {
+        seq,
+        reason: e.to_string(),
+    })?;
+    if record.seq != seq {
+        return Err(LinkError::BodySeq {
+            seq,
+            body_seq: record.seq,
+        });
+    }
+    if record.prev_hash != prev_hash {
+        return Err(LinkError::PrevHash { seq });
+    }
+    if !record.hash.is_empty() {
+        return Err(LinkError::BodyHash { seq });
+    }
+    Ok(record)
+}
+
+/// The head after `sealed` (assumed checked).
+pub fn head_of(sealed: &SealedRecord) -> Head {
+    let mut hash = [0u8; 32];
+    if sealed.hash.len() == 32 {
+        hash.copy_from_slice(&sealed.hash);
+    }
+    Head {
+        seq: sealed.seq,
+        hash,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use phi_proto::v1::{Heartbeat, record::Event};
+
+    use super::*;
+
+    fn rec(n: u64) -> Record {
+        Record {
+            host_id: "h".into(),
+            event: Some(Event::Heartbeat(Heartbeat {
+                records_since_start: n,
+                spool_records: 0,
+            })),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_sealed_chain_verifies_link_by_link() {
+        let mut s = Sealer::new(Head::EMPTY);
+        let sealed: Vec<SealedRecord> = (0..5).map(|n| s.seal(&mut rec(n))).collect();
+        let mut head = Head::EMPTY;
+        for r in &sealed {
+            let decoded = check_link(head, r).expect("links");
+            assert_eq!(decoded.seq, r.seq);
+            head = head_of(r);
+        }
+        assert_eq!(head, s.head());
+        assert_eq!(sealed[0].seq, 1);
+    }
+
+    #[test]
+    fn tampering_is_named() {
+        let mut s = Sealer::new(Head::EMPTY);
+        let a = s.seal(&mut rec(1));
+        let mut b = s.seal(&mut rec(2));
+        // Edited body.
+        let mut edited = b.clone();
+        edited.body[5] ^= 1;
+        assert_eq!(
+            check_link(head_of(&a), &edited),
+            Err(LinkError::Hash { seq: 2 })
+        );
+        // Reordered / skipped.
+        assert!(matches!(
+            check_link(Head::EMPTY, &b),
+            Err(LinkError::Sequence { .. })
+        ));
+        // A body re-hashed by someone without the previous hash fails on prev_hash.
+        let mut forged = rec(9);
+        forged.seq = 2;
+        forged.prev_hash = vec![7; 32];
+        b.body = forged.encode_to_vec();
+        b.hash = link_hash(&head_of(&a).hash, &b.body).to_vec();
+        assert_eq!(
+            check_link(head_of(&a), &b),
+            Err(LinkError::PrevHash { seq: 2 })
+        );
+    }
+}

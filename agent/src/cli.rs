@@ -56,9 +56,31 @@ pub struct RunArgs {
     #[arg(long)]
     pub no_connect: bool,
 
-    /// Directory for the agent's state (pseudonym key, chain) [default: /var/lib/phi-audit].
+    /// Directory for the agent's state (host key, pseudonym key, checkpoints)
+    /// [default: /var/lib/phi-audit].
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
+
+    /// Directory of the spool, the on-disk log of records not yet acknowledged by the
+    /// collector [default: <state-dir>/spool].
+    #[arg(long, value_name = "DIR")]
+    pub spool_dir: Option<PathBuf>,
+
+    /// Collector to stream records to over gRPC with mutual TLS (https://host:port).
+    #[arg(long, value_name = "URL")]
+    pub collector: Option<String>,
+
+    /// CA certificate (PEM) that signed the collector's certificate.
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+
+    /// This agent's certificate (PEM); it must name the host id.
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// This agent's private key (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
 
     /// Level of the agent's own log on standard error: error, warn, info, debug or trace (or a
     /// tracing filter such as "phi_agent=debug").

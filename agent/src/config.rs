@@ -5,7 +5,13 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::{probes, redact::rules::RedactionConfig};
+use std::time::Duration;
+
+use crate::{
+    journal::{JournalConfig, WhenFull},
+    probes,
+    redact::rules::RedactionConfig,
+};
 
 /// The configuration file's contents.
 #[derive(Debug, Default, Deserialize, Clone, PartialEq, Eq)]
@@ -27,6 +33,52 @@ pub struct FileConfig {
     /// Redaction rules and pseudonym key.
     #[serde(default)]
     pub redaction: RedactionConfig,
+    #[serde(default)]
+    pub spool: SpoolConfig,
+    #[serde(default)]
+    pub chain: ChainConfig,
+    /// Where records are streamed (gRPC over mutual TLS).
+    pub collector: Option<CollectorConfig>,
+}
+
+/// `[spool]`: the durable on-disk log of records awaiting acknowledgement.
+#[derive(Debug, Default, Deserialize, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SpoolConfig {
+    /// Default `<state_dir>/spool`.
+    pub dir: Option<PathBuf>,
+    /// Size limit in bytes (default 1 GiB).
+    pub max_bytes: Option<u64>,
+    /// "drop-newest" (default) or "block".
+    pub when_full: Option<WhenFull>,
+}
+
+/// `[chain]`: checkpoints and heartbeats.
+#[derive(Debug, Default, Deserialize, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ChainConfig {
+    /// A signed checkpoint after this many records (default 1000)...
+    pub checkpoint_records: Option<u64>,
+    /// ...or this many seconds (default 60), whichever comes first.
+    pub checkpoint_seconds: Option<u64>,
+    /// A heartbeat record after this many idle seconds (default 30).
+    pub heartbeat_seconds: Option<u64>,
+}
+
+/// `[collector]`: where and how records are streamed.
+#[derive(Debug, Default, Deserialize, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CollectorConfig {
+    /// `https://host:port`.
+    pub url: Option<String>,
+    /// CA certificate (PEM) that signed the collector's certificate.
+    pub ca: Option<PathBuf>,
+    /// This agent's certificate (PEM); its name must be the host id.
+    pub cert: Option<PathBuf>,
+    /// This agent's private key (PEM).
+    pub key: Option<PathBuf>,
+    /// Name the collector's certificate must carry (default: the URL's host).
+    pub server_name: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -65,13 +117,18 @@ pub struct Overrides {
     pub ring_buffer_bytes: Option<u64>,
     pub no_connect: bool,
     pub state_dir: Option<PathBuf>,
+    pub spool_dir: Option<PathBuf>,
+    pub collector: Option<String>,
+    pub tls_ca: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
 }
 
 /// Default state directory.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/phi-audit";
 
 /// The effective settings.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Settings {
     pub host_id: String,
     pub watch: Vec<PathBuf>,
@@ -80,6 +137,19 @@ pub struct Settings {
     pub connect: bool,
     pub state_dir: PathBuf,
     pub redaction: RedactionConfig,
+    pub journal: JournalConfig,
+    pub heartbeat: Duration,
+    pub collector: Option<Collector>,
+}
+
+/// A collector to stream to, fully resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Collector {
+    pub url: String,
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub server_name: String,
 }
 
 impl Settings {
@@ -124,26 +194,133 @@ pub fn merge(file: &FileConfig, flags: &Overrides) -> Result<Settings, ConfigErr
             "host id {host_id:?} must be non-empty without spaces or control characters"
         )));
     }
+    let state_dir = flags
+        .state_dir
+        .clone()
+        .or_else(|| file.state_dir.clone())
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+    let collector = collector(file.collector.as_ref(), flags)?;
+    let chain = &file.chain;
+    let positive = |v: Option<u64>, name: &str, default: u64| match v {
+        Some(0) => Err(ConfigError::Invalid(format!(
+            "[chain] {name} must be at least 1"
+        ))),
+        Some(v) => Ok(v),
+        None => Ok(default),
+    };
+    let journal = JournalConfig {
+        spool_dir: flags
+            .spool_dir
+            .clone()
+            .or_else(|| file.spool.dir.clone())
+            .unwrap_or_else(|| state_dir.join("spool")),
+        max_bytes: match file.spool.max_bytes {
+            Some(b) if b < 1 << 20 => {
+                return Err(ConfigError::Invalid(format!(
+                    "[spool] max_bytes {b} is below the 1 MiB minimum"
+                )));
+            }
+            Some(b) => b,
+            None => 1 << 30,
+        },
+        when_full: file.spool.when_full.unwrap_or_default(),
+        checkpoint_records: positive(chain.checkpoint_records, "checkpoint_records", 1000)?,
+        checkpoint_interval: Duration::from_secs(positive(
+            chain.checkpoint_seconds,
+            "checkpoint_seconds",
+            60,
+        )?),
+        local_only: collector.is_none(),
+    };
+    let heartbeat =
+        Duration::from_secs(positive(chain.heartbeat_seconds, "heartbeat_seconds", 30)?);
     let settings = Settings {
         host_id,
         watch,
         stdout: flags.stdout || file.stdout.unwrap_or(false),
         ring_buffer_bytes: ring,
         connect: !flags.no_connect && file.connect.unwrap_or(true),
-        state_dir: flags
-            .state_dir
-            .clone()
-            .or_else(|| file.state_dir.clone())
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+        state_dir,
         redaction: file.redaction.clone(),
+        journal,
+        heartbeat,
+        collector,
     };
-    if !settings.stdout {
+    if !settings.stdout && settings.collector.is_none() {
         return Err(ConfigError::Invalid(
-            "records have nowhere to go: give --stdout (or `stdout = true` in the config file)"
+            "records have nowhere to go: give --collector URL (with --tls-ca, --tls-cert and \
+             --tls-key) and/or --stdout"
                 .into(),
         ));
     }
     Ok(settings)
+}
+
+/// Resolves the collector from the `[collector]` section and the flags.
+fn collector(
+    file: Option<&CollectorConfig>,
+    flags: &Overrides,
+) -> Result<Option<Collector>, ConfigError> {
+    let empty = CollectorConfig::default();
+    let file = file.unwrap_or(&empty);
+    let Some(url) = flags.collector.clone().or_else(|| file.url.clone()) else {
+        return Ok(None);
+    };
+    let Some(rest) = url.strip_prefix("https://") else {
+        return Err(ConfigError::Invalid(format!(
+            "collector URL {url:?} must start with https:// (records travel only over TLS)"
+        )));
+    };
+    let host = rest
+        .split(['/', ':'])
+        .next()
+        .filter(|h| !h.is_empty())
+        .ok_or_else(|| ConfigError::Invalid(format!("collector URL {url:?} has no host")))?;
+    let need = |flag: Option<&PathBuf>, file: Option<&PathBuf>, what: &str, name: &str| {
+        flag.or(file).cloned().ok_or_else(|| {
+            ConfigError::Invalid(format!(
+                "streaming to {url} needs {what}: give --{name} or `{key}` in [collector]",
+                key = name.trim_start_matches("tls-")
+            ))
+        })
+    };
+    let ca = need(
+        flags.tls_ca.as_ref(),
+        file.ca.as_ref(),
+        "the CA certificate",
+        "tls-ca",
+    )?;
+    let cert = need(
+        flags.tls_cert.as_ref(),
+        file.cert.as_ref(),
+        "this agent's certificate",
+        "tls-cert",
+    )?;
+    let key = need(
+        flags.tls_key.as_ref(),
+        file.key.as_ref(),
+        "this agent's private key",
+        "tls-key",
+    )?;
+    for (path, what) in [
+        (&ca, "CA certificate"),
+        (&cert, "certificate"),
+        (&key, "private key"),
+    ] {
+        if let Err(e) = std::fs::metadata(path) {
+            return Err(ConfigError::Invalid(format!(
+                "cannot read the {what} {}: {e}",
+                path.display()
+            )));
+        }
+    }
+    Ok(Some(Collector {
+        server_name: file.server_name.clone().unwrap_or_else(|| host.to_owned()),
+        url,
+        ca,
+        cert,
+        key,
+    }))
 }
 
 #[cfg(test)]
@@ -201,6 +378,24 @@ mod tests {
         let file = FileConfig::default();
         let no_sink = merge(&file, &Overrides::default()).expect_err("no sink");
         assert!(no_sink.to_string().contains("--stdout"));
+        let plain = Overrides {
+            collector: Some("http://c:1".into()),
+            ..Default::default()
+        };
+        assert!(
+            merge(&file, &plain)
+                .expect_err("plain http")
+                .to_string()
+                .contains("https://")
+        );
+        let no_certs = Overrides {
+            collector: Some("https://c:1".into()),
+            ..Default::default()
+        };
+        let err = merge(&file, &no_certs)
+            .expect_err("no certificates")
+            .to_string();
+        assert!(err.contains("--tls-ca"), "{err}");
         let bad_ring = Overrides {
             stdout: true,
             ring_buffer_bytes: Some(5000),

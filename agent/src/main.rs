@@ -7,6 +7,7 @@ mod cli;
 mod clock;
 mod config;
 mod identity;
+mod journal;
 mod output;
 mod pipeline;
 mod probes;
@@ -15,6 +16,7 @@ mod record;
 mod redact;
 mod run;
 mod text;
+mod transport;
 mod watch;
 
 use std::process::ExitCode;
@@ -62,6 +64,11 @@ fn prepare(args: RunArgs) -> anyhow::Result<run::RunInput> {
         ring_buffer_bytes: args.ring_buffer_bytes,
         no_connect: args.no_connect,
         state_dir: args.state_dir,
+        spool_dir: args.spool_dir,
+        collector: args.collector,
+        tls_ca: args.tls_ca,
+        tls_cert: args.tls_cert,
+        tls_key: args.tls_key,
     };
     let settings = config::merge(&file, &overrides)?;
     for dir in &settings.watch {
@@ -71,11 +78,18 @@ fn prepare(args: RunArgs) -> anyhow::Result<run::RunInput> {
     // Host checks before any state is created.
     probes::preflight::check(std::path::Path::new(probes::BTF_PATH))?;
     let key = redact::key::load_or_create(&settings.redaction_key_file())?;
+    let journal = journal::Journal::open(
+        settings.journal.clone(),
+        &settings.state_dir,
+        &settings.host_id,
+        &clock::boot_id(),
+    )?;
     Ok(run::RunInput {
         config_path: args.config,
         overrides,
         settings,
         redactor: redact::Redactor::new(rules, key),
+        journal,
     })
 }
 

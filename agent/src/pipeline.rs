@@ -7,9 +7,14 @@ use agent_common::{
 };
 use phi_proto::v1::{self as pb, record::Event};
 
+use std::sync::Arc;
+
+use tokio::sync::Notify;
+
 use crate::{
     clock::Clock,
     identity::Identities,
+    journal::{Appended, Journal, WhenFull},
     output::Sink,
     probes::Counters,
     process::ProcessTable,
@@ -84,9 +89,12 @@ pub struct Pipeline {
     identities: Identities,
     contexts: record::ProcessCache,
     redactor: Redactor,
-    sink: Box<dyn Sink + Send>,
-    /// Number of the last record written.
-    seq: u64,
+    pub journal: Journal,
+    /// JSON lines on standard output, when asked for.
+    stdout: Option<Box<dyn Sink + Send>>,
+    /// Woken when new records are durable (the transport sends them).
+    wake: Arc<Notify>,
+    records_since_start: u64,
     decode_errors: u64,
     /// Totals already reported in gap records.
     reported: LossTotals,
@@ -98,7 +106,8 @@ impl Pipeline {
         processes: ProcessTable,
         watches: WatchList,
         redactor: Redactor,
-        sink: Box<dyn Sink + Send>,
+        journal: Journal,
+        stdout: Option<Box<dyn Sink + Send>>,
     ) -> Self {
         Pipeline {
             stamp,
@@ -108,20 +117,54 @@ impl Pipeline {
             identities: Identities::new(),
             contexts: record::ProcessCache::default(),
             redactor,
-            sink,
-            seq: 0,
+            journal,
+            stdout,
+            wake: Arc::new(Notify::new()),
+            records_since_start: 0,
             decode_errors: 0,
             reported: LossTotals::default(),
         }
     }
 
-    /// Redacts, numbers and writes one record. Every record passes here: nothing reaches a
-    /// sink unredacted.
+    /// Redacts, seals into the chain, spools and writes one record. Every record passes
+    /// here: nothing reaches the spool or an output unredacted.
     pub fn emit(&mut self, mut record: pb::Record) -> std::io::Result<()> {
         self.redactor.record(&mut record);
-        self.seq += 1;
-        record.seq = self.seq;
-        self.sink.write(&record)
+        if self.journal.append(&mut record)? == Appended::Sealed {
+            self.records_since_start += 1;
+            if let Some(out) = self.stdout.as_mut() {
+                out.write(&record)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The notifier the transport waits on.
+    pub fn wake_handle(&self) -> Arc<Notify> {
+        Arc::clone(&self.wake)
+    }
+
+    /// True while the spool is full and the policy is to stop reading events.
+    pub fn blocked(&self) -> bool {
+        self.journal.when_full() == WhenFull::Block && self.journal.is_full()
+    }
+
+    /// A heartbeat record when nothing was recorded for `idle`.
+    pub fn heartbeat_if_idle(&mut self, idle: std::time::Duration) -> std::io::Result<()> {
+        if self.journal.idle_for() >= idle {
+            let beat = pb::Heartbeat {
+                records_since_start: self.records_since_start,
+                spool_records: self.journal.spooled(),
+            };
+            self.emit_agent(Event::Heartbeat(beat))?;
+        }
+        Ok(())
+    }
+
+    /// The collector durably holds everything up to `seq`.
+    pub fn acknowledged(&mut self, seq: u64) -> std::io::Result<()> {
+        self.journal.acknowledged(seq)?;
+        Ok(())
     }
 
     /// A record about the agent itself, stamped now.
@@ -130,8 +173,30 @@ impl Pipeline {
         self.emit(rec)
     }
 
-    pub fn flush(&mut self) -> std::io::Result<()> {
-        self.sink.flush()
+    /// Group commit: checkpoint if due, make the spool durable, wake the transport, and
+    /// report records the spool had to drop once there is room again.
+    pub fn flush(&mut self) -> anyhow::Result<()> {
+        if let Some(out) = self.stdout.as_mut() {
+            out.flush()?;
+        }
+        if let Some(gap) = self.journal.spool_loss() {
+            self.emit_agent(Event::Gap(gap))?;
+        }
+        self.journal.checkpoint_if_due(false)?;
+        if self.journal.sync()? {
+            self.wake.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Final checkpoint over everything, made durable.
+    pub fn close(&mut self) -> anyhow::Result<()> {
+        self.flush()?;
+        self.journal.checkpoint_if_due(true)?;
+        if self.journal.sync()? {
+            self.wake.notify_one();
+        }
+        Ok(())
     }
 
     /// Handles one ring-buffer item.

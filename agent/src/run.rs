@@ -35,7 +35,11 @@ pub struct RunInput {
     pub overrides: Overrides,
     pub settings: Settings,
     pub redactor: crate::redact::Redactor,
+    pub journal: crate::journal::Opened,
 }
+
+/// How long a stopping agent waits for the collector to acknowledge its last records.
+const FINAL_DELIVERY: Duration = Duration::from_secs(5);
 
 pub async fn run(input: RunInput) -> anyhow::Result<()> {
     let RunInput {
@@ -43,7 +47,12 @@ pub async fn run(input: RunInput) -> anyhow::Result<()> {
         overrides,
         settings,
         redactor,
+        journal: opened,
     } = input;
+    let previous_run = opened.previous_run;
+    let corruption = opened.corruption;
+    let journal = opened.journal;
+    let key_id = phi_chain::checkpoint::key_id(&journal.public_key());
 
     let mut probes = Probes::load(&ProbeOptions {
         ring_buffer_bytes: settings.ring_buffer_bytes,
@@ -76,13 +85,27 @@ pub async fn run(input: RunInput) -> anyhow::Result<()> {
         host_id: settings.host_id.clone(),
         boot_id: clock::boot_id(),
     };
-    let mut pipeline = Pipeline::new(
-        stamp,
-        processes,
-        watches,
-        redactor,
-        Box::new(JsonLines::stdout()),
-    );
+    let stdout: Option<Box<dyn crate::output::Sink + Send>> = if settings.stdout {
+        Some(Box::new(JsonLines::stdout()))
+    } else {
+        None
+    };
+    let public_key = journal.public_key();
+    let spool_dir = journal.spool_dir().to_owned();
+    let durable = journal.durable_handle();
+    let mut pipeline = Pipeline::new(stamp, processes, watches, redactor, journal, stdout);
+    let mut reports = settings.collector.clone().map(|collector| {
+        crate::transport::spawn(crate::transport::Stream {
+            collector,
+            host_id: settings.host_id.clone(),
+            boot_id: pipeline.stamp.boot_id.clone(),
+            public_key,
+            spool_dir,
+            durable,
+            wake: pipeline.wake_handle(),
+        })
+    });
+    let mut acked = 0u64;
 
     pipeline.emit_agent(Event::Agent(pb::AgentLifecycle {
         phase: pb::agent_lifecycle::Phase::Start as i32,
@@ -95,14 +118,30 @@ pub async fn run(input: RunInput) -> anyhow::Result<()> {
             .collect(),
         drops: None,
         capabilities: capabilities.held(),
-        reason: String::new(),
+        reason: previous_run.into(),
         ring_buffer_bytes: settings.ring_buffer_bytes,
+        key_id: key_id.clone(),
         limitations: probes
             .missing
             .iter()
             .map(|m| format!("{}: {}", m.field, m.consequence))
             .collect(),
     }))?;
+    if let Some(c) = corruption {
+        // A torn spool tail (a crash while writing): skipped, and said so in the chain.
+        pipeline.emit_agent(Event::Gap(pb::Gap {
+            reason: pb::GapReason::SpoolCorrupt as i32,
+            count: 1,
+            total: 1,
+            first_seq: pipeline.journal.head().seq.saturating_sub(1),
+            last_seq: pipeline.journal.head().seq + 1,
+        }))?;
+        tracing::warn!(
+            offset = c.offset,
+            bytes = c.bytes,
+            "skipped a torn spool entry"
+        );
+    }
     pipeline.flush()?;
     tracing::info!(watch = ?pipeline.watches.paths(), "recording");
 
@@ -116,14 +155,27 @@ pub async fn run(input: RunInput) -> anyhow::Result<()> {
 
     let reason = loop {
         tokio::select! {
-            guard = ring.readable_mut() => {
+            report = async { reports.as_mut()?.recv().await }, if reports.is_some() => {
+                match report {
+                    Some(crate::transport::Report::Acked(seq)) => {
+                        acked = acked.max(seq);
+                        pipeline.acknowledged(seq)?;
+                    }
+                    None => reports = None,
+                }
+            }
+            guard = ring.readable_mut(), if !pipeline.blocked() => {
                 let mut guard = guard.context("polling the kernel ring buffer")?;
                 if drain(guard.get_inner_mut(), &mut pipeline, DRAIN_BATCH)? < DRAIN_BATCH {
                     guard.clear_ready();
                 }
             }
             _ = poll.tick() => {
-                drain(ring.get_mut(), &mut pipeline, DRAIN_BATCH)?;
+                if pipeline.blocked() {
+                    pipeline.flush()?;
+                } else {
+                    drain(ring.get_mut(), &mut pipeline, DRAIN_BATCH)?;
+                }
             }
             _ = sigint.recv() => break "SIGINT",
             _ = sigterm.recv() => break "SIGTERM",
@@ -135,6 +187,7 @@ pub async fn run(input: RunInput) -> anyhow::Result<()> {
                 ticks += 1;
                 pipeline.clock.refresh();
                 pipeline.report_losses(probes.counters())?;
+                pipeline.heartbeat_if_idle(settings.heartbeat)?;
                 if ticks.is_multiple_of(REVALIDATE_EVERY_TICKS) {
                     for note in pipeline.watches.revalidate() {
                         tracing::warn!("{note}");
@@ -160,11 +213,33 @@ pub async fn run(input: RunInput) -> anyhow::Result<()> {
         capabilities: Vec::new(),
         reason: reason.into(),
         ring_buffer_bytes: settings.ring_buffer_bytes,
+        key_id,
         limitations: Vec::new(),
     }))?;
-    pipeline.flush()?;
+    pipeline.close()?;
     probes.log_run_times();
     drop(probes);
+    // Give the collector a moment to take the last records; the rest waits in the spool.
+    if let Some(rx) = reports.as_mut() {
+        let head = pipeline.journal.head().seq;
+        let deadline = tokio::time::Instant::now() + FINAL_DELIVERY;
+        while acked < head {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(crate::transport::Report::Acked(seq))) => {
+                    acked = acked.max(seq);
+                    pipeline.acknowledged(seq)?;
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
+        if acked < head {
+            tracing::warn!(
+                acked,
+                head,
+                "the collector has not acknowledged everything; the rest stays in the spool"
+            );
+        }
+    }
     eprintln!(
         "phi-agent: stopped on {reason}, probes detached; drop counters: {}",
         totals.summary()

@@ -341,11 +341,11 @@ impl Spool {
     }
 
     fn start_segment(&mut self, first_seq: u64) -> io::Result<()> {
-        if let Some(f) = &self.file {
-            if self.unsynced {
-                f.sync_data()?;
-                self.unsynced = false;
-            }
+        if let Some(f) = &self.file
+            && self.unsynced
+        {
+            f.sync_data()?;
+            self.unsynced = false;
         }
         let path = self.dir.join(segment_name(first_seq));
         let mut f = OpenOptions::new()
@@ -448,9 +448,14 @@ pub struct SpoolReader {
 impl SpoolReader {
     /// A reader over `spool`'s directory, positioned after record `after`.
     pub fn new(spool: &Spool, after: u64) -> Self {
+        Self::open(spool.dir.clone(), spool.durable_handle(), after)
+    }
+
+    /// A reader over a spool directory whose writer publishes `durable`.
+    pub fn open(dir: PathBuf, durable: Arc<Mutex<Durable>>, after: u64) -> Self {
         SpoolReader {
-            dir: spool.dir.clone(),
-            durable: spool.durable_handle(),
+            dir,
+            durable,
             current: None,
             after,
         }

@@ -27,6 +27,12 @@ pub struct Head {
     pub hash: [u8; 32],
 }
 
+impl Default for Head {
+    fn default() -> Self {
+        Head::EMPTY
+    }
+}
+
 impl Head {
     /// An empty chain: the first record gets seq 1.
     pub const EMPTY: Head = Head {

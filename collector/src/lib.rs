@@ -1,0 +1,7 @@
+//! The phi-audit collector: verified ingest over gRPC with mutual TLS, storage, and the tools
+//! around it (`phictl`).
+
+pub mod certs;
+pub mod ingest;
+pub mod store;
+pub mod tls;

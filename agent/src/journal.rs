@@ -89,8 +89,9 @@ pub struct Journal {
     since_checkpoint: u64,
     checkpoint_at: Instant,
     last_append: Instant,
-    /// Records dropped because the spool was full, not yet reported.
+    /// Records dropped because the spool was full, not yet reported, by kind.
     dropped: u64,
+    dropped_by_kind: std::collections::BTreeMap<&'static str, u64>,
     dropped_total: u64,
     /// Seq of the last record before the current loss began.
     dropped_after: u64,
@@ -128,7 +129,9 @@ impl Journal {
             dir: cfg.spool_dir.clone(),
             source,
         };
-        let (spool, recovery) = Spool::open(&cfg.spool_dir).map_err(spool_err)?;
+        // Segments small against the limit, so acknowledged ones free room in good time.
+        let segment = (cfg.max_bytes / 8).clamp(64 << 10, phi_chain::spool::SEGMENT_BYTES);
+        let (spool, recovery) = Spool::open_with(&cfg.spool_dir, segment).map_err(spool_err)?;
         if let Some(found) = recovery.last_record.as_ref().map(|r| r.host_id.clone())
             && found != host_id
         {
@@ -170,6 +173,7 @@ impl Journal {
                 checkpoint_at: Instant::now(),
                 last_append: Instant::now(),
                 dropped: 0,
+                dropped_by_kind: std::collections::BTreeMap::new(),
                 dropped_total: 0,
                 dropped_after: head.seq,
                 cfg,
@@ -209,6 +213,11 @@ impl Journal {
         self.cfg.when_full
     }
 
+    /// Records dropped because the spool was full, since start.
+    pub fn spool_dropped(&self) -> u64 {
+        self.dropped_total
+    }
+
     /// Time since the last record.
     pub fn idle_for(&self) -> Duration {
         self.last_append.elapsed()
@@ -232,6 +241,7 @@ impl Journal {
             }
             self.dropped += 1;
             self.dropped_total += 1;
+            *self.dropped_by_kind.entry(record.kind()).or_insert(0) += 1;
             return Ok(Appended::Dropped);
         }
         let sealed = self.sealer.seal(record);
@@ -253,6 +263,10 @@ impl Journal {
             total: self.dropped_total,
             first_seq: self.dropped_after,
             last_seq: self.sealer.head().seq + 1,
+            by_kind: std::mem::take(&mut self.dropped_by_kind)
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v))
+                .collect(),
         };
         tracing::warn!(
             count = self.dropped,
@@ -408,6 +422,7 @@ mod tests {
         j.cfg.max_bytes = u64::MAX;
         let gap = j.spool_loss().expect("gap once there is room");
         assert_eq!(gap.count, dropped);
+        assert_eq!(gap.by_kind.get("heartbeat"), Some(&dropped));
         assert_eq!(gap.first_seq, head.seq);
         let mut reader = SpoolReader::new(&j.spool, 0);
         assert_eq!(

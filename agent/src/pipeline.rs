@@ -28,6 +28,7 @@ use crate::{
 pub struct LossTotals {
     pub kernel: Counters,
     pub decode_errors: u64,
+    pub spool_full: u64,
 }
 
 impl LossTotals {
@@ -63,6 +64,7 @@ impl LossTotals {
             depth_exceeded: self.kernel.get(DropReason::DepthExceeded),
             program_busy: self.kernel.program_busy,
             decode_error: self.decode_errors,
+            spool_full: self.spool_full,
         }
     }
 
@@ -70,13 +72,14 @@ impl LossTotals {
     pub fn summary(&self) -> String {
         format!(
             "ring_buffer_full={} read_failure={} truncated={} depth_exceeded={} program_busy={} \
-             decode_error={}",
+             decode_error={} spool_full={}",
             self.kernel.get(DropReason::RingBufferFull),
             self.kernel.get(DropReason::ReadFailure),
             self.kernel.get(DropReason::Truncated),
             self.kernel.get(DropReason::DepthExceeded),
             self.kernel.program_busy,
-            self.decode_errors
+            self.decode_errors,
+            self.spool_full
         )
     }
 }
@@ -235,6 +238,7 @@ impl Pipeline {
         LossTotals {
             kernel,
             decode_errors: self.decode_errors,
+            spool_full: self.journal.spool_dropped(),
         }
     }
 
@@ -262,6 +266,7 @@ impl Pipeline {
                 total,
                 first_seq: 0,
                 last_seq: 0,
+                by_kind: Default::default(),
             }))?;
         }
         self.reported = now;

@@ -49,6 +49,10 @@ pub async fn run(input: RunInput) -> anyhow::Result<()> {
         redactor,
         journal: opened,
     } = input;
+    // Handlers first: a signal during start-up must still end with a stop record.
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sighup = signal(SignalKind::hangup())?;
     let previous_run = opened.previous_run;
     let corruption = opened.corruption;
     let journal = opened.journal;
@@ -133,8 +137,9 @@ pub async fn run(input: RunInput) -> anyhow::Result<()> {
             reason: pb::GapReason::SpoolCorrupt as i32,
             count: 1,
             total: 1,
-            first_seq: pipeline.journal.head().seq.saturating_sub(1),
+            first_seq: pipeline.journal.head().seq,
             last_seq: pipeline.journal.head().seq + 1,
+            by_kind: Default::default(),
         }))?;
         tracing::warn!(
             offset = c.offset,
@@ -145,9 +150,6 @@ pub async fn run(input: RunInput) -> anyhow::Result<()> {
     pipeline.flush()?;
     tracing::info!(watch = ?pipeline.watches.paths(), "recording");
 
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sighup = signal(SignalKind::hangup())?;
     let mut tick = tokio::time::interval(TICK);
     let mut poll = tokio::time::interval(POLL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

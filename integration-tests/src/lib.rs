@@ -14,6 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod collector;
 pub mod sshd;
 
 use serde_json::Value;
@@ -302,6 +303,18 @@ impl Agent {
                 }
                 Err(RecvTimeoutError::Timeout) => return None,
                 Err(RecvTimeoutError::Disconnected) => self.fail("the agent exited"),
+            }
+        }
+    }
+
+    /// Waits until the agent has written nothing for `quiet` (everything pending is out).
+    pub fn wait_quiet(&mut self, quiet: Duration, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            let before = self.history.len();
+            let _ = self.try_wait_for(quiet, |_| false);
+            if self.history.len() == before {
+                return;
             }
         }
     }

@@ -13,3 +13,23 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/phiaudit_descriptor.bin"));
 
 pub use pbjson_types::Timestamp;
+
+impl v1::Record {
+    /// The record's kind, as named in queries and counters: "exec", "open", "connect",
+    /// "accept", "gap", "heartbeat", "agent", "config_change", "exit".
+    pub fn kind(&self) -> &'static str {
+        use v1::record::Event;
+        match &self.event {
+            Some(Event::Exec(_)) => "exec",
+            Some(Event::Open(_)) => "open",
+            Some(Event::Connect(_)) => "connect",
+            Some(Event::Accept(_)) => "accept",
+            Some(Event::Gap(_)) => "gap",
+            Some(Event::Heartbeat(_)) => "heartbeat",
+            Some(Event::Agent(_)) => "agent",
+            Some(Event::ConfigChange(_)) => "config_change",
+            Some(Event::Exit(_)) => "exit",
+            None => "unknown",
+        }
+    }
+}

@@ -23,7 +23,14 @@ pub struct TestArgs {
 }
 
 /// Packages with unprivileged tests.
-const UNIT_PACKAGES: &[&str] = &["agent-common", "phi-proto", "phi-agent", "xtask"];
+const UNIT_PACKAGES: &[&str] = &[
+    "agent-common",
+    "phi-proto",
+    "phi-chain",
+    "phi-agent",
+    "phi-collector",
+    "xtask",
+];
 
 pub fn run(args: &TestArgs) -> anyhow::Result<()> {
     setup::run()?;
@@ -100,10 +107,12 @@ pub fn run(args: &TestArgs) -> anyhow::Result<()> {
     exec(&mut unit)?;
 
     step("privileged tests against the running kernel (root, one thread)");
-    let agent = cmd::workspace_root().join("target/debug/phi-agent");
+    let bins = cmd::workspace_root().join("target/debug");
     let mut privileged = cmd::cargo();
     privileged
-        .env("PHI_AGENT_BIN", &agent)
+        .env("PHI_AGENT_BIN", bins.join("phi-agent"))
+        .env("PHI_COLLECTOR_BIN", bins.join("phi-collector"))
+        .env("PHICTL_BIN", bins.join("phictl"))
         .env("PHI_REQUIRE_PRIVILEGED", "1")
         .args(["test", "-p", "integration-tests", "--", "--test-threads=1"]);
     if let Some(f) = &args.filter {

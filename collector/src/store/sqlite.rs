@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use phi_chain::seal::Head;
-use phi_proto::v1::{Checkpoint, Record, SealedRecord, record::Event};
+use phi_proto::v1::{Checkpoint, Record, SealedRecord};
 use prost::Message as _;
 use rusqlite::{Connection, OptionalExtension as _, params};
 
@@ -59,22 +59,6 @@ fn now_ns() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as i64)
         .unwrap_or(0)
-}
-
-/// The record kind, for indexing.
-pub fn kind_of(r: &Record) -> &'static str {
-    match &r.event {
-        Some(Event::Exec(_)) => "exec",
-        Some(Event::Open(_)) => "open",
-        Some(Event::Connect(_)) => "connect",
-        Some(Event::Accept(_)) => "accept",
-        Some(Event::Gap(_)) => "gap",
-        Some(Event::Heartbeat(_)) => "heartbeat",
-        Some(Event::Agent(_)) => "agent",
-        Some(Event::ConfigChange(_)) => "config_change",
-        Some(Event::Exit(_)) => "exit",
-        None => "unknown",
-    }
 }
 
 fn time_ns(r: &Record) -> i64 {
@@ -209,7 +193,7 @@ impl SqliteStore {
                     record.prev_hash,
                     sealed.body,
                     time_ns(record),
-                    kind_of(record),
+                    record.kind(),
                 ])?;
             }
             let mut cp = tx.prepare_cached(
@@ -268,7 +252,7 @@ impl SqliteStore {
 #[cfg(test)]
 mod tests {
     use phi_chain::seal::Sealer;
-    use phi_proto::v1::Heartbeat;
+    use phi_proto::v1::{Heartbeat, record::Event};
 
     use super::*;
 

@@ -1,0 +1,291 @@
+//! A real `phi-collector` process with real TLS: certificates from `phictl certs init`, a
+//! SQLite database the tests read directly, stop and restart.
+
+use std::{
+    ffi::OsString,
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use phi_chain::seal::{Head, check_link, head_of};
+use phi_proto::v1::{Record, SealedRecord};
+use prost::Message as _;
+
+fn bin(var: &str, what: &str) -> PathBuf {
+    match std::env::var_os(var) {
+        Some(p) => PathBuf::from(p),
+        None => {
+            panic!("{var} is not set: run the privileged tests with `cargo xtask test` ({what})")
+        }
+    }
+}
+
+pub fn collector_bin() -> PathBuf {
+    bin("PHI_COLLECTOR_BIN", "phi-collector")
+}
+
+pub fn phictl_bin() -> PathBuf {
+    bin("PHICTL_BIN", "phictl")
+}
+
+/// Certificates for a collector and some hosts.
+pub struct Pki {
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    pub fn new(hosts: &[&str]) -> Pki {
+        let dir = tempfile::tempdir().expect("pki dir");
+        let mut cmd = Command::new(phictl_bin());
+        cmd.args(["certs", "init", "--dir"]).arg(dir.path());
+        for h in hosts {
+            cmd.args(["--host", h]);
+        }
+        let out = cmd.output().expect("run phictl");
+        assert!(
+            out.status.success(),
+            "phictl certs init: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Pki { dir }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Agent arguments to stream as `host` with `cert_host`'s certificate.
+    pub fn agent_args(&self, url: &str, host: &str, cert_host: &str) -> Vec<OsString> {
+        vec![
+            "--collector".into(),
+            url.into(),
+            "--tls-ca".into(),
+            self.path("ca.pem").into(),
+            "--tls-cert".into(),
+            self.path(&format!("{cert_host}.pem")).into(),
+            "--tls-key".into(),
+            self.path(&format!("{cert_host}.key")).into(),
+            "--host-id".into(),
+            host.into(),
+        ]
+    }
+}
+
+/// A stored record as the tests see it.
+#[derive(Clone, Debug)]
+pub struct Stored {
+    pub sealed: SealedRecord,
+    pub record: Record,
+}
+
+pub struct Collector {
+    child: Option<Child>,
+    pub port: u16,
+    pub db: PathBuf,
+    dir: tempfile::TempDir,
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+impl Collector {
+    pub fn start(pki: &Pki) -> Collector {
+        let dir = tempfile::tempdir().expect("collector dir");
+        let port = TcpListener::bind("127.0.0.1:0")
+            .expect("free port")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let mut c = Collector {
+            child: None,
+            port,
+            db: dir.path().join("collector.db"),
+            dir,
+            ca: pki.path("ca.pem"),
+            cert: pki.path("collector.pem"),
+            key: pki.path("collector.key"),
+        };
+        c.restart();
+        c
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://localhost:{}", self.port)
+    }
+
+    /// Starts the process (again) on the same port and database.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("collector.log"))
+            .expect("log");
+        let child = Command::new(collector_bin())
+            .args(["serve", "--listen"])
+            .arg(format!("127.0.0.1:{}", self.port))
+            .arg("--db")
+            .arg(format!("sqlite:{}", self.db.display()))
+            .arg("--tls-cert")
+            .arg(&self.cert)
+            .arg("--tls-key")
+            .arg(&self.key)
+            .arg("--client-ca")
+            .arg(&self.ca)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start phi-collector");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the collector did not listen: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops the process (SIGTERM) and waits for it.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let _ = child.wait();
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("collector.log")).unwrap_or_default()
+    }
+
+    fn conn(&self) -> rusqlite::Connection {
+        let conn = rusqlite::Connection::open_with_flags(
+            &self.db,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .expect("open the collector database");
+        conn.busy_timeout(Duration::from_secs(10))
+            .expect("busy timeout");
+        conn
+    }
+
+    /// Every stored record of `host`, in seq order.
+    pub fn records(&self, host: &str) -> Vec<Stored> {
+        if !self.db.exists() {
+            return Vec::new();
+        }
+        let conn = self.conn();
+        let Ok(mut stmt) =
+            conn.prepare("SELECT seq, hash, body FROM records WHERE host_id = ?1 ORDER BY seq")
+        else {
+            return Vec::new();
+        };
+        stmt.query_map([host], |r| {
+            let seq: i64 = r.get(0)?;
+            let hash: Vec<u8> = r.get(1)?;
+            let body: Vec<u8> = r.get(2)?;
+            Ok((seq as u64, hash, body))
+        })
+        .expect("query")
+        .map(|row| {
+            let (seq, hash, body) = row.expect("row");
+            Stored {
+                record: Record::decode(body.as_slice()).expect("stored body decodes"),
+                sealed: SealedRecord { seq, body, hash },
+            }
+        })
+        .collect()
+    }
+
+    /// Tamper alerts: (kind, detail).
+    pub fn alerts(&self) -> Vec<(String, String)> {
+        if !self.db.exists() {
+            return Vec::new();
+        }
+        let conn = self.conn();
+        let Ok(mut stmt) = conn.prepare("SELECT kind, detail FROM alerts ORDER BY id") else {
+            return Vec::new();
+        };
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .expect("query")
+            .map(|r| r.expect("row"))
+            .collect()
+    }
+
+    /// Checkpoints stored for `host` (count).
+    pub fn checkpoints(&self, host: &str) -> usize {
+        if !self.db.exists() {
+            return 0;
+        }
+        self.conn()
+            .query_row(
+                "SELECT COUNT(*) FROM checkpoints WHERE host_id = ?1",
+                [host],
+                |r| r.get::<_, i64>(0),
+            )
+            .unwrap_or(0) as usize
+    }
+
+    /// Waits until the stored records of `host` satisfy `done`.
+    pub fn wait_for(
+        &self,
+        host: &str,
+        what: &str,
+        timeout: Duration,
+        done: impl Fn(&[Stored]) -> bool,
+    ) -> Vec<Stored> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let recs = self.records(host);
+            if done(&recs) {
+                return recs;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "timed out waiting for {what}: {} records stored\n--- collector log ---\n{}",
+                    recs.len(),
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Checks that `records` form one chain from seq 1: consecutive, every link verified.
+pub fn verify_chain(records: &[Stored]) -> Result<(), String> {
+    let mut head = Head::EMPTY;
+    for s in records {
+        check_link(head, &s.sealed).map_err(|e| e.to_string())?;
+        head = head_of(&s.sealed);
+    }
+    Ok(())
+}
+
+/// The path of an open record, if it is one.
+pub fn open_path(r: &Record) -> Option<&str> {
+    match &r.event {
+        Some(phi_proto::v1::record::Event::Open(o)) => Some(o.path.as_str()),
+        _ => None,
+    }
+}
+
+/// True for open records of `path`'s directory by process `pid`.
+pub fn opened_by(r: &Record, dir: &Path, pid: u32) -> bool {
+    open_path(r).is_some_and(|p| Path::new(p).starts_with(dir))
+        && r.process.as_ref().is_some_and(|p| p.pid == pid)
+}

@@ -49,12 +49,30 @@ struct ServeArgs {
     /// Log filter for the collector's own messages on standard error.
     #[arg(long, default_value = "info", value_name = "FILTER")]
     log: String,
+    /// Seconds an agent may take to send its Hello after connecting.
+    #[arg(long, default_value_t = 10, value_name = "SECS")]
+    first_message_timeout: u64,
+    /// Seconds of silence after which a stream is closed.
+    #[arg(long, default_value_t = 300, value_name = "SECS")]
+    idle_timeout: u64,
+    /// Most records and checkpoints in one batch.
+    #[arg(long, default_value_t = 10_000, value_name = "N")]
+    max_batch: usize,
+    /// Largest message accepted, in bytes.
+    #[arg(long, default_value_t = 8 << 20, value_name = "BYTES")]
+    max_message_bytes: usize,
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let store = SqliteStore::open_url(&args.db)?;
     let tls = tls::server_config(&args.tls_cert, &args.tls_key, &args.client_ca)?;
-    let limits = Limits::default();
+    let limits = Limits {
+        first_message: std::time::Duration::from_secs(args.first_message_timeout.max(1)),
+        idle: std::time::Duration::from_secs(args.idle_timeout.max(1)),
+        max_batch: args.max_batch.max(1),
+        max_message_bytes: args.max_message_bytes.max(1024),
+        ..Limits::default()
+    };
     let service = IngestService::new(store, limits);
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

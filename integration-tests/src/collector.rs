@@ -82,6 +82,7 @@ pub struct Stored {
 
 pub struct Collector {
     child: Option<Child>,
+    extra: Vec<String>,
     pub port: u16,
     pub db: PathBuf,
     dir: tempfile::TempDir,
@@ -92,6 +93,11 @@ pub struct Collector {
 
 impl Collector {
     pub fn start(pki: &Pki) -> Collector {
+        Self::start_with(pki, &[])
+    }
+
+    /// Starts with extra `serve` arguments (limits).
+    pub fn start_with(pki: &Pki, extra: &[&str]) -> Collector {
         let dir = tempfile::tempdir().expect("collector dir");
         let port = TcpListener::bind("127.0.0.1:0")
             .expect("free port")
@@ -100,6 +106,7 @@ impl Collector {
             .port();
         let mut c = Collector {
             child: None,
+            extra: extra.iter().map(|s| (*s).to_owned()).collect(),
             port,
             db: dir.path().join("collector.db"),
             dir,
@@ -134,6 +141,7 @@ impl Collector {
             .arg(&self.key)
             .arg("--client-ca")
             .arg(&self.ca)
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -288,4 +296,28 @@ pub fn open_path(r: &Record) -> Option<&str> {
 pub fn opened_by(r: &Record, dir: &Path, pid: u32) -> bool {
     open_path(r).is_some_and(|p| Path::new(p).starts_with(dir))
         && r.process.as_ref().is_some_and(|p| p.pid == pid)
+}
+
+/// A raw gRPC client with `host`'s certificate, for feeding the collector by hand.
+pub async fn raw_client(
+    pki: &Pki,
+    collector: &Collector,
+    host: &str,
+) -> phi_proto::v1::ingest_client::IngestClient<tonic::transport::Channel> {
+    let read = |name: &str| std::fs::read(pki.path(name)).expect("pem");
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(read("ca.pem")))
+        .identity(tonic::transport::Identity::from_pem(
+            read(&format!("{host}.pem")),
+            read(&format!("{host}.key")),
+        ))
+        .domain_name("localhost");
+    let channel = tonic::transport::Endpoint::from_shared(collector.url())
+        .expect("url")
+        .tls_config(tls)
+        .expect("tls")
+        .connect()
+        .await
+        .expect("connect to the collector");
+    phi_proto::v1::ingest_client::IngestClient::new(channel).max_encoding_message_size(64 << 20)
 }

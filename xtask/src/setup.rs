@@ -34,6 +34,7 @@ pub fn run() -> anyhow::Result<()> {
     let llvm_major = nightly_llvm_major()?;
     ensure_rust_src()?;
     ensure_bpf_linker(llvm_major)?;
+    ensure_cargo_fuzz()?;
     ensure_debian_packages()?;
     println!(
         "    setup complete in {:.1}s",
@@ -172,6 +173,16 @@ fn ensure_bpf_linker(major: u32) -> anyhow::Result<()> {
             prefix.join("lib/libLLVM.so").display()
         ),
     }
+}
+
+/// cargo-fuzz, for the short fuzz runs of the test command.
+fn ensure_cargo_fuzz() -> anyhow::Result<()> {
+    if let Some(v) = output(cmd::cargo().args(["fuzz", "--version"])) {
+        println!("    {}: present", v.trim());
+        return Ok(());
+    }
+    println!("    cargo-fuzz: missing, installing");
+    exec(cmd::cargo().args(["install", "cargo-fuzz", "--locked"]))
 }
 
 fn dpkg_installed(pkg: &str) -> bool {

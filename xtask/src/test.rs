@@ -12,6 +12,10 @@ use crate::{
     setup,
 };
 
+/// Fuzz targets (in `fuzz/`) and how long each runs in the test command.
+const FUZZ_TARGETS: &[&str] = &["record_decode", "kernel_event_decode", "spool_read"];
+const FUZZ_SECONDS: u32 = 15;
+
 #[derive(Args)]
 pub struct TestArgs {
     /// Only run tests whose name contains this text (passed to the test harness).
@@ -20,6 +24,9 @@ pub struct TestArgs {
     /// Skip the lint step (formatting and clippy).
     #[arg(long)]
     no_lint: bool,
+    /// Seconds of fuzzing per target (0 skips fuzzing).
+    #[arg(long, default_value_t = FUZZ_SECONDS)]
+    fuzz_seconds: u32,
 }
 
 /// Packages with unprivileged tests.
@@ -119,6 +126,25 @@ pub fn run(args: &TestArgs) -> anyhow::Result<()> {
         privileged.arg(OsString::from(f));
     }
     exec(&mut privileged)?;
+    fuzz(args.fuzz_seconds)?;
     step("all tests passed");
+    Ok(())
+}
+
+/// A short run of every fuzz target (nightly, libFuzzer); a crash fails the test command.
+fn fuzz(seconds: u32) -> anyhow::Result<()> {
+    if seconds == 0 {
+        return Ok(());
+    }
+    for target in FUZZ_TARGETS {
+        step(format!("fuzz: {target} for {seconds} s"));
+        exec(
+            std::process::Command::new("cargo")
+                .current_dir(cmd::workspace_root())
+                .args(["+nightly", "fuzz", "run", target, "--"])
+                .arg(format!("-max_total_time={seconds}"))
+                .arg("-rss_limit_mb=2048"),
+        )?;
+    }
     Ok(())
 }

@@ -341,12 +341,28 @@ mod tests {
     #[test]
     fn the_example_config_is_valid() {
         let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/agent.example.toml");
-        let file = FileConfig::load(&example).expect("example config parses");
+        // The example names certificates under /etc/phi-audit/pki: put them somewhere real.
+        let dir = tempfile::tempdir().expect("tempdir");
+        for f in ["ca.pem", "ehr-db-01.pem", "ehr-db-01.key"] {
+            std::fs::write(dir.path().join(f), "PEM").expect("write");
+        }
+        let text = std::fs::read_to_string(&example)
+            .expect("example")
+            .replace("/etc/phi-audit/pki", &dir.path().display().to_string());
+        assert!(text.contains("[collector]"));
+        let copy = dir.path().join("agent.toml");
+        std::fs::write(&copy, text).expect("write");
+        let file = FileConfig::load(&copy).expect("example config parses");
         assert_eq!(file.watch.len(), 2);
         let s = merge(&file, &Overrides::default()).expect("example config is valid");
         assert_eq!(s.host_id, "ehr-db-01");
         crate::redact::rules::build(&s.redaction).expect("example redaction rules are valid");
         assert_eq!(s.redaction.rules.len(), 1);
+        assert_eq!(s.journal.max_bytes, 1 << 30);
+        assert_eq!(s.journal.checkpoint_records, 1000);
+        let c = s.collector.expect("the example streams to a collector");
+        assert_eq!(c.url, "https://collector.example:4433");
+        assert_eq!(c.server_name, "collector.example");
     }
 
     #[test]

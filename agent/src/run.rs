@@ -40,6 +40,8 @@ pub struct RunInput {
 
 /// How long a stopping agent waits for the collector to acknowledge its last records.
 const FINAL_DELIVERY: Duration = Duration::from_secs(5);
+/// How long it then waits for the stream to close in order.
+const STREAM_CLOSE: Duration = Duration::from_secs(2);
 
 pub async fn run(input: RunInput) -> anyhow::Result<()> {
     let RunInput {
@@ -98,6 +100,7 @@ pub async fn run(input: RunInput) -> anyhow::Result<()> {
     let spool_dir = journal.spool_dir().to_owned();
     let durable = journal.durable_handle();
     let mut pipeline = Pipeline::new(stamp, processes, watches, redactor, journal, stdout);
+    let (closing_tx, closing) = tokio::sync::watch::channel(false);
     let mut reports = settings.collector.clone().map(|collector| {
         crate::transport::spawn(crate::transport::Stream {
             collector,
@@ -107,6 +110,7 @@ pub async fn run(input: RunInput) -> anyhow::Result<()> {
             spool_dir,
             durable,
             wake: pipeline.wake_handle(),
+            closing,
         })
     });
     let mut acked = 0u64;
@@ -240,6 +244,14 @@ pub async fn run(input: RunInput) -> anyhow::Result<()> {
                 head,
                 "the collector has not acknowledged everything; the rest stays in the spool"
             );
+        }
+        // Close the stream cleanly so the collector sees an orderly end, not a reset.
+        let _ = closing_tx.send(true);
+        let deadline = tokio::time::Instant::now() + STREAM_CLOSE;
+        while let Ok(Some(report)) = tokio::time::timeout_at(deadline, rx.recv()).await {
+            let crate::transport::Report::Acked(seq) = report;
+            acked = acked.max(seq);
+            pipeline.acknowledged(seq)?;
         }
     }
     eprintln!(

@@ -15,7 +15,7 @@ use phi_proto::v1::{
     AgentMessage, Batch, CollectorMessage, Hello, agent_message, collector_message,
     ingest_client::IngestClient,
 };
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
@@ -46,6 +46,9 @@ pub struct Stream {
     pub durable: Arc<Mutex<Durable>>,
     /// Signalled when new records are durable.
     pub wake: Arc<Notify>,
+    /// Becomes true when the agent stops: the stream is closed cleanly once everything in
+    /// the spool has been sent, and the task ends.
+    pub closing: watch::Receiver<bool>,
 }
 
 /// Starts the streaming task; reports come back on the returned channel.
@@ -55,7 +58,9 @@ pub fn spawn(stream: Stream) -> mpsc::UnboundedReceiver<Report> {
         let mut backoff = BACKOFF_MIN;
         loop {
             match session(&stream, &tx).await {
+                Ok(()) if *stream.closing.borrow() => break,
                 Ok(()) => backoff = BACKOFF_MIN,
+                Err(_) if *stream.closing.borrow() => break,
                 Err(e) => {
                     tracing::warn!(
                         collector = %stream.collector.url,
@@ -65,7 +70,11 @@ pub fn spawn(stream: Stream) -> mpsc::UnboundedReceiver<Report> {
             }
             // A little jitter so a fleet does not reconnect in lockstep.
             let jitter = Duration::from_millis(u64::from(std::process::id() % 100));
-            tokio::time::sleep(backoff + jitter).await;
+            let mut closing = stream.closing.clone();
+            tokio::select! {
+                _ = tokio::time::sleep(backoff + jitter) => {}
+                _ = closing.wait_for(|c| *c) => break,
+            }
             backoff = (backoff * 2).min(BACKOFF_MAX);
         }
     });
@@ -149,12 +158,20 @@ async fn session(s: &Stream, reports: &mpsc::UnboundedSender<Report>) -> anyhow:
         Arc::clone(&s.durable),
         welcome.durable_seq,
     );
+    let mut closing = s.closing.clone();
     let sender = async {
+        // Owned here: dropping it ends the request stream, which is how the collector learns
+        // that the agent is done.
+        let tx = tx;
         loop {
             let entries = reader.next_batch(BATCH).context("reading the spool")?;
             if entries.is_empty() {
+                if *closing.borrow_and_update() {
+                    return Ok::<(), anyhow::Error>(());
+                }
                 tokio::select! {
                     _ = s.wake.notified() => {}
+                    _ = closing.changed() => {}
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 }
                 continue;
@@ -165,8 +182,6 @@ async fn session(s: &Stream, reports: &mpsc::UnboundedSender<Report>) -> anyhow:
             .await
             .context("the stream closed")?;
         }
-        #[expect(unreachable_code, reason = "the loop only ends with an error")]
-        Ok::<(), anyhow::Error>(())
     };
     let receiver = async {
         loop {
@@ -177,12 +192,11 @@ async fn session(s: &Stream, reports: &mpsc::UnboundedSender<Report>) -> anyhow:
                     let _ = reports.send(Report::Acked(a.durable_seq));
                 }
                 Ok(Some(other)) => bail!("unexpected message from the collector: {other:?}"),
+                Ok(None) if *s.closing.borrow() => return Ok::<(), anyhow::Error>(()),
                 Ok(None) => bail!("the collector closed the stream"),
                 Err(st) => bail!("{} ({:?})", st.message(), st.code()),
             }
         }
-        #[expect(unreachable_code, reason = "the loop only ends with an error")]
-        Ok::<(), anyhow::Error>(())
     };
     tokio::try_join!(sender, receiver)?;
     Ok(())

@@ -314,6 +314,15 @@ impl IngestService {
                 &alerts,
             )
             .map_err(internal)?;
+            if !verified.records.is_empty() {
+                tracing::debug!(
+                    host = %host_id,
+                    records = verified.records.len(),
+                    checkpoints = verified.checkpoints.len(),
+                    durable_seq = verified.head.seq,
+                    "stored"
+                );
+            }
             if let Some(p) = verified.problem {
                 tracing::error!(host = %host_id, kind = %p.kind, "tamper alert: {}", p.detail);
                 return Err(Status::failed_precondition(format!(

@@ -112,6 +112,10 @@ fn ten_thousand_opens_arrive_exactly_once_in_order_across_a_collector_outage() {
         collector.checkpoints(HOST) >= 1,
         "signed checkpoints were stored"
     );
+    // A stopping agent closes its stream in order rather than dropping the connection.
+    let log = collector.log();
+    assert!(log.contains("agent stream ended"), "{log}");
+    assert!(!log.contains("stream error"), "{log}");
 }
 
 #[test]

@@ -25,6 +25,8 @@ enum Command {
 #[derive(Subcommand)]
 enum CertsCommand {
     /// Create a development CA, the collector's certificate and one certificate per host.
+    /// Existing files are kept, so a later run with a new --host adds that host's certificate
+    /// from the same CA.
     Init(InitArgs),
 }
 
@@ -52,6 +54,9 @@ fn main() -> ExitCode {
         Command::Certs(CertsCommand::Init(a)) => {
             phi_collector::certs::init(&a.dir, &a.hosts, &a.collector_names).map(|w| {
                 println!("CA: {}", w.ca.display());
+                for f in w.kept {
+                    println!("kept {} (already present)", f.display());
+                }
                 for f in w.files {
                     println!("wrote {}", f.display());
                 }

@@ -4,7 +4,11 @@ use std::{env, fs, path::PathBuf};
 
 use prost::Message as _;
 
-const PROTOS: &[&str] = &["phiaudit/v1/record.proto", "phiaudit/v1/chain.proto"];
+const PROTOS: &[&str] = &[
+    "phiaudit/v1/record.proto",
+    "phiaudit/v1/chain.proto",
+    "phiaudit/v1/query.proto",
+];
 
 fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-changed=phiaudit");

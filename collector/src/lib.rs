@@ -5,3 +5,4 @@ pub mod certs;
 pub mod ingest;
 pub mod store;
 pub mod tls;
+pub mod verify;

@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use phi_collector::{
     ingest::{IngestService, Limits},
-    store::sqlite::SqliteStore,
+    store::Pool,
     tls,
 };
 use phi_proto::v1::ingest_server::IngestServer;
@@ -64,7 +64,7 @@ struct ServeArgs {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let store = SqliteStore::open_url(&args.db)?;
+    let pool = Pool::open(&args.db, 8)?;
     let tls = tls::server_config(&args.tls_cert, &args.tls_key, &args.client_ca)?;
     let limits = Limits {
         first_message: std::time::Duration::from_secs(args.first_message_timeout.max(1)),
@@ -73,7 +73,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_message_bytes: args.max_message_bytes.max(1024),
         ..Limits::default()
     };
-    let service = IngestService::new(store, limits);
+    let service = IngestService::new(pool, limits);
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("signal handler");

@@ -15,6 +15,7 @@ use std::{
 };
 
 pub mod collector;
+pub mod postgres;
 pub mod sshd;
 
 use serde_json::Value;

@@ -1,81 +1,373 @@
 //! The SQLite store: WAL, `synchronous=FULL` (an acknowledged batch survives power loss),
-//! versioned migrations, one transaction per batch.
+//! versioned migrations, one immediate transaction per batch.
 
 use std::path::Path;
 
 use phi_chain::seal::Head;
-use phi_proto::v1::{Checkpoint, Record, SealedRecord};
+use phi_proto::v1::{AccessEntry, Batch, Checkpoint};
 use prost::Message as _;
-use rusqlite::{Connection, OptionalExtension as _, params};
+use rusqlite::{
+    Connection, OptionalExtension as _, Row as SqlRow, Transaction, TransactionBehavior, params,
+    params_from_iter, types::Value,
+};
 
-use super::{Alert, HostState, StoreError};
+use super::{
+    Alert, Appended, Cursor, Filter, Hold, HostInfo, HostState, Principal, PruneOutcome, Role, Row,
+    Session, SessionFilter, Store, StoreError, StoredAlert, checkpoint_time_ns, head_from,
+    index::{self, SessionDeltas},
+    now_ns,
+    query::{self, Param},
+    seal_access,
+};
+use crate::verify::verify_batch;
+
+/// A data migration, run in the same transaction as its schema step.
+type DataMigration = fn(&Transaction<'_>) -> Result<(), StoreError>;
+
+/// One schema step: SQL, then an optional data migration.
+struct Migration {
+    sql: &'static str,
+    data: Option<DataMigration>,
+}
 
 /// Schema migrations, in order; the index + 1 is the version.
-const MIGRATIONS: &[&str] = &[
+const MIGRATIONS: &[Migration] = &[
     // 1: chains, checkpoints, alerts.
-    "CREATE TABLE hosts (
-        host_id        TEXT PRIMARY KEY,
-        public_key     BLOB NOT NULL,
-        first_seen_ns  INTEGER NOT NULL,
-        head_seq       INTEGER NOT NULL DEFAULT 0,
-        head_hash      BLOB NOT NULL,
-        checkpoint_seq INTEGER NOT NULL DEFAULT 0,
-        checkpoint_sig BLOB NOT NULL DEFAULT x''
-    );
-    CREATE TABLE records (
-        host_id   TEXT NOT NULL,
-        seq       INTEGER NOT NULL,
-        hash      BLOB NOT NULL,
-        prev_hash BLOB NOT NULL,
-        body      BLOB NOT NULL,
-        time_ns   INTEGER NOT NULL,
-        kind      TEXT NOT NULL,
-        PRIMARY KEY (host_id, seq)
-    ) WITHOUT ROWID;
-    CREATE TABLE checkpoints (
-        host_id TEXT NOT NULL,
-        seq     INTEGER NOT NULL,
-        body    BLOB NOT NULL,
-        PRIMARY KEY (host_id, seq)
-    ) WITHOUT ROWID;
-    CREATE TABLE alerts (
-        id       INTEGER PRIMARY KEY AUTOINCREMENT,
-        time_ns  INTEGER NOT NULL,
-        host_id  TEXT NOT NULL,
-        kind     TEXT NOT NULL,
-        seq      INTEGER,
-        detail   TEXT NOT NULL,
-        evidence BLOB NOT NULL,
-        UNIQUE (host_id, kind, seq, detail)
-    );",
+    Migration {
+        sql: "CREATE TABLE hosts (
+            host_id        TEXT PRIMARY KEY,
+            public_key     BLOB NOT NULL,
+            first_seen_ns  INTEGER NOT NULL,
+            head_seq       INTEGER NOT NULL DEFAULT 0,
+            head_hash      BLOB NOT NULL,
+            checkpoint_seq INTEGER NOT NULL DEFAULT 0,
+            checkpoint_sig BLOB NOT NULL DEFAULT x''
+        );
+        CREATE TABLE records (
+            host_id   TEXT NOT NULL,
+            seq       INTEGER NOT NULL,
+            hash      BLOB NOT NULL,
+            prev_hash BLOB NOT NULL,
+            body      BLOB NOT NULL,
+            time_ns   INTEGER NOT NULL,
+            kind      TEXT NOT NULL,
+            PRIMARY KEY (host_id, seq)
+        ) WITHOUT ROWID;
+        CREATE TABLE checkpoints (
+            host_id TEXT NOT NULL,
+            seq     INTEGER NOT NULL,
+            body    BLOB NOT NULL,
+            PRIMARY KEY (host_id, seq)
+        ) WITHOUT ROWID;
+        CREATE TABLE alerts (
+            id       INTEGER PRIMARY KEY AUTOINCREMENT,
+            time_ns  INTEGER NOT NULL,
+            host_id  TEXT NOT NULL,
+            kind     TEXT NOT NULL,
+            seq      INTEGER,
+            detail   TEXT NOT NULL,
+            evidence BLOB NOT NULL,
+            UNIQUE (host_id, kind, seq, detail)
+        );",
+        data: None,
+    },
+    // 2: query columns and indexes, login sessions, the access log, principals, retention.
+    Migration {
+        sql: "ALTER TABLE records ADD COLUMN uid INTEGER;
+        ALTER TABLE records ADD COLUMN user_name TEXT;
+        ALTER TABLE records ADD COLUMN login_user TEXT;
+        ALTER TABLE records ADD COLUMN session TEXT;
+        ALTER TABLE records ADD COLUMN path TEXT;
+        ALTER TABLE hosts ADD COLUMN last_seen_ns INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE hosts ADD COLUMN agent_version TEXT NOT NULL DEFAULT '';
+        ALTER TABLE hosts ADD COLUMN anchor_seq INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE hosts ADD COLUMN checkpoint_time_ns INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE hosts ADD COLUMN last_record_ns INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE checkpoints ADD COLUMN time_ns INTEGER NOT NULL DEFAULT 0;
+        CREATE TABLE sessions (
+            session        TEXT PRIMARY KEY,
+            host_id        TEXT NOT NULL,
+            boot_id        TEXT NOT NULL,
+            audit_session  INTEGER NOT NULL,
+            kind           TEXT NOT NULL DEFAULT '',
+            user_name      TEXT NOT NULL DEFAULT '',
+            source_address TEXT NOT NULL DEFAULT '',
+            source_port    INTEGER NOT NULL DEFAULT 0,
+            tty            TEXT NOT NULL DEFAULT '',
+            login_ns       INTEGER NOT NULL DEFAULT 0,
+            first_ns       INTEGER NOT NULL,
+            last_ns        INTEGER NOT NULL,
+            first_seq      INTEGER NOT NULL,
+            last_seq       INTEGER NOT NULL,
+            records        INTEGER NOT NULL DEFAULT 0,
+            phi_accesses   INTEGER NOT NULL DEFAULT 0,
+            denied         INTEGER NOT NULL DEFAULT 0,
+            execs          INTEGER NOT NULL DEFAULT 0
+        );
+        CREATE INDEX sessions_host ON sessions (host_id, first_ns);
+        CREATE TABLE access_log (
+            seq       INTEGER PRIMARY KEY,
+            time_ns   INTEGER NOT NULL,
+            principal TEXT NOT NULL,
+            action    TEXT NOT NULL,
+            outcome   TEXT NOT NULL,
+            body      BLOB NOT NULL,
+            hash      BLOB NOT NULL
+        );
+        CREATE TABLE principals (
+            name       TEXT PRIMARY KEY,
+            role       TEXT NOT NULL,
+            cert_name  TEXT UNIQUE,
+            token_hash BLOB UNIQUE,
+            disabled   INTEGER NOT NULL DEFAULT 0,
+            created_ns INTEGER NOT NULL
+        );
+        CREATE TABLE holds (
+            host_id  TEXT PRIMARY KEY,
+            reason   TEXT NOT NULL,
+            set_by   TEXT NOT NULL,
+            since_ns INTEGER NOT NULL
+        );
+        CREATE TABLE prunes (
+            id          INTEGER PRIMARY KEY AUTOINCREMENT,
+            host_id     TEXT NOT NULL,
+            time_ns     INTEGER NOT NULL,
+            through_seq INTEGER NOT NULL,
+            records     INTEGER NOT NULL,
+            pruned_by   TEXT NOT NULL
+        );
+        CREATE TABLE settings (
+            key   TEXT PRIMARY KEY,
+            value TEXT NOT NULL
+        );",
+        data: Some(backfill_v2),
+    },
+    // 3: indexes, after the backfill so that it does not maintain them row by row.
+    Migration {
+        sql: "CREATE INDEX records_time ON records (host_id, time_ns);
+        CREATE INDEX records_all_time ON records (time_ns);
+        CREATE INDEX records_session ON records (session, time_ns) WHERE session IS NOT NULL;
+        CREATE INDEX records_path ON records (path, time_ns) WHERE path IS NOT NULL;
+        CREATE INDEX records_login_user ON records (login_user, time_ns)
+            WHERE login_user IS NOT NULL;",
+        data: None,
+    },
 ];
+
+/// Version 2 derives the query columns and sessions of records stored by version 1.
+fn backfill_v2(tx: &Transaction<'_>) -> Result<(), StoreError> {
+    let mut deltas = SessionDeltas::default();
+    let rows: Vec<(String, i64, Vec<u8>)> = tx
+        .prepare("SELECT host_id, seq, body FROM records")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<Result<_, _>>()?;
+    let mut update = tx.prepare(
+        "UPDATE records SET uid = ?3, user_name = ?4, login_user = ?5, session = ?6, path = ?7
+         WHERE host_id = ?1 AND seq = ?2",
+    )?;
+    for (host, seq, body) in rows {
+        let Ok(record) = phi_proto::v1::Record::decode(body.as_slice()) else {
+            continue;
+        };
+        let c = index::columns(&record);
+        update.execute(params![
+            host,
+            seq,
+            c.uid,
+            c.user,
+            c.login_user,
+            c.session,
+            c.path
+        ])?;
+        deltas.add(seq as u64, &record, &c);
+    }
+    upsert_sessions(tx, &deltas)?;
+    let cps: Vec<(String, i64, Vec<u8>)> = tx
+        .prepare("SELECT host_id, seq, body FROM checkpoints")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<Result<_, _>>()?;
+    for (host, seq, body) in cps {
+        if let Ok(cp) = Checkpoint::decode(body.as_slice()) {
+            tx.execute(
+                "UPDATE checkpoints SET time_ns = ?3 WHERE host_id = ?1 AND seq = ?2",
+                params![host, seq, checkpoint_time_ns(&cp)],
+            )?;
+        }
+    }
+    Ok(())
+}
 
 pub struct SqliteStore {
     conn: Connection,
+    path: String,
 }
 
-fn now_ns() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or(0)
-}
-
-fn time_ns(r: &Record) -> i64 {
-    r.time.as_ref().map_or(0, |t| {
-        t.seconds.saturating_mul(1_000_000_000) + i64::from(t.nanos)
+fn host_state(r: &SqlRow<'_>) -> rusqlite::Result<HostState> {
+    Ok(HostState {
+        public_key: r.get(0)?,
+        head: head_from(r.get(1)?, &r.get::<_, Vec<u8>>(2)?),
+        checkpoint_seq: r.get::<_, i64>(3)? as u64,
+        checkpoint_sig: r.get(4)?,
     })
 }
 
-fn head_from(seq: i64, hash: Vec<u8>) -> Head {
-    let mut h = [0u8; 32];
-    if hash.len() == 32 {
-        h.copy_from_slice(&hash);
+const HOST_STATE: &str = "SELECT public_key, head_seq, head_hash, checkpoint_seq, checkpoint_sig
+    FROM hosts WHERE host_id = ?1";
+
+const HOST_INFO: &str = "SELECT h.host_id, h.public_key, h.first_seen_ns, h.last_seen_ns,
+    h.agent_version, h.head_seq, h.head_hash, h.checkpoint_seq, h.checkpoint_time_ns,
+    h.anchor_seq, (SELECT COUNT(*) FROM alerts a WHERE a.host_id = h.host_id),
+    d.reason, d.set_by, d.since_ns, h.last_record_ns
+    FROM hosts h LEFT JOIN holds d ON d.host_id = h.host_id";
+
+fn host_info(r: &SqlRow<'_>) -> rusqlite::Result<HostInfo> {
+    let reason: Option<String> = r.get(11)?;
+    Ok(HostInfo {
+        host_id: r.get(0)?,
+        public_key: r.get(1)?,
+        first_seen_ns: r.get(2)?,
+        last_seen_ns: r.get(3)?,
+        agent_version: r.get(4)?,
+        head_seq: r.get::<_, i64>(5)? as u64,
+        head_hash: r.get(6)?,
+        checkpoint_seq: r.get::<_, i64>(7)? as u64,
+        checkpoint_time_ns: r.get(8)?,
+        anchor_seq: r.get::<_, i64>(9)? as u64,
+        alerts: r.get::<_, i64>(10)? as u64,
+        hold: match reason {
+            Some(reason) => Some(Hold {
+                reason,
+                set_by: r.get(12)?,
+                since_ns: r.get(13)?,
+            }),
+            None => None,
+        },
+        last_record_ns: r.get(14)?,
+    })
+}
+
+fn row(r: &SqlRow<'_>) -> rusqlite::Result<Row> {
+    Ok(Row {
+        host_id: r.get(0)?,
+        seq: r.get::<_, i64>(1)? as u64,
+        hash: r.get(2)?,
+        body: r.get(3)?,
+        time_ns: r.get(4)?,
+        session: r.get(5)?,
+    })
+}
+
+fn session(r: &SqlRow<'_>) -> rusqlite::Result<Session> {
+    Ok(Session {
+        session: r.get(0)?,
+        host_id: r.get(1)?,
+        boot_id: r.get(2)?,
+        audit_session: r.get::<_, i64>(3)? as u32,
+        kind: r.get(4)?,
+        user: r.get(5)?,
+        source_address: r.get(6)?,
+        source_port: r.get::<_, i64>(7)? as u32,
+        tty: r.get(8)?,
+        login_ns: r.get(9)?,
+        first_ns: r.get(10)?,
+        last_ns: r.get(11)?,
+        first_seq: r.get::<_, i64>(12)? as u64,
+        last_seq: r.get::<_, i64>(13)? as u64,
+        records: r.get::<_, i64>(14)? as u64,
+        phi_accesses: r.get::<_, i64>(15)? as u64,
+        denied: r.get::<_, i64>(16)? as u64,
+        execs: r.get::<_, i64>(17)? as u64,
+    })
+}
+
+fn principal(r: &SqlRow<'_>) -> rusqlite::Result<Principal> {
+    let role: String = r.get(1)?;
+    Ok(Principal {
+        name: r.get(0)?,
+        role: Role::parse(&role).unwrap_or(Role::Auditor),
+        cert_name: r.get(2)?,
+        has_token: r.get::<_, Option<Vec<u8>>>(3)?.is_some(),
+        disabled: r.get::<_, i64>(4)? != 0,
+        created_ns: r.get(5)?,
+    })
+}
+
+const PRINCIPAL: &str =
+    "SELECT name, role, cert_name, token_hash, disabled, created_ns FROM principals";
+
+fn values(params: Vec<Param>) -> Vec<Value> {
+    params
+        .into_iter()
+        .map(|p| match p {
+            Param::Int(i) => Value::Integer(i),
+            Param::Text(t) => Value::Text(t),
+        })
+        .collect()
+}
+
+fn upsert_sessions(tx: &Transaction<'_>, deltas: &SessionDeltas) -> Result<(), StoreError> {
+    let mut up = tx.prepare_cached(
+        "INSERT INTO sessions (session, host_id, boot_id, audit_session, kind, user_name,
+            source_address, source_port, tty, login_ns, first_ns, last_ns, first_seq, last_seq,
+            records, phi_accesses, denied, execs)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)
+         ON CONFLICT (session) DO UPDATE SET
+            kind = CASE WHEN kind = '' THEN excluded.kind ELSE kind END,
+            user_name = CASE WHEN user_name = '' THEN excluded.user_name ELSE user_name END,
+            source_address = CASE WHEN source_address = '' THEN excluded.source_address
+                             ELSE source_address END,
+            source_port = CASE WHEN source_port = 0 THEN excluded.source_port
+                          ELSE source_port END,
+            tty = CASE WHEN tty = '' THEN excluded.tty ELSE tty END,
+            login_ns = CASE WHEN login_ns = 0 THEN excluded.login_ns ELSE login_ns END,
+            first_ns = MIN(first_ns, excluded.first_ns),
+            last_ns = MAX(last_ns, excluded.last_ns),
+            first_seq = MIN(first_seq, excluded.first_seq),
+            last_seq = MAX(last_seq, excluded.last_seq),
+            records = records + excluded.records,
+            phi_accesses = phi_accesses + excluded.phi_accesses,
+            denied = denied + excluded.denied,
+            execs = execs + excluded.execs",
+    )?;
+    for s in deltas.sessions.values() {
+        up.execute(params![
+            s.session,
+            s.host_id,
+            s.boot_id,
+            i64::from(s.audit_session),
+            s.kind,
+            s.user,
+            s.source_address,
+            i64::from(s.source_port),
+            s.tty,
+            s.login_ns,
+            s.first_ns,
+            s.last_ns,
+            s.first_seq as i64,
+            s.last_seq as i64,
+            s.records as i64,
+            s.phi_accesses as i64,
+            s.denied as i64,
+            s.execs as i64,
+        ])?;
     }
-    Head {
-        seq: seq as u64,
-        hash: h,
-    }
+    Ok(())
+}
+
+fn insert_alert(tx: &Connection, a: &Alert) -> Result<(), StoreError> {
+    tx.execute(
+        "INSERT OR IGNORE INTO alerts (time_ns, host_id, kind, seq, detail, evidence)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![
+            now_ns(),
+            a.host_id,
+            a.kind,
+            a.seq.map(|s| s as i64),
+            a.detail,
+            a.evidence,
+        ],
+    )?;
+    Ok(())
 }
 
 impl SqliteStore {
@@ -94,156 +386,537 @@ impl SqliteStore {
             path: shown.clone(),
             source,
         })?;
+        conn.busy_timeout(std::time::Duration::from_secs(30))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.busy_timeout(std::time::Duration::from_secs(10))?;
         conn.execute_batch("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")?;
-        let version: i64 = conn.query_row(
-            "SELECT COALESCE(MAX(version), 0) FROM schema_version",
-            [],
-            |r| r.get(0),
-        )?;
-        let known = MIGRATIONS.len() as i64;
-        if version > known {
-            return Err(StoreError::Schema {
-                path: shown,
-                found: version,
-                known,
-            });
-        }
-        let mut store = SqliteStore { conn };
-        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-            let tx = store.conn.transaction()?;
-            tx.execute_batch(sql)?;
-            tx.execute(
-                "INSERT INTO schema_version (version) VALUES (?1)",
-                [i as i64 + 1],
-            )?;
-            tx.commit()?;
-        }
+        let mut store = SqliteStore { conn, path: shown };
+        store.migrate()?;
         Ok(store)
     }
 
-    pub fn host(&self, host_id: &str) -> Result<Option<HostState>, StoreError> {
+    fn migrate(&mut self) -> Result<(), StoreError> {
+        let known = MIGRATIONS.len() as i64;
+        loop {
+            let tx = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let version: i64 = tx.query_row(
+                "SELECT COALESCE(MAX(version), 0) FROM schema_version",
+                [],
+                |r| r.get(0),
+            )?;
+            if version > known {
+                return Err(StoreError::Schema {
+                    path: self.path.clone(),
+                    found: version,
+                    known,
+                });
+            }
+            let Some(m) = MIGRATIONS.get(version as usize) else {
+                return Ok(());
+            };
+            tx.execute_batch(m.sql)?;
+            if let Some(data) = m.data {
+                data(&tx)?;
+            }
+            tx.execute(
+                "INSERT INTO schema_version (version) VALUES (?1)",
+                [version + 1],
+            )?;
+            tx.commit()?;
+        }
+    }
+
+    /// The schema version of the open database.
+    pub fn schema_version(&self) -> Result<i64, StoreError> {
         Ok(self
             .conn
-            .query_row(
-                "SELECT public_key, head_seq, head_hash, checkpoint_seq, checkpoint_sig
-                 FROM hosts WHERE host_id = ?1",
-                [host_id],
-                |r| {
-                    Ok(HostState {
-                        public_key: r.get(0)?,
-                        head: head_from(r.get(1)?, r.get(2)?),
-                        checkpoint_seq: r.get::<_, i64>(3)? as u64,
-                        checkpoint_sig: r.get(4)?,
-                    })
-                },
-            )
+            .query_row("SELECT MAX(version) FROM schema_version", [], |r| r.get(0))?)
+    }
+}
+
+impl Store for SqliteStore {
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+
+    fn host(&mut self, host_id: &str) -> Result<Option<HostState>, StoreError> {
+        Ok(self
+            .conn
+            .query_row(HOST_STATE, [host_id], host_state)
             .optional()?)
     }
 
-    /// Pins a new host's key (first contact).
-    pub fn pin_host(&self, host_id: &str, public_key: &[u8]) -> Result<HostState, StoreError> {
+    fn pin_host(&mut self, host_id: &str, public_key: &[u8]) -> Result<HostState, StoreError> {
         self.conn.execute(
-            "INSERT INTO hosts (host_id, public_key, first_seen_ns, head_hash)
+            "INSERT OR IGNORE INTO hosts (host_id, public_key, first_seen_ns, head_hash)
              VALUES (?1, ?2, ?3, ?4)",
             params![host_id, public_key, now_ns(), Head::EMPTY.hash.to_vec()],
         )?;
-        Ok(HostState {
-            public_key: public_key.to_vec(),
-            head: Head::EMPTY,
-            checkpoint_seq: 0,
-            checkpoint_sig: Vec::new(),
-        })
+        Ok(self.conn.query_row(HOST_STATE, [host_id], host_state)?)
     }
 
-    /// The stored hash of record `seq`.
-    pub fn record_hash(&self, host_id: &str, seq: u64) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self
+    fn seen(&mut self, host_id: &str, agent_version: &str) -> Result<(), StoreError> {
+        self.conn.execute(
+            "UPDATE hosts SET last_seen_ns = ?2, agent_version = ?3 WHERE host_id = ?1",
+            params![host_id, now_ns(), agent_version],
+        )?;
+        Ok(())
+    }
+
+    fn append(&mut self, host_id: &str, batch: Batch) -> Result<Appended, StoreError> {
+        let tx = self
             .conn
-            .query_row(
-                "SELECT hash FROM records WHERE host_id = ?1 AND seq = ?2",
-                params![host_id, seq as i64],
-                |r| r.get(0),
-            )
-            .optional()?)
-    }
-
-    /// Stores verified records and checkpoints and the new head in one durable transaction.
-    pub fn commit(
-        &mut self,
-        host_id: &str,
-        records: &[(SealedRecord, Record)],
-        checkpoints: &[Checkpoint],
-        head: Head,
-        alerts: &[Alert],
-    ) -> Result<(), StoreError> {
-        let tx = self.conn.transaction()?;
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let state = tx
+            .query_row(HOST_STATE, [host_id], host_state)
+            .optional()?
+            .ok_or_else(|| StoreError::Invalid(format!("host {host_id:?} is not pinned")))?;
+        let verified = {
+            let mut hash =
+                tx.prepare_cached("SELECT hash FROM records WHERE host_id = ?1 AND seq = ?2")?;
+            verify_batch(host_id, &state, batch, |seq| {
+                hash.query_row(params![host_id, seq as i64], |r| r.get(0))
+                    .optional()
+                    .ok()
+                    .flatten()
+            })
+        };
         {
             let mut insert = tx.prepare_cached(
-                "INSERT INTO records (host_id, seq, hash, prev_hash, body, time_ns, kind)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                "INSERT INTO records (host_id, seq, hash, prev_hash, body, time_ns, kind, uid,
+                    user_name, login_user, session, path)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
             )?;
-            for (sealed, record) in records {
+            let mut deltas = SessionDeltas::default();
+            let mut last_ns = 0;
+            for (sealed, record) in &verified.records {
+                let c = index::columns(record);
                 insert.execute(params![
                     host_id,
                     sealed.seq as i64,
                     sealed.hash,
                     record.prev_hash,
                     sealed.body,
-                    time_ns(record),
-                    record.kind(),
+                    c.time_ns,
+                    c.kind,
+                    c.uid,
+                    c.user,
+                    c.login_user,
+                    c.session,
+                    c.path,
+                ])?;
+                deltas.add(sealed.seq, record, &c);
+                last_ns = last_ns.max(c.time_ns);
+            }
+            upsert_sessions(&tx, &deltas)?;
+            let mut cp = tx.prepare_cached(
+                "INSERT OR IGNORE INTO checkpoints (host_id, seq, body, time_ns)
+                 VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for c in &verified.checkpoints {
+                cp.execute(params![
+                    host_id,
+                    c.seq as i64,
+                    c.encode_to_vec(),
+                    checkpoint_time_ns(c)
                 ])?;
             }
-            let mut cp = tx.prepare_cached(
-                "INSERT OR IGNORE INTO checkpoints (host_id, seq, body) VALUES (?1, ?2, ?3)",
-            )?;
-            for c in checkpoints {
-                cp.execute(params![host_id, c.seq as i64, c.encode_to_vec()])?;
-            }
-            if let Some(last) = checkpoints.last() {
+            if let Some(last) = verified.checkpoints.last() {
                 tx.execute(
-                    "UPDATE hosts SET checkpoint_seq = ?2, checkpoint_sig = ?3 WHERE host_id = ?1",
-                    params![host_id, last.seq as i64, last.signature],
+                    "UPDATE hosts SET checkpoint_seq = ?2, checkpoint_sig = ?3,
+                        checkpoint_time_ns = ?4 WHERE host_id = ?1",
+                    params![
+                        host_id,
+                        last.seq as i64,
+                        last.signature,
+                        checkpoint_time_ns(last)
+                    ],
                 )?;
             }
             tx.execute(
-                "UPDATE hosts SET head_seq = ?2, head_hash = ?3 WHERE host_id = ?1",
-                params![host_id, head.seq as i64, head.hash.to_vec()],
+                "UPDATE hosts SET head_seq = ?2, head_hash = ?3,
+                    last_record_ns = MAX(last_record_ns, ?4) WHERE host_id = ?1",
+                params![
+                    host_id,
+                    verified.head.seq as i64,
+                    verified.head.hash.to_vec(),
+                    last_ns
+                ],
             )?;
-            let mut alert = tx.prepare_cached(
-                "INSERT OR IGNORE INTO alerts (time_ns, host_id, kind, seq, detail, evidence)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )?;
-            for a in alerts {
-                alert.execute(params![
-                    now_ns(),
-                    a.host_id,
-                    a.kind,
-                    a.seq.map(|s| s as i64),
-                    a.detail,
-                    a.evidence,
-                ])?;
+            if let Some(a) = &verified.problem {
+                insert_alert(&tx, a)?;
             }
         }
         tx.commit()?;
-        Ok(())
+        Ok(Appended {
+            head: verified.head,
+            records: verified.records.len(),
+            checkpoints: verified.checkpoints.len(),
+            problem: verified.problem,
+        })
     }
 
-    /// Stores an alert on its own.
-    pub fn alert(&mut self, alert: &Alert) -> Result<(), StoreError> {
-        self.conn.execute(
-            "INSERT OR IGNORE INTO alerts (time_ns, host_id, kind, seq, detail, evidence)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    fn alert(&mut self, alert: &Alert) -> Result<(), StoreError> {
+        insert_alert(&self.conn, alert)
+    }
+
+    fn hosts(&mut self) -> Result<Vec<HostInfo>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(&format!("{HOST_INFO} ORDER BY h.host_id"))?;
+        let rows = stmt.query_map([], host_info)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn host_info(&mut self, host_id: &str) -> Result<Option<HostInfo>, StoreError> {
+        Ok(self
+            .conn
+            .query_row(
+                &format!("{HOST_INFO} WHERE h.host_id = ?1"),
+                [host_id],
+                host_info,
+            )
+            .optional()?)
+    }
+
+    fn chain(
+        &mut self,
+        host_id: &str,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<Row>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT host_id, seq, hash, body, time_ns, session FROM records
+             WHERE host_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+        )?;
+        let rows = stmt.query_map(params![host_id, after_seq as i64, limit.max(1) as i64], row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn checkpoints(
+        &mut self,
+        host_id: &str,
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT seq, body FROM checkpoints WHERE host_id = ?1 AND seq >= ?2 AND seq <= ?3
+             ORDER BY seq",
+        )?;
+        let to = i64::try_from(to).unwrap_or(i64::MAX);
+        let rows = stmt.query_map(params![host_id, from as i64, to], |r| {
+            Ok((r.get::<_, i64>(0)? as u64, r.get(1)?))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn timeline(
+        &mut self,
+        filter: &Filter,
+        after: Option<&Cursor>,
+        limit: usize,
+    ) -> Result<Vec<Row>, StoreError> {
+        let (sql, params) = query::timeline(filter, after, limit);
+        let mut stmt = self.conn.prepare_cached(&sql)?;
+        let rows = stmt.query_map(params_from_iter(values(params)), row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn sessions(&mut self, filter: &SessionFilter) -> Result<Vec<Session>, StoreError> {
+        let (sql, params) = query::sessions(filter);
+        let mut stmt = self.conn.prepare_cached(&sql)?;
+        let rows = stmt.query_map(params_from_iter(values(params)), session)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn session(&mut self, key: &str) -> Result<Option<Session>, StoreError> {
+        Ok(self
+            .conn
+            .query_row(
+                &format!(
+                    "SELECT {} FROM sessions WHERE session = ?1",
+                    query::SESSION_COLUMNS
+                ),
+                [key],
+                session,
+            )
+            .optional()?)
+    }
+
+    fn alerts(&mut self, host_id: Option<&str>) -> Result<Vec<StoredAlert>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT id, time_ns, host_id, kind, seq, detail, evidence FROM alerts
+             WHERE ?1 IS NULL OR host_id = ?1 ORDER BY id",
+        )?;
+        let rows = stmt.query_map([host_id], |r| {
+            Ok(StoredAlert {
+                id: r.get::<_, i64>(0)? as u64,
+                time_ns: r.get(1)?,
+                alert: Alert {
+                    host_id: r.get(2)?,
+                    kind: r.get(3)?,
+                    seq: r.get::<_, Option<i64>>(4)?.map(|s| s as u64),
+                    detail: r.get(5)?,
+                    evidence: r.get(6)?,
+                },
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn log_access(&mut self, entry: AccessEntry) -> Result<AccessEntry, StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let (seq, hash): (i64, Vec<u8>) = tx
+            .query_row(
+                "SELECT seq, hash FROM access_log ORDER BY seq DESC LIMIT 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?
+            .unwrap_or((0, Vec::new()));
+        let (sealed, body) = seal_access(entry, seq as u64, &hash);
+        let time_ns = sealed.time.as_ref().map_or(0, |t| {
+            t.seconds.saturating_mul(1_000_000_000) + i64::from(t.nanos)
+        });
+        tx.execute(
+            "INSERT INTO access_log (seq, time_ns, principal, action, outcome, body, hash)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             params![
-                now_ns(),
-                alert.host_id,
-                alert.kind,
-                alert.seq.map(|s| s as i64),
-                alert.detail,
-                alert.evidence,
+                sealed.seq as i64,
+                time_ns,
+                sealed.principal,
+                sealed.action,
+                sealed.outcome,
+                body,
+                sealed.hash
             ],
+        )?;
+        tx.commit()?;
+        Ok(sealed)
+    }
+
+    fn access_log(
+        &mut self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(AccessEntry, Vec<u8>)>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT seq, body, hash FROM access_log WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![after as i64, limit.max(1) as i64], |r| {
+            Ok((
+                r.get::<_, i64>(0)? as u64,
+                r.get::<_, Vec<u8>>(1)?,
+                r.get::<_, Vec<u8>>(2)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for r in rows {
+            let (seq, body, hash) = r?;
+            let mut entry = AccessEntry::decode(body.as_slice()).unwrap_or_default();
+            // The stored columns are what the chain is checked against.
+            entry.seq = seq;
+            entry.hash = hash;
+            out.push((entry, body));
+        }
+        Ok(out)
+    }
+
+    fn add_principal(
+        &mut self,
+        name: &str,
+        role: Role,
+        cert_name: Option<&str>,
+        token_hash: Option<&[u8]>,
+    ) -> Result<Principal, StoreError> {
+        let changed = self.conn.execute(
+            "INSERT INTO principals (name, role, cert_name, token_hash, created_ns)
+             VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (name) DO UPDATE SET role = excluded.role,
+                cert_name = COALESCE(excluded.cert_name, cert_name),
+                token_hash = COALESCE(excluded.token_hash, token_hash), disabled = 0",
+            params![name, role.as_str(), cert_name, token_hash, now_ns()],
+        );
+        match changed {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                return Err(StoreError::Invalid(format!(
+                    "certificate name {:?} already belongs to another principal",
+                    cert_name.unwrap_or_default()
+                )));
+            }
+            other => other?,
+        };
+        Ok(self
+            .conn
+            .query_row(&format!("{PRINCIPAL} WHERE name = ?1"), [name], principal)?)
+    }
+
+    fn principals(&mut self) -> Result<Vec<Principal>, StoreError> {
+        let mut stmt = self.conn.prepare(&format!("{PRINCIPAL} ORDER BY name"))?;
+        let rows = stmt.query_map([], principal)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn principal_by_token(&mut self, token_hash: &[u8]) -> Result<Option<Principal>, StoreError> {
+        Ok(self
+            .conn
+            .query_row(
+                &format!("{PRINCIPAL} WHERE token_hash = ?1"),
+                [token_hash],
+                principal,
+            )
+            .optional()?)
+    }
+
+    fn principal_by_cert(&mut self, names: &[String]) -> Result<Option<Principal>, StoreError> {
+        for n in names {
+            if let Some(p) = self
+                .conn
+                .query_row(&format!("{PRINCIPAL} WHERE cert_name = ?1"), [n], principal)
+                .optional()?
+            {
+                return Ok(Some(p));
+            }
+        }
+        Ok(None)
+    }
+
+    fn disable_principal(&mut self, name: &str) -> Result<Option<Principal>, StoreError> {
+        self.conn.execute(
+            "UPDATE principals SET disabled = 1, token_hash = NULL WHERE name = ?1",
+            [name],
+        )?;
+        Ok(self
+            .conn
+            .query_row(&format!("{PRINCIPAL} WHERE name = ?1"), [name], principal)
+            .optional()?)
+    }
+
+    fn set_hold(&mut self, host_id: &str, hold: Option<&Hold>) -> Result<bool, StoreError> {
+        let exists = self.host_info(host_id)?.is_some();
+        if !exists {
+            return Ok(false);
+        }
+        match hold {
+            Some(h) => self.conn.execute(
+                "INSERT INTO holds (host_id, reason, set_by, since_ns) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (host_id) DO UPDATE SET reason = excluded.reason,
+                    set_by = excluded.set_by, since_ns = excluded.since_ns",
+                params![host_id, h.reason, h.set_by, h.since_ns],
+            )?,
+            None => self
+                .conn
+                .execute("DELETE FROM holds WHERE host_id = ?1", [host_id])?,
+        };
+        Ok(true)
+    }
+
+    fn prune(
+        &mut self,
+        host_id: &str,
+        anchor_seq: u64,
+        by: &str,
+    ) -> Result<PruneOutcome, StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut out = PruneOutcome {
+            host_id: host_id.to_owned(),
+            through_seq: 0,
+            records: 0,
+            skipped: None,
+        };
+        let held: bool = tx
+            .query_row("SELECT 1 FROM holds WHERE host_id = ?1", [host_id], |_| {
+                Ok(true)
+            })
+            .optional()?
+            .unwrap_or(false);
+        if held {
+            out.skipped = Some("legal hold".into());
+            return Ok(out);
+        }
+        let current: i64 = tx.query_row(
+            "SELECT anchor_seq FROM hosts WHERE host_id = ?1",
+            [host_id],
+            |r| r.get(0),
+        )?;
+        let anchor = anchor_seq as i64;
+        let has_checkpoint: bool = tx
+            .query_row(
+                "SELECT 1 FROM checkpoints WHERE host_id = ?1 AND seq = ?2",
+                params![host_id, anchor],
+                |_| Ok(true),
+            )
+            .optional()?
+            .unwrap_or(false);
+        if anchor <= current || !has_checkpoint {
+            out.skipped = Some("nothing older than the retention period".into());
+            return Ok(out);
+        }
+        let records = tx.execute(
+            "DELETE FROM records WHERE host_id = ?1 AND seq <= ?2",
+            params![host_id, anchor],
+        )?;
+        tx.execute(
+            "DELETE FROM checkpoints WHERE host_id = ?1 AND seq < ?2",
+            params![host_id, anchor],
+        )?;
+        tx.execute(
+            "DELETE FROM sessions WHERE host_id = ?1 AND last_seq <= ?2",
+            params![host_id, anchor],
+        )?;
+        tx.execute(
+            "UPDATE hosts SET anchor_seq = ?2 WHERE host_id = ?1",
+            params![host_id, anchor],
+        )?;
+        tx.execute(
+            "INSERT INTO prunes (host_id, time_ns, through_seq, records, pruned_by)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![host_id, now_ns(), anchor, records as i64, by],
+        )?;
+        tx.commit()?;
+        out.through_seq = anchor_seq;
+        out.records = records as u64;
+        Ok(out)
+    }
+
+    fn checkpoint_before(
+        &mut self,
+        host_id: &str,
+        cutoff_ns: i64,
+    ) -> Result<Option<(u64, i64)>, StoreError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT seq, time_ns FROM checkpoints WHERE host_id = ?1 AND time_ns < ?2
+                 ORDER BY seq DESC LIMIT 1",
+                params![host_id, cutoff_ns],
+                |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)),
+            )
+            .optional()?)
+    }
+
+    fn setting(&mut self, key: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn
+            .query_row("SELECT value FROM settings WHERE key = ?1", [key], |r| {
+                r.get(0)
+            })
+            .optional()?)
+    }
+
+    fn set_setting(&mut self, key: &str, value: &str) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT INTO settings (key, value) VALUES (?1, ?2)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            params![key, value],
         )?;
         Ok(())
     }
@@ -251,36 +924,98 @@ impl SqliteStore {
 
 #[cfg(test)]
 mod tests {
-    use phi_chain::seal::Sealer;
-    use phi_proto::v1::{Heartbeat, record::Event};
-
     use super::*;
 
     #[test]
-    fn migrates_pins_and_commits_durably() {
+    fn rejects_urls_of_other_databases() {
+        assert!(SqliteStore::open_url("postgres://x").is_err());
+        assert!(SqliteStore::open_url("sqlite:").is_err());
+    }
+
+    #[test]
+    fn migrates_a_version_1_database_and_derives_its_query_columns() {
+        use phi_chain::seal::Sealer;
+        use phi_proto::v1::{Identity, Open, Process, Record, record::Event};
+
         let dir = tempfile::tempdir().expect("tempdir");
-        let url = format!("sqlite:{}", dir.path().join("c.db").display());
-        let mut s = SqliteStore::open_url(&url).expect("open");
-        assert!(s.host("h").expect("query").is_none());
-        s.pin_host("h", &[1; 32]).expect("pin");
+        let path = dir.path().join("v1.db");
         let mut sealer = Sealer::new(Head::EMPTY);
-        let mut r = Record {
-            host_id: "h".into(),
-            event: Some(Event::Heartbeat(Heartbeat::default())),
+        let mut record = Record {
+            host_id: "old".into(),
+            boot_id: "b".into(),
+            process: Some(Process {
+                identity: Some(Identity {
+                    user: "carol".into(),
+                    login_user: "carol".into(),
+                    audit_session: Some(3),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            event: Some(Event::Open(Open {
+                path: "/srv/ehr/x".into(),
+                ..Default::default()
+            })),
             ..Default::default()
         };
-        let sealed = sealer.seal(&mut r);
-        r.hash.clear();
-        s.commit("h", &[(sealed.clone(), r)], &[], sealer.head(), &[])
-            .expect("commit");
-        drop(s);
-        let s = SqliteStore::open_url(&url).expect("reopen");
-        let host = s.host("h").expect("query").expect("host");
-        assert_eq!(host.head, sealer.head());
+        let sealed = sealer.seal(&mut record);
+        {
+            let conn = Connection::open(&path).expect("create");
+            conn.execute_batch(MIGRATIONS[0].sql).expect("v1 schema");
+            conn.execute_batch(
+                "CREATE TABLE schema_version (version INTEGER NOT NULL);
+                 INSERT INTO schema_version (version) VALUES (1);",
+            )
+            .expect("version");
+            conn.execute(
+                "INSERT INTO hosts (host_id, public_key, first_seen_ns, head_seq, head_hash)
+                 VALUES ('old', x'00', 0, 1, ?1)",
+                [sealed.hash.clone()],
+            )
+            .expect("host");
+            conn.execute(
+                "INSERT INTO records (host_id, seq, hash, prev_hash, body, time_ns, kind)
+                 VALUES ('old', 1, ?1, ?2, ?3, 0, 'open')",
+                params![sealed.hash, record.prev_hash, sealed.body],
+            )
+            .expect("record");
+        }
+        let mut s = SqliteStore::open(&path).expect("migrate");
         assert_eq!(
-            s.record_hash("h", 1).expect("hash"),
-            Some(sealed.hash.clone())
+            s.schema_version().expect("version"),
+            MIGRATIONS.len() as i64
         );
-        assert!(SqliteStore::open_url("postgres://x").is_err());
+        let rows = s
+            .timeline(
+                &Filter {
+                    user: Some("carol".into()),
+                    path_prefix: Some("/srv/ehr/".into()),
+                    ..Default::default()
+                },
+                None,
+                10,
+            )
+            .expect("timeline");
+        assert_eq!(rows.len(), 1, "the old record has its query columns");
+        let sessions = s.sessions(&SessionFilter::default()).expect("sessions");
+        assert_eq!(sessions.len(), 1);
+        assert_eq!(sessions[0].session, "old/b/3");
+    }
+
+    #[test]
+    fn refuses_a_newer_schema() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c.db");
+        let s = SqliteStore::open(&path).expect("open");
+        assert_eq!(
+            s.schema_version().expect("version"),
+            MIGRATIONS.len() as i64
+        );
+        s.conn
+            .execute("INSERT INTO schema_version (version) VALUES (99)", [])
+            .expect("bump");
+        drop(s);
+        let err = SqliteStore::open(&path).err().expect("refused");
+        assert!(err.to_string().contains("schema version 99"), "{err}");
     }
 }

@@ -21,6 +21,9 @@ fn main() -> anyhow::Result<()> {
     tonic_prost_build::configure()
         .compile_well_known_types(true)
         .extern_path(".google.protobuf", "::pbjson_types")
+        // Ordered maps: the JSON form of a record is deterministic (evidence bundles compare
+        // it byte for byte).
+        .btree_map(".")
         .build_client(true)
         .build_server(true)
         .compile_fds(fds)?;
@@ -29,6 +32,7 @@ fn main() -> anyhow::Result<()> {
         .register_descriptors(&descriptor_bytes)?
         // Every field is written, also zeros and empty values: `"uid": 0` must be visible.
         .emit_fields()
+        .btree_map(["."])
         .build(&[".phiaudit"])?;
     Ok(())
 }

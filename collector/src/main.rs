@@ -1,13 +1,17 @@
 //! phi-collector: receives hash-chained records from phi-agents over gRPC with mutual TLS,
-//! verifies every link and checkpoint, and stores them.
+//! verifies every link and checkpoint, stores them (SQLite or PostgreSQL), and answers
+//! compliance queries over gRPC and HTTP/JSON.
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use phi_collector::{
-    ingest::{IngestService, Limits},
-    store::Pool,
+    api::{self, Api},
+    config::{self, FileConfig, Flags},
+    ingest::IngestService,
+    retention,
+    store::{self, Pool},
     tls,
 };
 use phi_proto::v1::ingest_server::IngestServer;
@@ -16,7 +20,7 @@ use phi_proto::v1::ingest_server::IngestServer;
 #[command(
     name = "phi-collector",
     version,
-    about = "phi-audit collector: verified ingest and storage of audit records"
+    about = "phi-audit collector: verified ingest, storage and compliance queries"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -25,56 +29,156 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Accept agent streams until SIGINT or SIGTERM.
+    /// Accept agent streams and answer queries until SIGINT or SIGTERM.
     Serve(ServeArgs),
 }
 
 #[derive(Args)]
 struct ServeArgs {
-    /// Address to listen on.
-    #[arg(long, default_value = "127.0.0.1:4433", value_name = "ADDR")]
-    listen: SocketAddr,
-    /// Storage: sqlite:PATH.
-    #[arg(long, value_name = "URL")]
-    db: String,
-    /// The collector's certificate (PEM).
+    /// TOML configuration (the keys are the flag names with `_`; `[limits]` for the
+    /// stream bounds); flags override it.
     #[arg(long, value_name = "FILE")]
-    tls_cert: PathBuf,
+    config: Option<PathBuf>,
+    /// Address agents stream to [default: 127.0.0.1:4433].
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// Address of the query API, gRPC and HTTP/JSON on one port, or `off`
+    /// [default: 127.0.0.1:4434].
+    #[arg(long, value_name = "ADDR")]
+    api_listen: Option<String>,
+    /// Storage: sqlite:PATH (embedded) or postgres://USER@HOST/DB (shared by collectors).
+    #[arg(long, value_name = "URL")]
+    db: Option<String>,
+    /// The collector's certificate (PEM), for both listeners.
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
     /// The collector's private key (PEM).
     #[arg(long, value_name = "FILE")]
-    tls_key: PathBuf,
-    /// CA that agent certificates must be signed by (PEM).
+    tls_key: Option<PathBuf>,
+    /// CA that signs agent certificates (required on the ingest port) and API client
+    /// certificates (optional on the API port, where bearer tokens also work).
     #[arg(long, value_name = "FILE")]
-    client_ca: PathBuf,
-    /// Log filter for the collector's own messages on standard error.
-    #[arg(long, default_value = "info", value_name = "FILTER")]
-    log: String,
-    /// Seconds an agent may take to send its Hello after connecting.
-    #[arg(long, default_value_t = 10, value_name = "SECS")]
-    first_message_timeout: u64,
-    /// Seconds of silence after which a stream is closed.
-    #[arg(long, default_value_t = 300, value_name = "SECS")]
-    idle_timeout: u64,
-    /// Most records and checkpoints in one batch.
-    #[arg(long, default_value_t = 10_000, value_name = "N")]
-    max_batch: usize,
-    /// Largest message accepted, in bytes.
-    #[arg(long, default_value_t = 8 << 20, value_name = "BYTES")]
-    max_message_bytes: usize,
+    client_ca: Option<PathBuf>,
+    /// This collector's name in the access log [default: the host name].
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+    /// Retention period of the store ("6years", "400days"); stored in the database so that
+    /// every collector sharing it applies the same [default: 6years, or what the store has].
+    #[arg(long, value_name = "DURATION")]
+    retention: Option<String>,
+    /// Log filter for the collector's own messages on standard error [default: info].
+    #[arg(long, value_name = "FILTER")]
+    log: Option<String>,
+    /// Seconds an agent may take to send its Hello after connecting [default: 10].
+    #[arg(long, value_name = "SECS")]
+    first_message_timeout: Option<u64>,
+    /// Seconds of silence after which a stream is closed [default: 300].
+    #[arg(long, value_name = "SECS")]
+    idle_timeout: Option<u64>,
+    /// Most records and checkpoints in one batch [default: 10000].
+    #[arg(long, value_name = "N")]
+    max_batch: Option<usize>,
+    /// Largest message accepted, in bytes [default: 8388608].
+    #[arg(long, value_name = "BYTES")]
+    max_message_bytes: Option<usize>,
 }
 
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let pool = Pool::open(&args.db, 8)?;
-    let tls = tls::server_config(&args.tls_cert, &args.tls_key, &args.client_ca)?;
-    let limits = Limits {
-        first_message: std::time::Duration::from_secs(args.first_message_timeout.max(1)),
-        idle: std::time::Duration::from_secs(args.idle_timeout.max(1)),
-        max_batch: args.max_batch.max(1),
-        max_message_bytes: args.max_message_bytes.max(1024),
-        ..Limits::default()
+impl ServeArgs {
+    fn settings(self) -> anyhow::Result<config::Settings> {
+        let file = match &self.config {
+            Some(p) => FileConfig::load(p)?,
+            None => FileConfig::default(),
+        };
+        config::resolve(
+            file,
+            Flags {
+                listen: self.listen,
+                api_listen: self.api_listen,
+                db: self.db,
+                tls_cert: self.tls_cert,
+                tls_key: self.tls_key,
+                client_ca: self.client_ca,
+                name: self.name,
+                retention: self.retention,
+                log: self.log,
+                first_message_timeout: self.first_message_timeout,
+                idle_timeout: self.idle_timeout,
+                max_batch: self.max_batch,
+                max_message_bytes: self.max_message_bytes,
+            },
+        )
+    }
+}
+
+async fn serve(s: config::Settings) -> anyhow::Result<()> {
+    let pool = Pool::open(&s.db, 8)?;
+    if let Some(period) = s.retention {
+        let secs = period.as_secs().to_string();
+        pool.run(move |st| st.set_setting(retention::SETTING, &secs))
+            .await?;
+    }
+    let period = pool.run(|st| retention::period(st)).await?;
+    let ingest_tls = tls::server_config(&s.tls_cert, &s.tls_key, &s.client_ca)?;
+    let api_tls = match s.api_listen {
+        Some(_) => Some(api::server::tls_config(
+            &s.tls_cert,
+            &s.tls_key,
+            &s.client_ca,
+        )?),
+        None => None,
     };
-    let service = IngestService::new(pool, limits);
-    let shutdown = async {
+    let api = Api::new(pool.clone(), s.name.clone());
+    let api_listener = match s.api_listen {
+        Some(addr) => Some(api::server::bind(addr).await?),
+        None => None,
+    };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    tracing::info!(
+        listen = %s.listen,
+        api = %s.api_listen.map_or("off".into(), |a| a.to_string()),
+        db = %store::display_url(&s.db),
+        backend = pool.backend(),
+        retention = %humantime::format_duration(period),
+        "phi-collector serving"
+    );
+
+    let api_task = api_listener.zip(api_tls).map(|(listener, tls)| {
+        let api = api.clone();
+        let stop = stopped(stop_rx.clone());
+        tokio::spawn(async move { api::server::serve(listener, tls, api, stop).await })
+    });
+    // Retention runs at start and then every hour.
+    let retention_task = {
+        let api = api.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            loop {
+                match api::retention_pass(&api).await {
+                    Ok(r) => {
+                        for h in r.hosts.iter().filter(|h| h.records > 0) {
+                            tracing::info!(
+                                host = %h.host_id,
+                                through_seq = h.through_seq,
+                                records = h.records,
+                                "retention removed records older than the retention period"
+                            );
+                        }
+                    }
+                    Err(e) => tracing::warn!("retention pass failed: {}", e.message()),
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(api::RETENTION_INTERVAL) => {}
+                    _ = stop.wait_for(|s| *s) => break,
+                }
+            }
+        })
+    };
+
+    let service = IngestService::new(pool, s.limits);
+    let signals = async move {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("signal handler");
         tokio::select! {
@@ -82,15 +186,22 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             _ = term.recv() => {}
         }
         tracing::info!("stopping");
+        let _ = stop_tx.send(true);
     };
-    tracing::info!(listen = %args.listen, db = %args.db, "phi-collector serving");
+    tokio::spawn(signals);
     tonic::transport::Server::builder()
-        .tls_config(tls)
+        .tls_config(ingest_tls)
         .context("TLS configuration")?
-        .add_service(IngestServer::new(service).max_decoding_message_size(limits.max_message_bytes))
-        .serve_with_shutdown(args.listen, shutdown)
+        .add_service(
+            IngestServer::new(service).max_decoding_message_size(s.limits.max_message_bytes),
+        )
+        .serve_with_shutdown(s.listen, stopped(stop_rx.clone()))
         .await
-        .with_context(|| format!("cannot serve on {}", args.listen))?;
+        .with_context(|| format!("cannot serve on {}", s.listen))?;
+    if let Some(t) = api_task {
+        t.await.context("API task")??;
+    }
+    let _ = retention_task.await;
     Ok(())
 }
 
@@ -98,7 +209,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => {
-            let filter = tracing_subscriber::EnvFilter::try_new(&args.log)
+            let settings = match args.settings() {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("phi-collector: error: {e:#}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let filter = tracing_subscriber::EnvFilter::try_new(&settings.log)
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
             tracing_subscriber::fmt()
                 .with_env_filter(filter)
@@ -113,7 +231,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(serve(args)) {
+            match runtime.block_on(serve(settings)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("phi-collector: error: {e:#}");

@@ -31,7 +31,9 @@ pub fn certificate_names(der: &[u8]) -> Vec<String> {
         }
     }
     for cn in cert.subject().iter_common_name() {
-        if let Ok(s) = cn.as_str() {
+        if let Ok(s) = cn.as_str()
+            && !names.iter().any(|n| n == s)
+        {
             names.push(s.to_owned());
         }
     }

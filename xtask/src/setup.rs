@@ -25,6 +25,7 @@ pub const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("openssh-server", "real ssh logins in the identity tests"),
     ("openssh-client", "the ssh client of those tests"),
     ("sudo", "the sudo chain in the identity tests"),
+    ("curl", "HTTP/JSON API tests"),
     (
         "postgresql",
         "the PostgreSQL store tests (a private server per test)",

@@ -277,6 +277,20 @@ pub trait Store: Send {
         from: u64,
         to: u64,
     ) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
+    /// The lowest and highest seq of `host_id`'s records with time in `since..until`.
+    fn seq_range(
+        &mut self,
+        host_id: &str,
+        since_ns: i64,
+        until_ns: i64,
+    ) -> Result<Option<(u64, u64)>, StoreError>;
+    /// The nearest checkpoint seq below `seq` (`above = false`) or at or above it.
+    fn checkpoint_near(
+        &mut self,
+        host_id: &str,
+        seq: u64,
+        above: bool,
+    ) -> Result<Option<u64>, StoreError>;
     /// A page of a timeline, ordered by (time, host, seq).
     fn timeline(
         &mut self,

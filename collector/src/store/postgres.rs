@@ -559,6 +559,39 @@ impl Store for PgStore {
             .collect())
     }
 
+    fn seq_range(
+        &mut self,
+        host_id: &str,
+        since_ns: i64,
+        until_ns: i64,
+    ) -> Result<Option<(u64, u64)>, StoreError> {
+        let r = self.client.query_one(
+            "SELECT MIN(seq), MAX(seq) FROM records
+             WHERE host_id = $1 AND time_ns >= $2 AND time_ns < $3",
+            &[&host_id, &since_ns, &until_ns],
+        )?;
+        let (lo, hi): (Option<i64>, Option<i64>) = (r.get(0), r.get(1));
+        Ok(lo.zip(hi).map(|(l, h)| (l as u64, h as u64)))
+    }
+
+    fn checkpoint_near(
+        &mut self,
+        host_id: &str,
+        seq: u64,
+        above: bool,
+    ) -> Result<Option<u64>, StoreError> {
+        let sql = if above {
+            "SELECT MIN(seq) FROM checkpoints WHERE host_id = $1 AND seq >= $2"
+        } else {
+            "SELECT MAX(seq) FROM checkpoints WHERE host_id = $1 AND seq < $2"
+        };
+        let found: Option<i64> = self
+            .client
+            .query_one(sql, &[&host_id, &(seq as i64)])?
+            .get(0);
+        Ok(found.map(|s| s as u64))
+    }
+
     fn timeline(
         &mut self,
         filter: &Filter,

@@ -111,7 +111,7 @@ impl ServeArgs {
 }
 
 async fn serve(s: config::Settings) -> anyhow::Result<()> {
-    let pool = Pool::open(&s.db, 8)?;
+    let pool = Pool::open_async(&s.db, 8).await?;
     if let Some(period) = s.retention {
         let secs = period.as_secs().to_string();
         pool.run(move |st| st.set_setting(retention::SETTING, &secs))

@@ -84,11 +84,21 @@ pub struct Collector {
     child: Option<Child>,
     extra: Vec<String>,
     pub port: u16,
-    pub db: PathBuf,
+    pub api_port: u16,
+    /// The store: `sqlite:PATH` or a PostgreSQL URL.
+    pub db: String,
     dir: tempfile::TempDir,
     ca: PathBuf,
     cert: PathBuf,
     key: PathBuf,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("free port")
+        .local_addr()
+        .expect("addr")
+        .port()
 }
 
 impl Collector {
@@ -98,17 +108,22 @@ impl Collector {
 
     /// Starts with extra `serve` arguments (limits).
     pub fn start_with(pki: &Pki, extra: &[&str]) -> Collector {
+        Self::start_on(pki, None, extra)
+    }
+
+    /// Starts on the given store (`None`: a new SQLite file).
+    pub fn start_on(pki: &Pki, db: Option<&str>, extra: &[&str]) -> Collector {
         let dir = tempfile::tempdir().expect("collector dir");
-        let port = TcpListener::bind("127.0.0.1:0")
-            .expect("free port")
-            .local_addr()
-            .expect("addr")
-            .port();
+        let db = db.map_or_else(
+            || format!("sqlite:{}", dir.path().join("collector.db").display()),
+            str::to_owned,
+        );
         let mut c = Collector {
             child: None,
             extra: extra.iter().map(|s| (*s).to_owned()).collect(),
-            port,
-            db: dir.path().join("collector.db"),
+            port: free_port(),
+            api_port: free_port(),
+            db,
             dir,
             ca: pki.path("ca.pem"),
             cert: pki.path("collector.pem"),
@@ -122,6 +137,11 @@ impl Collector {
         format!("https://localhost:{}", self.port)
     }
 
+    /// The query API (gRPC and HTTP/JSON).
+    pub fn api_url(&self) -> String {
+        format!("https://localhost:{}", self.api_port)
+    }
+
     /// Starts the process (again) on the same port and database.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "already running");
@@ -133,8 +153,10 @@ impl Collector {
         let child = Command::new(collector_bin())
             .args(["serve", "--listen"])
             .arg(format!("127.0.0.1:{}", self.port))
+            .arg("--api-listen")
+            .arg(format!("127.0.0.1:{}", self.api_port))
             .arg("--db")
-            .arg(format!("sqlite:{}", self.db.display()))
+            .arg(&self.db)
             .arg("--tls-cert")
             .arg(&self.cert)
             .arg("--tls-key")
@@ -148,7 +170,9 @@ impl Collector {
             .expect("start phi-collector");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err()
+            || std::net::TcpStream::connect(("127.0.0.1", self.api_port)).is_err()
+        {
             assert!(
                 Instant::now() < deadline,
                 "the collector did not listen: {}",
@@ -171,72 +195,81 @@ impl Collector {
         std::fs::read_to_string(self.dir.path().join("collector.log")).unwrap_or_default()
     }
 
-    fn conn(&self) -> rusqlite::Connection {
-        let conn = rusqlite::Connection::open_with_flags(
-            &self.db,
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-        )
-        .expect("open the collector database");
-        conn.busy_timeout(Duration::from_secs(10))
-            .expect("busy timeout");
-        conn
+    /// The store, opened directly (as phictl --db would).
+    pub fn store(&self) -> Box<dyn phi_collector::store::Store> {
+        phi_collector::store::open(&self.db).expect("open the collector's store")
     }
 
     /// Every stored record of `host`, in seq order.
     pub fn records(&self, host: &str) -> Vec<Stored> {
-        if !self.db.exists() {
-            return Vec::new();
-        }
-        let conn = self.conn();
-        let Ok(mut stmt) =
-            conn.prepare("SELECT seq, hash, body FROM records WHERE host_id = ?1 ORDER BY seq")
-        else {
-            return Vec::new();
-        };
-        stmt.query_map([host], |r| {
-            let seq: i64 = r.get(0)?;
-            let hash: Vec<u8> = r.get(1)?;
-            let body: Vec<u8> = r.get(2)?;
-            Ok((seq as u64, hash, body))
-        })
-        .expect("query")
-        .map(|row| {
-            let (seq, hash, body) = row.expect("row");
-            Stored {
-                record: Record::decode(body.as_slice()).expect("stored body decodes"),
-                sealed: SealedRecord { seq, body, hash },
+        let mut store = self.store();
+        let mut out = Vec::new();
+        let mut after = 0;
+        loop {
+            let rows = store.chain(host, after, 10_000).expect("read the chain");
+            let Some(last) = rows.last() else { break };
+            after = last.seq;
+            for row in rows {
+                out.push(Stored {
+                    record: Record::decode(row.body.as_slice()).expect("stored body decodes"),
+                    sealed: SealedRecord {
+                        seq: row.seq,
+                        body: row.body,
+                        hash: row.hash,
+                    },
+                });
             }
-        })
-        .collect()
+        }
+        out
     }
 
     /// Tamper alerts: (kind, detail).
     pub fn alerts(&self) -> Vec<(String, String)> {
-        if !self.db.exists() {
-            return Vec::new();
-        }
-        let conn = self.conn();
-        let Ok(mut stmt) = conn.prepare("SELECT kind, detail FROM alerts ORDER BY id") else {
-            return Vec::new();
-        };
-        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-            .expect("query")
-            .map(|r| r.expect("row"))
+        self.store()
+            .alerts(None)
+            .expect("alerts")
+            .into_iter()
+            .map(|a| (a.alert.kind, a.alert.detail))
             .collect()
     }
 
     /// Checkpoints stored for `host` (count).
     pub fn checkpoints(&self, host: &str) -> usize {
-        if !self.db.exists() {
-            return 0;
-        }
-        self.conn()
-            .query_row(
-                "SELECT COUNT(*) FROM checkpoints WHERE host_id = ?1",
-                [host],
-                |r| r.get::<_, i64>(0),
-            )
-            .unwrap_or(0) as usize
+        self.store()
+            .checkpoints(host, 0, u64::MAX)
+            .expect("checkpoints")
+            .len()
+    }
+
+    /// Runs phictl on this collector's store directly (`--db`).
+    pub fn phictl_db(&self, args: &[&str]) -> Phictl {
+        Phictl::run(
+            Command::new(phictl_bin())
+                .args(["--db", &self.db])
+                .args(args),
+        )
+    }
+
+    /// Runs phictl against this collector's API with a token.
+    pub fn phictl_api(&self, pki: &Pki, token: &str, args: &[&str]) -> Phictl {
+        Phictl::run(
+            Command::new(phictl_bin())
+                .args(["--collector", &self.api_url(), "--ca"])
+                .arg(pki.path("ca.pem"))
+                .args(["--token", token])
+                .args(args),
+        )
+    }
+
+    /// A new principal with a token (made on the store directly, as an operator would).
+    pub fn token_for(&self, name: &str, role: &str) -> String {
+        let out = self.phictl_db(&["principals", "add", name, "--role", role, "--issue-token"]);
+        assert!(out.ok(), "{}", out.text());
+        out.stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("token (shown once; keep it secret): "))
+            .expect("a token")
+            .to_owned()
     }
 
     /// Waits until the stored records of `host` satisfy `done`.
@@ -271,6 +304,37 @@ impl Drop for Collector {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+}
+
+/// The result of one phictl run.
+#[derive(Debug)]
+pub struct Phictl {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Phictl {
+    pub fn run(cmd: &mut Command) -> Phictl {
+        let out = cmd.output().expect("run phictl");
+        Phictl {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    pub fn ok(&self) -> bool {
+        self.code == 0
+    }
+
+    /// Everything it printed, for assertion messages.
+    pub fn text(&self) -> String {
+        format!(
+            "exit {}\n--- stdout ---\n{}--- stderr ---\n{}",
+            self.code, self.stdout, self.stderr
+        )
     }
 }
 

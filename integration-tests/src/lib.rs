@@ -17,6 +17,7 @@ use std::{
 pub mod collector;
 pub mod postgres;
 pub mod sshd;
+pub mod synthetic;
 
 use serde_json::Value;
 

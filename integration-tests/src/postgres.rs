@@ -134,6 +134,17 @@ impl Postgres {
         format!("postgres://postgres@127.0.0.1:{}/{name}", self.port)
     }
 
+    /// A copy of database `from` (which must have no connections) as `to`; its URL.
+    pub fn copy_database(&self, from: &str, to: &str) -> String {
+        let admin = format!("postgres://postgres@127.0.0.1:{}/postgres", self.port);
+        let mut client =
+            postgres::Client::connect(&admin, postgres::NoTls).expect("connect as postgres");
+        client
+            .batch_execute(&format!("CREATE DATABASE \"{to}\" TEMPLATE \"{from}\""))
+            .expect("copy database");
+        format!("postgres://postgres@127.0.0.1:{}/{to}", self.port)
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.data.join("server.log")).unwrap_or_default()
     }

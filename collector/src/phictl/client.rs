@@ -141,8 +141,8 @@ impl Client {
         )))
     }
 
-    pub fn local(db: &str) -> anyhow::Result<Client> {
-        let pool = Pool::open(db, 2)?;
+    pub async fn local(db: &str) -> anyhow::Result<Client> {
+        let pool = Pool::open_async(db, 2).await?;
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|s| s.trim().to_owned())
             .unwrap_or_default();

@@ -401,7 +401,7 @@ async fn connect(conn: &Conn) -> Result<Client, Failure> {
             2,
             "give either --collector (the API) or --db (the store), not both".into(),
         )),
-        (None, Some(db)) => Ok(Client::local(db)?),
+        (None, Some(db)) => Ok(Client::local(db).await?),
         (Some(url), None) => {
             let token = match (&conn.token, &conn.token_file) {
                 (Some(t), _) => Some(t.clone()),

@@ -443,6 +443,14 @@ impl Pool {
         }))
     }
 
+    /// [`Pool::open`] from async code (the PostgreSQL client blocks while connecting).
+    pub async fn open_async(url: &str, size: usize) -> Result<std::sync::Arc<Pool>, StoreError> {
+        let url = url.to_owned();
+        tokio::task::spawn_blocking(move || Pool::open(&url, size))
+            .await
+            .map_err(|e| StoreError::Invalid(format!("opening the store failed: {e}")))?
+    }
+
     pub fn backend(&self) -> &'static str {
         self.backend
     }
@@ -483,5 +491,25 @@ impl Pool {
             idle.push(conn);
         }
         result
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        // The PostgreSQL client blocks while closing, which must not happen on an async
+        // worker thread: close the connections on a thread of their own.
+        let idle = self
+            .idle
+            .lock()
+            .map(|mut i| std::mem::take(&mut *i))
+            .unwrap_or_default();
+        if idle.is_empty() {
+            return;
+        }
+        if tokio::runtime::Handle::try_current().is_ok() {
+            let _ = std::thread::spawn(move || drop(idle)).join();
+        } else {
+            drop(idle);
+        }
     }
 }

@@ -205,8 +205,11 @@ fn populate(pki: &Pki, db: Option<&str>) -> (Collector, Stored) {
     )
 }
 
+/// One kind of tampering: its name, the edit, the seq verify must name and words it must use.
+type Case = (&'static str, Box<dyn Fn(&mut Db)>, u64, &'static str);
+
 /// The tampering, each on a fresh copy of the stored chain, and what verify must say.
-fn cases(s: &Stored) -> Vec<(&'static str, Box<dyn Fn(&mut Db)>, u64, &'static str)> {
+fn cases(s: &Stored) -> Vec<Case> {
     let edit_at = s.opens[OPENS / 3];
     let delete_at = s.opens[OPENS / 2];
     let swap_at = s.opens[OPENS / 2 + 5];

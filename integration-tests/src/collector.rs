@@ -272,6 +272,24 @@ impl Collector {
             .to_owned()
     }
 
+    /// Replaces the extra `serve` arguments for the next (re)start.
+    pub fn set_extra(&mut self, extra: &[&str]) {
+        self.extra = extra.iter().map(|s| (*s).to_owned()).collect();
+    }
+
+    /// Waits until `done` holds for the collector.
+    pub fn wait_until(&self, what: &str, timeout: Duration, done: impl Fn(&Collector) -> bool) {
+        let deadline = Instant::now() + timeout;
+        while !done(self) {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}\n--- collector log ---\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// Waits until the stored records of `host` satisfy `done`.
     pub fn wait_for(
         &self,

@@ -237,4 +237,23 @@ mod tests {
         let err = resolve(FileConfig::default(), Flags::default()).expect_err("no db");
         assert!(err.to_string().contains("--db"), "{err}");
     }
+
+    #[test]
+    fn the_example_config_loads() {
+        let example =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/collector.example.toml");
+        let file = FileConfig::load(&example).expect("deploy/collector.example.toml loads");
+        assert_eq!(file.listen, Some("0.0.0.0:4433".parse().expect("addr")));
+        assert_eq!(file.api_listen.as_deref(), Some("127.0.0.1:4434"));
+        assert_eq!(
+            file.db.as_deref(),
+            Some("sqlite:/var/lib/phi-audit/collector.db")
+        );
+        assert_eq!(file.limits.max_batch, Some(10_000));
+        let retention = file.retention.as_deref().expect("retention");
+        assert_eq!(
+            crate::retention::parse_period(retention).map(|d| d.as_secs()),
+            Ok(6 * 31_557_600)
+        );
+    }
 }

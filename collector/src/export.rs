@@ -316,6 +316,16 @@ pub fn write_bundle(
     Ok(manifest)
 }
 
+/// Size and SHA-256 (hex) of a finished bundle file, read from its start.
+pub fn file_digest(file: &mut File) -> io::Result<(u64, String)> {
+    use std::io::Seek as _;
+    file.rewind()?;
+    let mut hasher = Sha256::new();
+    let bytes = io::copy(file, &mut hasher)?;
+    file.rewind()?;
+    Ok((bytes, hex::encode(hasher.finalize())))
+}
+
 fn append<W: Write>(tar: &mut tar::Builder<W>, name: &str, bytes: &[u8]) -> io::Result<()> {
     let mut header = tar::Header::new_gnu();
     header.set_size(bytes.len() as u64);

@@ -150,13 +150,18 @@ impl Collector {
             .append(true)
             .open(self.dir.path().join("collector.log"))
             .expect("log");
-        let child = Command::new(collector_bin())
+        let (db, password) = crate::postgres::split_password(&self.db);
+        let mut cmd = Command::new(collector_bin());
+        if let Some(p) = password {
+            cmd.env("PGPASSWORD", p);
+        }
+        let child = cmd
             .args(["serve", "--listen"])
             .arg(format!("127.0.0.1:{}", self.port))
             .arg("--api-listen")
             .arg(format!("127.0.0.1:{}", self.api_port))
             .arg("--db")
-            .arg(&self.db)
+            .arg(&db)
             .arg("--tls-cert")
             .arg(&self.cert)
             .arg("--tls-key")
@@ -243,11 +248,12 @@ impl Collector {
 
     /// Runs phictl on this collector's store directly (`--db`).
     pub fn phictl_db(&self, args: &[&str]) -> Phictl {
-        Phictl::run(
-            Command::new(phictl_bin())
-                .args(["--db", &self.db])
-                .args(args),
-        )
+        let (db, password) = crate::postgres::split_password(&self.db);
+        let mut cmd = Command::new(phictl_bin());
+        if let Some(p) = password {
+            cmd.env("PGPASSWORD", p);
+        }
+        Phictl::run(cmd.args(["--db", &db]).args(args))
     }
 
     /// Runs phictl against this collector's API with a token.

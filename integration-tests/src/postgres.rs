@@ -53,6 +53,9 @@ fn ensure_installed() -> PathBuf {
     bin_dir().expect("postgresql installed but no /usr/lib/postgresql/<major>/bin/initdb")
 }
 
+/// The superuser's password in every test cluster.
+pub const PASSWORD: &str = "phi-test-secret";
+
 pub struct Postgres {
     bin: PathBuf,
     data: PathBuf,
@@ -67,7 +70,8 @@ fn as_postgres(bin: &Path, tool: &str) -> Command {
 }
 
 impl Postgres {
-    /// Creates and starts a cluster with trust authentication on 127.0.0.1.
+    /// Creates and starts a cluster on 127.0.0.1 that asks for a password over TCP
+    /// (SCRAM-SHA-256; user `postgres`, password [`PASSWORD`]), as production servers do.
     pub fn start() -> Postgres {
         let bin = ensure_installed();
         let dir = tempfile::Builder::new()
@@ -81,17 +85,21 @@ impl Postgres {
         run(Command::new("chown")
             .args(["-R", "postgres:postgres"])
             .arg(dir.path()));
+        let pwfile = dir.path().join("pwfile");
+        std::fs::write(&pwfile, format!("{PASSWORD}\n")).expect("password file");
+        run(Command::new("chown").arg("postgres:postgres").arg(&pwfile));
         run(as_postgres(&bin, "initdb")
             .args([
-                "-A",
-                "trust",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
                 "-U",
                 "postgres",
                 "-E",
                 "UTF8",
                 "--no-sync",
-                "-D",
             ])
+            .arg(format!("--pwfile={}", pwfile.display()))
+            .arg("-D")
             .arg(&data));
         let port = TcpListener::bind("127.0.0.1:0")
             .expect("free port")
@@ -123,26 +131,38 @@ impl Postgres {
         pg
     }
 
-    /// A new, empty database; its URL.
+    /// A new, empty database; its URL (with the password: see [`split_password`]).
     pub fn database(&self, name: &str) -> String {
-        let admin = format!("postgres://postgres@127.0.0.1:{}/postgres", self.port);
+        let admin = format!(
+            "postgres://postgres:{PASSWORD}@127.0.0.1:{}/postgres",
+            self.port
+        );
         let mut client =
             postgres::Client::connect(&admin, postgres::NoTls).expect("connect as postgres");
         client
             .batch_execute(&format!("CREATE DATABASE \"{name}\""))
             .expect("create database");
-        format!("postgres://postgres@127.0.0.1:{}/{name}", self.port)
+        format!(
+            "postgres://postgres:{PASSWORD}@127.0.0.1:{}/{name}",
+            self.port
+        )
     }
 
     /// A copy of database `from` (which must have no connections) as `to`; its URL.
     pub fn copy_database(&self, from: &str, to: &str) -> String {
-        let admin = format!("postgres://postgres@127.0.0.1:{}/postgres", self.port);
+        let admin = format!(
+            "postgres://postgres:{PASSWORD}@127.0.0.1:{}/postgres",
+            self.port
+        );
         let mut client =
             postgres::Client::connect(&admin, postgres::NoTls).expect("connect as postgres");
         client
             .batch_execute(&format!("CREATE DATABASE \"{to}\" TEMPLATE \"{from}\""))
             .expect("copy database");
-        format!("postgres://postgres@127.0.0.1:{}/{to}", self.port)
+        format!(
+            "postgres://postgres:{PASSWORD}@127.0.0.1:{}/{to}",
+            self.port
+        )
     }
 
     pub fn log(&self) -> String {
@@ -157,5 +177,24 @@ impl Drop for Postgres {
             .arg(&self.data)
             .args(["-m", "immediate", "-w", "stop"])
             .output();
+    }
+}
+
+/// Splits `postgres://user:password@host/db` into the URL without the password and the
+/// password, which child processes get as `PGPASSWORD` (the way operators keep it out of
+/// command lines and config files).
+pub fn split_password(url: &str) -> (String, Option<String>) {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return (url.to_owned(), None);
+    };
+    let Some((userinfo, host)) = rest.split_once('@') else {
+        return (url.to_owned(), None);
+    };
+    match userinfo.split_once(':') {
+        Some((user, password)) => (
+            format!("{scheme}://{user}@{host}"),
+            Some(password.to_owned()),
+        ),
+        None => (url.to_owned(), None),
     }
 }

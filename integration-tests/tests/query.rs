@@ -550,16 +550,75 @@ fn evidence_bundles_verify_offline_and_reveal_any_edit() {
     );
     assert!(check.ok(), "{}", check.text());
 
-    // Exports are recorded with who asked for what.
+    // Exports are recorded with who asked for what, and what was handed out: the SHA-256
+    // of each bundle, the same as the file's.
     let admin = collector.token_for("ops", "admin");
     let log = json(&collector.phictl_api(&pki, &admin, &["--format", "json", "access-log"]));
-    let exports = log["entries"]
+    let exports: Vec<&serde_json::Value> = log["entries"]
         .as_array()
         .expect("entries")
         .iter()
         .filter(|e| e["action"] == "Export" && e["principal"] == "alice")
-        .count();
-    assert_eq!(exports, 3, "{log:#}");
+        .collect();
+    assert_eq!(
+        exports.len(),
+        6,
+        "a request and a result per export: {log:#}"
+    );
+    for file in [&bundle, &tail, &via_http] {
+        let sha = sha256_hex(file);
+        let hit = exports
+            .iter()
+            .filter(|e| {
+                e["detail"]
+                    .as_str()
+                    .is_some_and(|d| d.contains(&format!("SHA-256 {sha}")))
+            })
+            .count();
+        assert_eq!(
+            hit,
+            1,
+            "{} ({sha}) is not in the access log: {log:#}",
+            file.display()
+        );
+    }
+    // phictl's own summary carries the file's SHA-256 too.
+    let again = dir.path().join("again.tar.gz");
+    let out = collector.phictl_api(
+        &pki,
+        &token,
+        &[
+            "export",
+            "--host",
+            HOST,
+            "--since",
+            &at(15),
+            "--until",
+            &at(27),
+            "-o",
+            again.to_str().expect("utf-8"),
+        ],
+    );
+    assert!(out.ok(), "{}", out.text());
+    assert!(
+        out.stdout
+            .contains(&format!("SHA-256 {}", sha256_hex(&again))),
+        "{}",
+        out.text()
+    );
+}
+
+fn sha256_hex(file: &std::path::Path) -> String {
+    let out = Command::new("sha256sum")
+        .arg(file)
+        .output()
+        .expect("sha256sum");
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .expect("hash")
+        .to_owned()
 }
 
 /// RFC 3339 in UTC for seconds since the epoch.

@@ -85,6 +85,24 @@ fn two_collectors_share_one_postgres_store() {
     let pg = Postgres::start();
     let url = pg.database("shared");
     let pki = Pki::new(&[HOST, RACE]);
+    // The server asks for a password: without PGPASSWORD the store is refused with the
+    // reason, and the password never shows in the message.
+    let (bare, _) = integration_tests::postgres::split_password(&url);
+    let refused = integration_tests::collector::Phictl::run(
+        std::process::Command::new(integration_tests::collector::phictl_bin())
+            .env_remove("PGPASSWORD")
+            .args(["--db", &bare, "hosts"]),
+    );
+    assert!(!refused.ok(), "a store without its password was opened");
+    let text = refused.text();
+    assert!(
+        text.contains("cannot connect to postgres://") && text.contains("password"),
+        "{text}"
+    );
+    assert!(
+        !text.contains(integration_tests::postgres::PASSWORD),
+        "{text}"
+    );
     let one = Collector::start_on(&pki, Some(&url), &["--name", "collector-one"]);
     let two = Collector::start_on(&pki, Some(&url), &["--name", "collector-two"]);
 

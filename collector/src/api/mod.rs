@@ -484,6 +484,19 @@ impl Api {
         }
         let (tx, rx) = mpsc::channel(64);
         let pool = Arc::clone(&self.pool);
+        // What was handed out is recorded too: the bundle's hash ties a file an auditor
+        // presents later to this export.
+        let done_entry = AccessEntry {
+            principal: caller.principal.clone(),
+            role: caller.role.as_str().into(),
+            method: caller.method.into(),
+            action: "Export".into(),
+            request: json(&req),
+            outcome: "ok".into(),
+            remote: caller.remote.clone(),
+            collector: self.name.clone(),
+            ..Default::default()
+        };
         tokio::spawn(async move {
             let progress_tx = tx.clone();
             let built = pool
@@ -491,7 +504,7 @@ impl Api {
                     let mut file = tempfile::tempfile().map_err(|e| {
                         StoreError::Invalid(format!("cannot create a temporary file: {e}"))
                     })?;
-                    export::write_bundle(s, &spec, &mut file, &mut |done, total| {
+                    let manifest = export::write_bundle(s, &spec, &mut file, &mut |done, total| {
                         let _ = progress_tx.blocking_send(Ok(ExportChunk {
                             done,
                             total,
@@ -501,6 +514,21 @@ impl Api {
                     .map_err(|e| match e {
                         export::ExportError::Store(e) => e,
                         other => StoreError::Invalid(other.to_string()),
+                    })?;
+                    let (bytes, sha256) = export::file_digest(&mut file).map_err(|e| {
+                        StoreError::Invalid(format!("cannot read the bundle back: {e}"))
+                    })?;
+                    s.log_access(AccessEntry {
+                        time: Some(timestamp(now_ns())),
+                        detail: format!(
+                            "evidence bundle of {bytes} bytes, SHA-256 {sha256}: {} records, \
+                             seq {}..{}, signed through {}",
+                            manifest.records,
+                            manifest.first_seq,
+                            manifest.last_seq,
+                            manifest.signed_through
+                        ),
+                        ..done_entry
                     })?;
                     Ok(file)
                 })

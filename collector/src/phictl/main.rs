@@ -809,11 +809,16 @@ async fn remote_command(c: &mut Client, command: Command, json: bool) -> Result<
                 .with_context(|| format!("cannot reopen {}", a.output.display()))?;
             let report = phi_collector::export::verify_bundle(file, &mut |_, _| {})
                 .map_err(|e| Failure(2, e.to_string()))?;
+            let mut file = std::fs::File::open(&a.output)
+                .with_context(|| format!("cannot reopen {}", a.output.display()))?;
+            let (_, sha256) = phi_collector::export::file_digest(&mut file)
+                .with_context(|| format!("cannot read {}", a.output.display()))?;
             let m = &report.manifest;
             if json {
                 json_pretty(&serde_json::json!({
                     "file": a.output,
                     "bytes": bytes,
+                    "sha256": sha256,
                     "ok": report.ok,
                     "manifest": m,
                 }))?;
@@ -833,6 +838,7 @@ async fn remote_command(c: &mut Client, command: Command, json: bool) -> Result<
                     },
                     if report.ok { "yes" } else { "NO" }
                 );
+                println!("  SHA-256 {sha256} (also in the collector's access log)");
                 for n in &report.notes {
                     println!("  note: {n}");
                 }

@@ -323,8 +323,31 @@ impl PgStore {
     /// Connects to `postgres://…` and migrates the schema (one collector at a time).
     pub fn connect(url: &str) -> Result<Self, StoreError> {
         let shown = super::display_url(url);
-        let client = Client::connect(url, NoTls)
-            .map_err(|e| StoreError::Postgres(format!("cannot connect to {shown}: {e}")))?;
+        let mut config: postgres::Config = url.parse().map_err(|e| {
+            StoreError::Postgres(format!(
+                "{shown} is not a PostgreSQL URL ({e}); the form is postgres://USER@HOST[:PORT]/DB"
+            ))
+        })?;
+        // The password stays out of URLs and config files: PGPASSWORD as libpq does.
+        if config.get_password().is_none() {
+            if let Ok(password) = std::env::var("PGPASSWORD") {
+                config.password(password);
+            }
+        }
+        let client = config.connect(NoTls).map_err(|e| {
+            let mut why = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                why = format!("{why}: {s}");
+                source = s.source();
+            }
+            let hint = if why.contains("password") {
+                " (give the password in the environment variable PGPASSWORD)"
+            } else {
+                ""
+            };
+            StoreError::Postgres(format!("cannot connect to {shown}: {why}{hint}"))
+        })?;
         let mut store = PgStore { client, shown };
         store.migrate()?;
         Ok(store)

@@ -329,10 +329,10 @@ impl PgStore {
             ))
         })?;
         // The password stays out of URLs and config files: PGPASSWORD as libpq does.
-        if config.get_password().is_none() {
-            if let Ok(password) = std::env::var("PGPASSWORD") {
-                config.password(password);
-            }
+        if config.get_password().is_none()
+            && let Ok(password) = std::env::var("PGPASSWORD")
+        {
+            config.password(password);
         }
         let client = config.connect(NoTls).map_err(|e| {
             let mut why = e.to_string();

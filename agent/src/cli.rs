@@ -82,6 +82,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "FILE")]
     pub tls_key: Option<PathBuf>,
 
+    /// Address for plain-HTTP health and metrics: GET /healthz, /readyz and /metrics
+    /// (Prometheus), or "off" [default: 127.0.0.1:9464].
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
+
     /// Level of the agent's own log on standard error: error, warn, info, debug or trace (or a
     /// tracing filter such as "phi_agent=debug").
     #[arg(

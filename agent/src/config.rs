@@ -39,6 +39,8 @@ pub struct FileConfig {
     pub chain: ChainConfig,
     /// Where records are streamed (gRPC over mutual TLS).
     pub collector: Option<CollectorConfig>,
+    /// Health and metrics over plain HTTP ("ADDR:PORT" or "off"; default 127.0.0.1:9464).
+    pub metrics_listen: Option<String>,
 }
 
 /// `[spool]`: the durable on-disk log of records awaiting acknowledgement.
@@ -122,7 +124,11 @@ pub struct Overrides {
     pub tls_ca: Option<PathBuf>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    pub metrics_listen: Option<String>,
 }
+
+/// Default address of the health and metrics endpoints.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
 
 /// Default state directory.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/phi-audit";
@@ -140,6 +146,7 @@ pub struct Settings {
     pub journal: JournalConfig,
     pub heartbeat: Duration,
     pub collector: Option<Collector>,
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// A collector to stream to, fully resolved.
@@ -234,6 +241,15 @@ pub fn merge(file: &FileConfig, flags: &Overrides) -> Result<Settings, ConfigErr
     };
     let heartbeat =
         Duration::from_secs(positive(chain.heartbeat_seconds, "heartbeat_seconds", 30)?);
+    let metrics_listen = phi_telemetry::parse_listen(
+        flags
+            .metrics_listen
+            .as_deref()
+            .or(file.metrics_listen.as_deref())
+            .unwrap_or(DEFAULT_METRICS_LISTEN),
+        "metrics_listen",
+    )
+    .map_err(ConfigError::Invalid)?;
     let settings = Settings {
         host_id,
         watch,
@@ -245,6 +261,7 @@ pub fn merge(file: &FileConfig, flags: &Overrides) -> Result<Settings, ConfigErr
         journal,
         heartbeat,
         collector,
+        metrics_listen,
     };
     if !settings.stdout && settings.collector.is_none() {
         return Err(ConfigError::Invalid(
@@ -360,6 +377,21 @@ mod tests {
         assert_eq!(s.redaction.rules.len(), 1);
         assert_eq!(s.journal.max_bytes, 1 << 30);
         assert_eq!(s.journal.checkpoint_records, 1000);
+        assert_eq!(
+            s.metrics_listen,
+            Some("127.0.0.1:9464".parse().expect("addr"))
+        );
+        let off = Overrides {
+            metrics_listen: Some("off".into()),
+            ..Overrides::default()
+        };
+        assert_eq!(merge(&file, &off).expect("valid").metrics_listen, None);
+        let bad = Overrides {
+            metrics_listen: Some("9464".into()),
+            ..Overrides::default()
+        };
+        let err = merge(&file, &bad).expect_err("not an address");
+        assert!(err.to_string().contains("ADDR:PORT"), "{err}");
         let c = s.collector.expect("the example streams to a collector");
         assert_eq!(c.url, "https://collector.example:4433");
         assert_eq!(c.server_name, "collector.example");

@@ -204,6 +204,11 @@ impl Journal {
         self.spool.records()
     }
 
+    /// Bytes the spool holds.
+    pub fn spool_bytes(&self) -> u64 {
+        self.spool.bytes()
+    }
+
     /// True when the spool is at its limit.
     pub fn is_full(&self) -> bool {
         self.spool.bytes() >= self.cfg.max_bytes

@@ -15,6 +15,7 @@ mod process;
 mod record;
 mod redact;
 mod run;
+mod telemetry;
 mod text;
 mod transport;
 mod watch;
@@ -70,6 +71,7 @@ fn prepare(args: RunArgs) -> anyhow::Result<run::RunInput> {
         tls_ca: args.tls_ca,
         tls_cert: args.tls_cert,
         tls_key: args.tls_key,
+        metrics_listen: args.metrics_listen,
     };
     let settings = config::merge(&file, &overrides)?;
     for dir in &settings.watch {

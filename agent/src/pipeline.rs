@@ -56,6 +56,31 @@ impl LossTotals {
         ]
     }
 
+    /// Reason names, as metrics label them.
+    pub const REASONS: [&'static str; 7] = [
+        "ring_buffer_full",
+        "read_failure",
+        "truncated",
+        "depth_exceeded",
+        "program_busy",
+        "decode_error",
+        "spool_full",
+    ];
+
+    /// (reason, total) under the names of [`LossTotals::REASONS`].
+    pub fn named(&self) -> [(&'static str, u64); 7] {
+        let c = self.to_proto();
+        [
+            ("ring_buffer_full", c.ring_buffer_full),
+            ("read_failure", c.read_failure),
+            ("truncated", c.truncated),
+            ("depth_exceeded", c.depth_exceeded),
+            ("program_busy", c.program_busy),
+            ("decode_error", c.decode_error),
+            ("spool_full", c.spool_full),
+        ]
+    }
+
     pub fn to_proto(self) -> pb::DropCounters {
         pb::DropCounters {
             ring_buffer_full: self.kernel.get(DropReason::RingBufferFull),
@@ -98,6 +123,8 @@ pub struct Pipeline {
     /// Woken when new records are durable (the transport sends them).
     wake: Arc<Notify>,
     records_since_start: u64,
+    /// Records sealed since start, by kind.
+    pub records_by_kind: std::collections::BTreeMap<&'static str, u64>,
     decode_errors: u64,
     /// Totals already reported in gap records.
     reported: LossTotals,
@@ -124,6 +151,7 @@ impl Pipeline {
             stdout,
             wake: Arc::new(Notify::new()),
             records_since_start: 0,
+            records_by_kind: std::collections::BTreeMap::new(),
             decode_errors: 0,
             reported: LossTotals::default(),
         }
@@ -135,6 +163,7 @@ impl Pipeline {
         self.redactor.record(&mut record);
         if self.journal.append(&mut record)? == Appended::Sealed {
             self.records_since_start += 1;
+            *self.records_by_kind.entry(record.kind()).or_default() += 1;
             if let Some(out) = self.stdout.as_mut() {
                 out.write(&record)?;
             }

@@ -1,7 +1,7 @@
 //! `phi-agent run`: load the probes, then read events until SIGINT/SIGTERM. SIGHUP re-reads
 //! the configuration file and applies watch-list changes without a restart.
 
-use std::{path::PathBuf, time::Duration};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use phi_proto::v1::{self as pb, record::Event};
@@ -18,6 +18,7 @@ use crate::{
     probes::{self, ProbeOptions, Probes},
     process::ProcessTable,
     record::Stamp,
+    telemetry::{AgentMetrics, Snapshot},
     watch::WatchList,
 };
 
@@ -70,6 +71,39 @@ pub async fn run(input: RunInput) -> anyhow::Result<()> {
         lacking = %capabilities.lacking().join(","),
         "kernel probes attached"
     );
+    let consequences = capabilities.consequences();
+    for c in &consequences {
+        tracing::warn!("{c}");
+    }
+    let sensors: Vec<(String, String)> = Probes::sensors();
+    let metrics = Arc::new(AgentMetrics::new(
+        &settings.host_id,
+        &probes::preflight::kernel_release(),
+        &sensors,
+        &capabilities.held(),
+        &capabilities.lacking(),
+    ));
+    let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    if let Some(addr) = settings.metrics_listen {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(listener) => {
+                tracing::info!(%addr, "health and metrics on http://{addr}/metrics, /healthz, /readyz");
+                tokio::spawn(phi_telemetry::serve(
+                    listener,
+                    Arc::clone(&metrics.registry),
+                    Arc::clone(&metrics.health),
+                    async {
+                        let _ = metrics_stopped.await;
+                    },
+                ));
+            }
+            // Recording matters more than metrics: say so loudly and go on.
+            Err(e) => tracing::error!(
+                "cannot serve health and metrics on {addr}: {e}; recording continues without \
+                 them (choose another port with --metrics-listen, or off)"
+            ),
+        }
+    }
 
     let mut watches = WatchList::new(probes.take_watch_maps()?);
     for dir in &settings.watch {
@@ -120,9 +154,12 @@ pub async fn run(input: RunInput) -> anyhow::Result<()> {
         version: env!("CARGO_PKG_VERSION").into(),
         kernel_release: probes::preflight::kernel_release(),
         watch: pipeline.watches.paths(),
-        sensors: Probes::sensors()
-            .into_iter()
-            .map(|(kind, hook)| pb::Sensor { kind, hook })
+        sensors: sensors
+            .iter()
+            .map(|(kind, hook)| pb::Sensor {
+                kind: kind.clone(),
+                hook: hook.clone(),
+            })
             .collect(),
         drops: None,
         capabilities: capabilities.held(),
@@ -133,6 +170,7 @@ pub async fn run(input: RunInput) -> anyhow::Result<()> {
             .missing
             .iter()
             .map(|m| format!("{}: {}", m.field, m.consequence))
+            .chain(consequences.iter().cloned())
             .collect(),
     }))?;
     if let Some(c) = corruption {
@@ -153,6 +191,8 @@ pub async fn run(input: RunInput) -> anyhow::Result<()> {
     }
     pipeline.flush()?;
     tracing::info!(watch = ?pipeline.watches.paths(), "recording");
+    publish(&metrics, &pipeline, probes.counters(), acked);
+    metrics.health.ready();
 
     let mut tick = tokio::time::interval(TICK);
     let mut poll = tokio::time::interval(POLL);
@@ -167,6 +207,7 @@ pub async fn run(input: RunInput) -> anyhow::Result<()> {
                         acked = acked.max(seq);
                         pipeline.acknowledged(seq)?;
                     }
+                    Some(crate::transport::Report::Connected(up)) => metrics.connected(up),
                     None => reports = None,
                 }
             }
@@ -194,6 +235,7 @@ pub async fn run(input: RunInput) -> anyhow::Result<()> {
                 pipeline.clock.refresh();
                 pipeline.report_losses(probes.counters())?;
                 pipeline.heartbeat_if_idle(settings.heartbeat)?;
+                publish(&metrics, &pipeline, probes.counters(), acked);
                 if ticks.is_multiple_of(REVALIDATE_EVERY_TICKS) {
                     for note in pipeline.watches.revalidate() {
                         tracing::warn!("{note}");
@@ -204,6 +246,7 @@ pub async fn run(input: RunInput) -> anyhow::Result<()> {
         }
     };
 
+    metrics.health.not_ready(format!("stopping on {reason}"));
     // Drain what the kernel already handed over, then account for every loss.
     drain(ring.get_mut(), &mut pipeline, usize::MAX)?;
     let counters = probes.counters();
@@ -235,6 +278,7 @@ pub async fn run(input: RunInput) -> anyhow::Result<()> {
                     acked = acked.max(seq);
                     pipeline.acknowledged(seq)?;
                 }
+                Ok(Some(crate::transport::Report::Connected(_))) => {}
                 Ok(None) | Err(_) => break,
             }
         }
@@ -249,16 +293,32 @@ pub async fn run(input: RunInput) -> anyhow::Result<()> {
         let _ = closing_tx.send(true);
         let deadline = tokio::time::Instant::now() + STREAM_CLOSE;
         while let Ok(Some(report)) = tokio::time::timeout_at(deadline, rx.recv()).await {
-            let crate::transport::Report::Acked(seq) = report;
-            acked = acked.max(seq);
-            pipeline.acknowledged(seq)?;
+            if let crate::transport::Report::Acked(seq) = report {
+                acked = acked.max(seq);
+                pipeline.acknowledged(seq)?;
+            }
         }
     }
+    let _ = stop_metrics.send(());
     eprintln!(
         "phi-agent: stopped on {reason}, probes detached; drop counters: {}",
         totals.summary()
     );
     Ok(())
+}
+
+/// Publishes the pipeline's state to the metrics and beats the liveness clock.
+fn publish(metrics: &AgentMetrics, pipeline: &Pipeline, kernel: probes::Counters, acked: u64) {
+    metrics.publish(&Snapshot {
+        records: &pipeline.records_by_kind,
+        losses: pipeline.totals(kernel),
+        head_seq: pipeline.journal.head().seq,
+        acked_seq: acked,
+        spool_records: pipeline.journal.spooled(),
+        spool_bytes: pipeline.journal.spool_bytes(),
+        watched: pipeline.watches.paths().len(),
+        processes: pipeline.processes.len(),
+    });
 }
 
 /// Handles up to `max` ring-buffer items; returns how many there were.

@@ -33,6 +33,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 pub enum Report {
     /// The collector durably holds everything up to this seq.
     Acked(u64),
+    /// A stream came up (true) or ended in an error (false).
+    Connected(bool),
 }
 
 /// Everything a session needs.
@@ -62,6 +64,7 @@ pub fn spawn(stream: Stream) -> mpsc::UnboundedReceiver<Report> {
                 Ok(()) => backoff = BACKOFF_MIN,
                 Err(_) if *stream.closing.borrow() => break,
                 Err(e) => {
+                    let _ = tx.send(Report::Connected(false));
                     tracing::warn!(
                         collector = %stream.collector.url,
                         "stream to the collector ended: {e:#}; retrying in {backoff:?}"
@@ -151,6 +154,7 @@ async fn session(s: &Stream, reports: &mpsc::UnboundedSender<Report>) -> anyhow:
         durable_seq = welcome.durable_seq,
         "streaming to the collector"
     );
+    let _ = reports.send(Report::Connected(true));
     let _ = reports.send(Report::Acked(welcome.durable_seq));
 
     let mut reader = SpoolReader::open(

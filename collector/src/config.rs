@@ -18,6 +18,8 @@ pub struct FileConfig {
     pub listen: Option<SocketAddr>,
     /// Address of the query API (gRPC and HTTP/JSON); "off" disables it.
     pub api_listen: Option<String>,
+    /// Plain-HTTP health and metrics (`/healthz`, `/readyz`, `/metrics`); "off" disables it.
+    pub metrics_listen: Option<String>,
     /// `sqlite:PATH` or `postgres://…`.
     pub db: Option<String>,
     pub tls_cert: Option<PathBuf>,
@@ -61,6 +63,7 @@ impl FileConfig {
 pub struct Flags {
     pub listen: Option<SocketAddr>,
     pub api_listen: Option<String>,
+    pub metrics_listen: Option<String>,
     pub db: Option<String>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
@@ -79,6 +82,7 @@ pub struct Flags {
 pub struct Settings {
     pub listen: SocketAddr,
     pub api_listen: Option<SocketAddr>,
+    pub metrics_listen: Option<SocketAddr>,
     pub db: String,
     pub tls_cert: PathBuf,
     pub tls_key: PathBuf,
@@ -91,6 +95,7 @@ pub struct Settings {
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:4433";
 pub const DEFAULT_API_LISTEN: &str = "127.0.0.1:4434";
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9465";
 
 fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -157,9 +162,24 @@ pub fn resolve(file: FileConfig, flags: Flags) -> anyhow::Result<Settings> {
     if Some(listen) == api_listen {
         anyhow::bail!("--listen and --api-listen are both {listen}: give them different ports");
     }
+    let metrics_listen = phi_telemetry::parse_listen(
+        flags
+            .metrics_listen
+            .as_deref()
+            .or(file.metrics_listen.as_deref())
+            .unwrap_or(DEFAULT_METRICS_LISTEN),
+        "--metrics-listen",
+    )
+    .map_err(anyhow::Error::msg)?;
+    if let Some(m) = metrics_listen
+        && (m == listen || Some(m) == api_listen)
+    {
+        anyhow::bail!("--metrics-listen {m} is already the agents' or the API's port");
+    }
     let settings = Settings {
         listen,
         api_listen,
+        metrics_listen,
         db: flags.db.or(file.db).ok_or_else(|| {
             anyhow::anyhow!("missing the store: give --db sqlite:PATH or postgres://…")
         })?,
@@ -245,6 +265,7 @@ mod tests {
         let file = FileConfig::load(&example).expect("deploy/collector.example.toml loads");
         assert_eq!(file.listen, Some("0.0.0.0:4433".parse().expect("addr")));
         assert_eq!(file.api_listen.as_deref(), Some("127.0.0.1:4434"));
+        assert_eq!(file.metrics_listen.as_deref(), Some("127.0.0.1:9465"));
         assert_eq!(
             file.db.as_deref(),
             Some("sqlite:/var/lib/phi-audit/collector.db")

@@ -16,6 +16,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
     store::{HostState, Pool, Store, StoreError},
+    telemetry::CollectorMetrics,
     tls::certificate_names,
     verify::alert,
 };
@@ -52,11 +53,34 @@ impl Default for Limits {
 pub struct IngestService {
     pool: Arc<Pool>,
     limits: Limits,
+    metrics: Arc<CollectorMetrics>,
 }
 
 impl IngestService {
-    pub fn new(pool: Arc<Pool>, limits: Limits) -> Self {
-        IngestService { pool, limits }
+    pub fn new(pool: Arc<Pool>, limits: Limits, metrics: Arc<CollectorMetrics>) -> Self {
+        IngestService {
+            pool,
+            limits,
+            metrics,
+        }
+    }
+}
+
+/// Counts an open stream while it lives.
+struct StreamGuard(Arc<CollectorMetrics>);
+
+impl StreamGuard {
+    fn new(m: &Arc<CollectorMetrics>) -> StreamGuard {
+        m.streams.inc();
+        m.streams_active.set(m.streams_active.get() + 1.0);
+        StreamGuard(Arc::clone(m))
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        let g = &self.0.streams_active;
+        g.set((g.get() - 1.0).max(0.0));
     }
 }
 
@@ -109,6 +133,7 @@ impl IngestService {
         }
         let key = hello.public_key.clone();
         let version = hello.agent_version.clone();
+        let metrics = Arc::clone(&self.metrics);
         self.with_store(move |s| match s.host(&host_id).map_err(internal)? {
             None => {
                 tracing::info!(host = %host_id, "new host: pinning its key");
@@ -127,6 +152,7 @@ impl IngestService {
                 Ok(state)
             }
             Some(_) => {
+                metrics.alert("key-change");
                 s.alert(&alert(
                     &host_id,
                     "key-change",
@@ -146,7 +172,20 @@ impl IngestService {
 
     /// Verifies and stores one batch; returns the durable head.
     async fn ingest(&self, host_id: String, batch: Batch) -> Result<u64, Status> {
+        let started = std::time::Instant::now();
+        let result = self.ingest_batch(host_id, batch).await;
+        let m = &self.metrics;
+        m.ingest_seconds.add(started.elapsed().as_micros() as u64);
+        match &result {
+            Ok(_) => m.batches.inc(),
+            Err(_) => m.refused_batches.inc(),
+        }
+        result
+    }
+
+    async fn ingest_batch(&self, host_id: String, batch: Batch) -> Result<u64, Status> {
         let limits = self.limits;
+        let metrics = Arc::clone(&self.metrics);
         if batch.records.len() + batch.checkpoints.len() > limits.max_batch {
             return Err(Status::resource_exhausted(format!(
                 "a batch holds at most {} records and checkpoints",
@@ -167,6 +206,8 @@ impl IngestService {
         }
         self.with_store(move |s| {
             let appended = s.append(&host_id, batch).map_err(internal)?;
+            metrics.records.add(appended.records as u64);
+            metrics.checkpoints.add(appended.checkpoints as u64);
             if appended.records > 0 {
                 tracing::debug!(
                     host = %host_id,
@@ -177,6 +218,7 @@ impl IngestService {
                 );
             }
             if let Some(p) = appended.problem {
+                metrics.alert(&p.kind);
                 tracing::error!(host = %host_id, kind = %p.kind, "tamper alert: {}", p.detail);
                 return Err(Status::failed_precondition(format!(
                     "refused: {} (a tamper alert was stored)",
@@ -235,7 +277,9 @@ impl Ingest for IngestService {
             .map_err(|_| Status::cancelled("the agent went away"))?;
         tracing::info!(host = %host_id, durable_seq = state.head.seq, "agent connected");
         let service = self.clone();
+        let guard = StreamGuard::new(&self.metrics);
         tokio::spawn(async move {
+            let _guard = guard;
             loop {
                 let msg = match tokio::time::timeout(limits.idle, inbound.message()).await {
                     Err(_) => {

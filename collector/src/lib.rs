@@ -8,5 +8,6 @@ pub mod export;
 pub mod ingest;
 pub mod retention;
 pub mod store;
+pub mod telemetry;
 pub mod tls;
 pub mod verify;

@@ -2,7 +2,7 @@
 //! verifies every link and checkpoint, stores them (SQLite or PostgreSQL), and answers
 //! compliance queries over gRPC and HTTP/JSON.
 
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc};
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
@@ -12,6 +12,7 @@ use phi_collector::{
     ingest::IngestService,
     retention,
     store::{self, Pool},
+    telemetry::{self, CollectorMetrics},
     tls,
 };
 use phi_proto::v1::ingest_server::IngestServer;
@@ -46,6 +47,10 @@ struct ServeArgs {
     /// [default: 127.0.0.1:4434].
     #[arg(long, value_name = "ADDR")]
     api_listen: Option<String>,
+    /// Address for plain-HTTP health and metrics (GET /healthz, /readyz, /metrics), or `off`
+    /// [default: 127.0.0.1:9465].
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<String>,
     /// Storage: sqlite:PATH (embedded) or postgres://USER@HOST/DB (shared by collectors).
     #[arg(long, value_name = "URL")]
     db: Option<String>,
@@ -94,6 +99,7 @@ impl ServeArgs {
             Flags {
                 listen: self.listen,
                 api_listen: self.api_listen,
+                metrics_listen: self.metrics_listen,
                 db: self.db,
                 tls_cert: self.tls_cert,
                 tls_key: self.tls_key,
@@ -127,7 +133,8 @@ async fn serve(s: config::Settings) -> anyhow::Result<()> {
         )?),
         None => None,
     };
-    let api = Api::new(pool.clone(), s.name.clone());
+    let metrics = CollectorMetrics::new(&s.name, pool.backend());
+    let api = Api::new(pool.clone(), s.name.clone()).with_metrics(Arc::clone(&metrics));
     let api_listener = match s.api_listen {
         Some(addr) => Some(api::server::bind(addr).await?),
         None => None,
@@ -144,6 +151,27 @@ async fn serve(s: config::Settings) -> anyhow::Result<()> {
         retention = %humantime::format_duration(period),
         "phi-collector serving"
     );
+
+    if let Some(addr) = s.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+            format!(
+                "cannot serve health and metrics on {addr} (choose another port with \
+                 --metrics-listen, or off)"
+            )
+        })?;
+        tracing::info!(%addr, "health and metrics on http://{addr}/metrics, /healthz, /readyz");
+        tokio::spawn(phi_telemetry::serve(
+            listener,
+            Arc::clone(&metrics.registry),
+            Arc::clone(&metrics.health),
+            stopped(stop_rx.clone()),
+        ));
+    }
+    tokio::spawn(telemetry::watch_store(
+        Arc::clone(&pool),
+        Arc::clone(&metrics),
+        stop_rx.clone(),
+    ));
 
     let api_task = api_listener.zip(api_tls).map(|(listener, tls)| {
         let api = api.clone();
@@ -177,7 +205,7 @@ async fn serve(s: config::Settings) -> anyhow::Result<()> {
         })
     };
 
-    let service = IngestService::new(pool, s.limits);
+    let service = IngestService::new(pool, s.limits, metrics);
     let signals = async move {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("signal handler");

@@ -3,12 +3,12 @@
 
 use std::{
     ffi::OsString,
-    net::TcpListener,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
+use crate::free_port;
 use phi_chain::seal::{Head, check_link, head_of};
 use phi_proto::v1::{Record, SealedRecord};
 use prost::Message as _;
@@ -85,20 +85,14 @@ pub struct Collector {
     extra: Vec<String>,
     pub port: u16,
     pub api_port: u16,
+    /// Plain-HTTP health and metrics.
+    pub metrics_port: u16,
     /// The store: `sqlite:PATH` or a PostgreSQL URL.
     pub db: String,
     dir: tempfile::TempDir,
     ca: PathBuf,
     cert: PathBuf,
     key: PathBuf,
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("free port")
-        .local_addr()
-        .expect("addr")
-        .port()
 }
 
 impl Collector {
@@ -123,6 +117,7 @@ impl Collector {
             extra: extra.iter().map(|s| (*s).to_owned()).collect(),
             port: free_port(),
             api_port: free_port(),
+            metrics_port: free_port(),
             db,
             dir,
             ca: pki.path("ca.pem"),
@@ -160,6 +155,8 @@ impl Collector {
             .arg(format!("127.0.0.1:{}", self.port))
             .arg("--api-listen")
             .arg(format!("127.0.0.1:{}", self.api_port))
+            .arg("--metrics-listen")
+            .arg(format!("127.0.0.1:{}", self.metrics_port))
             .arg("--db")
             .arg(&db)
             .arg("--tls-cert")

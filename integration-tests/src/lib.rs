@@ -97,6 +97,45 @@ pub struct Agent {
     stderr: Option<JoinHandle<String>>,
     /// Every record received so far, in order.
     pub history: Vec<Value>,
+    /// Port of the health and metrics endpoints (a free one unless the test chose).
+    pub metrics_port: Option<u16>,
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("free port")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// GET `path` from a plain-HTTP endpoint on 127.0.0.1: (status code, body).
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::Write as _;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
+    Some((status, body))
+}
+
+/// The value of one series in a Prometheus text page (`name{labels}` exactly as written).
+pub fn metric(page: &str, series: &str) -> Option<f64> {
+    page.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
 }
 
 /// What a stopped agent left behind.
@@ -183,12 +222,29 @@ impl Agent {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
+        Self::start_wrapped(&[], args)
+    }
+
+    /// Starts the agent under a wrapper command (e.g. `setpriv … --`), which gets the agent's
+    /// path and arguments after its own.
+    pub fn start_wrapped<I, S>(wrapper: &[&str], args: I) -> Agent
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
         require_root();
         let args: Vec<std::ffi::OsString> =
             args.into_iter().map(|a| a.as_ref().to_owned()).collect();
         let state = (!args.iter().any(|a| a == "--state-dir"))
             .then(|| tempfile::tempdir().expect("state dir"));
-        let mut cmd = Command::new(agent_bin());
+        let mut cmd = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(agent_bin());
+                c
+            }
+            None => Command::new(agent_bin()),
+        };
         cmd.args(["run", "--stdout"]);
         if !args.iter().any(|a| a == "--log") {
             cmd.args(["--log", "warn"]);
@@ -197,6 +253,13 @@ impl Agent {
         if let Some(dir) = &state {
             cmd.arg("--state-dir").arg(dir.path());
         }
+        let metrics_port = if args.iter().any(|a| a == "--metrics-listen") {
+            None
+        } else {
+            let port = free_port();
+            cmd.arg("--metrics-listen").arg(format!("127.0.0.1:{port}"));
+            Some(port)
+        };
         let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -227,6 +290,7 @@ impl Agent {
             records: rx,
             stderr: Some(stderr),
             history: Vec::new(),
+            metrics_port,
         };
         agent.wait_for_within("the agent's start record", START_TIMEOUT, |r| {
             r["agent"]["phase"] == "PHASE_START"

@@ -6,31 +6,51 @@ use std::path::Path;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Cap {
     DacReadSearch = 2,
+    SysPtrace = 19,
     SysAdmin = 21,
     SysResource = 24,
-    AuditControl = 30,
     Perfmon = 38,
     Bpf = 39,
 }
 
 impl Cap {
+    /// What the agent uses, in the order it reports them.
     pub const ALL: [Cap; 6] = [
         Cap::Bpf,
         Cap::Perfmon,
-        Cap::SysResource,
         Cap::DacReadSearch,
+        Cap::SysPtrace,
+        Cap::SysResource,
         Cap::SysAdmin,
-        Cap::AuditControl,
     ];
+
+    /// What a complete record needs (CAP_SYS_ADMIN stands in for CAP_BPF and CAP_PERFMON;
+    /// CAP_SYS_RESOURCE only matters before Linux 5.11, which the agent does not support).
+    pub const NEEDED: [Cap; 4] = [Cap::Bpf, Cap::Perfmon, Cap::DacReadSearch, Cap::SysPtrace];
 
     pub const fn name(self) -> &'static str {
         match self {
             Cap::DacReadSearch => "CAP_DAC_READ_SEARCH",
+            Cap::SysPtrace => "CAP_SYS_PTRACE",
             Cap::SysAdmin => "CAP_SYS_ADMIN",
             Cap::SysResource => "CAP_SYS_RESOURCE",
-            Cap::AuditControl => "CAP_AUDIT_CONTROL",
             Cap::Perfmon => "CAP_PERFMON",
             Cap::Bpf => "CAP_BPF",
+        }
+    }
+
+    /// What the records lack when the agent runs without this capability.
+    const fn consequence(self) -> &'static str {
+        match self {
+            Cap::DacReadSearch => {
+                "watched directories this user cannot search are refused, and /proc details of \
+                 other users' processes may be missing"
+            }
+            Cap::SysPtrace => {
+                "the executable, working directory and environment (ssh origin) of other users' \
+                 processes that started before the agent are not recorded"
+            }
+            Cap::Bpf | Cap::Perfmon | Cap::SysAdmin | Cap::SysResource => "",
         }
     }
 }
@@ -67,12 +87,25 @@ impl Capabilities {
             .collect()
     }
 
-    /// Names of the capabilities of [`Cap::ALL`] that are not held.
+    /// Names of the capabilities of [`Cap::NEEDED`] that are not held (CAP_SYS_ADMIN covers
+    /// CAP_BPF and CAP_PERFMON).
     pub fn lacking(self) -> Vec<String> {
-        Cap::ALL
+        Cap::NEEDED
             .iter()
-            .filter(|c| !self.has(**c))
+            .filter(|c| {
+                let covered = matches!(c, Cap::Bpf | Cap::Perfmon) && self.has(Cap::SysAdmin);
+                !self.has(**c) && !covered
+            })
             .map(|c| c.name().to_owned())
+            .collect()
+    }
+
+    /// For each needed capability not held, what the records will lack.
+    pub fn consequences(self) -> Vec<String> {
+        Cap::NEEDED
+            .iter()
+            .filter(|c| !self.has(**c) && !c.consequence().is_empty())
+            .map(|c| format!("without {}: {}", c.name(), c.consequence()))
             .collect()
     }
 
@@ -91,8 +124,9 @@ pub enum PreflightError {
     NoBtf(String),
     #[error(
         "phi-agent lacks the privileges to load kernel probes (has: {held}): run it as root, or \
-         grant CAP_BPF and CAP_PERFMON (plus CAP_SYS_RESOURCE and CAP_DAC_READ_SEARCH), e.g. \
-         `setcap cap_bpf,cap_perfmon,cap_sys_resource,cap_dac_read_search+ep phi-agent`"
+         grant CAP_BPF and CAP_PERFMON (plus CAP_DAC_READ_SEARCH and CAP_SYS_PTRACE for complete \
+         records), e.g. `setcap cap_bpf,cap_perfmon,cap_dac_read_search,cap_sys_ptrace+ep phi-agent` \
+         or AmbientCapabilities= in the systemd unit"
     )]
     Privileges { held: String },
     #[error(
@@ -194,5 +228,25 @@ mod tests {
         assert!(!none.can_load_probes());
         assert_eq!(none.held(), Vec::<String>::new());
         assert!(none.lacking().contains(&"CAP_BPF".to_owned()));
+        assert_eq!(none.consequences().len(), 2);
+
+        // The set the DaemonSet and the systemd unit grant: nothing lacking.
+        let granted = Capabilities(
+            (1 << Cap::Bpf as u32)
+                | (1 << Cap::Perfmon as u32)
+                | (1 << Cap::DacReadSearch as u32)
+                | (1 << Cap::SysPtrace as u32),
+        );
+        assert!(granted.lacking().is_empty(), "{:?}", granted.lacking());
+        assert!(granted.consequences().is_empty());
+        // Without ptrace: loads, but says what the records will miss.
+        let no_ptrace = Capabilities::from_status("CapEff:\t000000c000000004\n");
+        assert!(no_ptrace.can_load_probes());
+        assert_eq!(no_ptrace.lacking(), vec!["CAP_SYS_PTRACE".to_owned()]);
+        assert!(no_ptrace.consequences()[0].contains("ssh origin"));
+        // CAP_SYS_ADMIN stands in for CAP_BPF and CAP_PERFMON.
+        let admin = Capabilities(1 << Cap::SysAdmin as u32);
+        assert!(admin.can_load_probes());
+        assert!(!admin.lacking().contains(&"CAP_BPF".to_owned()));
     }
 }

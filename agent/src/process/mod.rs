@@ -64,7 +64,7 @@ impl ProcessTable {
         table
     }
 
-    #[cfg(test)]
+    /// Processes known (running, or exited and kept a while for attribution).
     pub fn len(&self) -> usize {
         self.procs.len()
     }

@@ -155,6 +155,7 @@ pub struct Api {
     pool: Arc<Pool>,
     /// This collector's name in the access log.
     name: String,
+    metrics: Option<Arc<crate::telemetry::CollectorMetrics>>,
 }
 
 /// What a streaming call returns.
@@ -165,6 +166,19 @@ impl Api {
         Api {
             pool,
             name: name.into(),
+            metrics: None,
+        }
+    }
+
+    /// Counts calls in these metrics.
+    pub fn with_metrics(mut self, metrics: Arc<crate::telemetry::CollectorMetrics>) -> Api {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    fn count(&self, method: &str, outcome: &str) {
+        if let Some(m) = &self.metrics {
+            m.api_call(method, outcome);
         }
     }
 
@@ -222,6 +236,7 @@ impl Api {
                 remote,
             }),
             Err(why) => {
+                self.count("Authenticate", "denied");
                 let entry = AccessEntry {
                     time: Some(timestamp(now_ns())),
                     principal: "anonymous".into(),
@@ -247,6 +262,7 @@ impl Api {
         request: String,
     ) -> Result<(), Status> {
         let allowed = caller.role >= need;
+        self.count(action, if allowed { "ok" } else { "denied" });
         let entry = AccessEntry {
             time: Some(timestamp(now_ns())),
             principal: caller.principal.clone(),

@@ -25,6 +25,10 @@ pub enum Command {
     /// the probes are detached and the drop counters are printed. Needs root, or CAP_BPF and
     /// CAP_PERFMON.
     Run(RunArgs),
+    /// Attach empty programs to the agent's hooks and wait for SIGINT or SIGTERM: the cost
+    /// of the hooks alone, which the benchmarks compare the agent against.
+    #[command(hide = true)]
+    Floor,
 }
 
 #[derive(Args, Debug)]

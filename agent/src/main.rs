@@ -120,5 +120,30 @@ fn main() -> ExitCode {
                 Err(e) => fail(&e),
             }
         }
+        Command::Floor => {
+            init_logging("info");
+            match floor() {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(&e),
+            }
+        }
     }
+}
+
+/// `phi-agent floor`: the empty hooks, attached until a stop signal.
+fn floor() -> anyhow::Result<()> {
+    let ebpf = probes::attach_floor()?;
+    tracing::info!("empty programs attached to the agent's hooks; waiting for SIGINT or SIGTERM");
+    // SAFETY: signal-set manipulation on a local set, then a blocking wait for it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        let mut sig = 0;
+        libc::sigwait(&set, &mut sig);
+    }
+    drop(ebpf);
+    Ok(())
 }

@@ -190,6 +190,16 @@ fn read_segment(path: &Path) -> io::Result<Vec<u8>> {
     Ok(bytes)
 }
 
+impl Drop for Spool {
+    /// Hands buffered entries to the kernel (not made durable: that is `sync`'s job).
+    fn drop(&mut self) {
+        let _ = self.write_pending();
+    }
+}
+
+/// Bytes of appended entries buffered before they are written even without a `sync`.
+const PENDING_LIMIT: usize = 1 << 20;
+
 /// The writer side of the spool.
 pub struct Spool {
     dir: PathBuf,
@@ -197,6 +207,9 @@ pub struct Spool {
     file: Option<File>,
     segment_limit: u64,
     unsynced: bool,
+    /// Entries appended but not yet handed to the kernel: written in one `write` at the next
+    /// `sync` (group commit), or when it grows past [`PENDING_LIMIT`].
+    pending: Vec<u8>,
     /// Last record seq appended.
     last_seq: u64,
     durable: Arc<Mutex<Durable>>,
@@ -313,6 +326,7 @@ impl Spool {
                 file,
                 segment_limit,
                 unsynced: false,
+                pending: Vec::new(),
                 last_seq,
                 durable: Arc::new(Mutex::new(durable)),
                 records,
@@ -340,7 +354,21 @@ impl Spool {
         self.records
     }
 
+    /// Hands the buffered entries to the kernel (one `write`).
+    fn write_pending(&mut self) -> io::Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let Some(f) = self.file.as_mut() else {
+            return Err(io::Error::other("no spool segment"));
+        };
+        f.write_all(&self.pending)?;
+        self.pending.clear();
+        Ok(())
+    }
+
     fn start_segment(&mut self, first_seq: u64) -> io::Result<()> {
+        self.write_pending()?;
         if let Some(f) = &self.file
             && self.unsynced
         {
@@ -365,7 +393,7 @@ impl Spool {
         Ok(())
     }
 
-    /// Appends an entry (one `write`); durable after the next `sync`.
+    /// Appends an entry (buffered; written and made durable by the next `sync`).
     pub fn append(&mut self, entry: &Entry) -> io::Result<()> {
         let bytes = encode_entry(entry);
         if let Entry::Record(r) = entry {
@@ -381,14 +409,17 @@ impl Spool {
         } else if self.segments.is_empty() {
             return Err(io::Error::other("a checkpoint cannot open the spool"));
         }
-        let Some(f) = self.file.as_mut() else {
+        if self.file.is_none() {
             return Err(io::Error::other("no spool segment"));
-        };
-        f.write_all(&bytes)?;
+        }
+        self.pending.extend_from_slice(&bytes);
         if let Some(s) = self.segments.last_mut() {
             s.bytes += bytes.len() as u64;
         }
         self.unsynced = true;
+        if self.pending.len() >= PENDING_LIMIT {
+            self.write_pending()?;
+        }
         Ok(())
     }
 
@@ -398,6 +429,7 @@ impl Spool {
         if !self.unsynced {
             return Ok(false);
         }
+        self.write_pending()?;
         if let Some(f) = &self.file {
             f.sync_data()?;
         }
@@ -659,6 +691,33 @@ mod tests {
             .collect();
         assert_eq!(seqs, vec![2, 3]);
         assert!(reader.next_batch(10).expect("read").is_empty());
+    }
+
+    #[test]
+    fn appends_reach_the_file_in_one_write_at_sync_or_when_the_buffer_fills() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut spool, _) = Spool::open(dir.path()).expect("open");
+        let mut sealer = Sealer::new(Head::EMPTY);
+        let entries = records(&mut sealer, 3);
+        let file_len = |spool: &Spool| {
+            std::fs::metadata(&spool.segments.last().expect("segment").path)
+                .expect("segment file")
+                .len()
+        };
+        spool.append(&entries[0]).expect("append");
+        let after_first = file_len(&spool);
+        spool.append(&entries[1]).expect("append");
+        assert_eq!(file_len(&spool), after_first, "buffered until sync");
+        spool.sync().expect("sync");
+        assert_eq!(file_len(&spool), spool.bytes(), "written and synced");
+        // Dropping the writer hands what is buffered to the kernel.
+        spool.append(&entries[2]).expect("append");
+        let expected = spool.bytes();
+        let path = spool.segments.last().expect("segment").path.clone();
+        drop(spool);
+        assert_eq!(std::fs::metadata(path).expect("file").len(), expected);
+        let (spool, recovery) = Spool::open(dir.path()).expect("reopen");
+        assert_eq!(spool.records(), 3, "{recovery:?}");
     }
 
     #[test]

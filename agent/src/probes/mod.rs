@@ -372,6 +372,54 @@ impl Probes {
     }
 }
 
+/// Empty programs on the same hooks (see `phi-agent floor`).
+const FLOOR: &[(&str, &str)] = &[
+    ("floor_sys_exit", "sys_exit"),
+    ("floor_sched_process_exec", "sched_process_exec"),
+    ("floor_sched_process_fork", "sched_process_fork"),
+    ("floor_sched_process_exit", "sched_process_exit"),
+];
+
+/// Attaches only the empty programs, to the agent's hooks; they stay attached while the
+/// returned object lives.
+pub fn attach_floor() -> Result<aya::Ebpf, ProbeError> {
+    preflight::check(std::path::Path::new(BTF_PATH)).map_err(ProbeError::Preflight)?;
+    let aya_btf = aya::Btf::from_sys_fs().map_err(|e| {
+        ProbeError::Btf(BtfError::Read {
+            path: BTF_PATH.into(),
+            source: io::Error::other(e.to_string()),
+        })
+    })?;
+    let mut ebpf = EbpfLoader::new()
+        .btf(Some(&aya_btf))
+        .load(EBPF_OBJECT)
+        .map_err(|source| ProbeError::Load {
+            reason: explain_load_error(&source),
+            source: Box::new(source),
+        })?;
+    for (name, tracepoint) in FLOOR {
+        let program: &mut BtfTracePoint = ebpf
+            .program_mut(name)
+            .ok_or(ProbeError::MissingMap(name))?
+            .try_into()
+            .map_err(|source| ProbeError::Program {
+                program: name,
+                tracepoint,
+                reason: "not a tp_btf program".into(),
+                source: Box::new(source),
+            })?;
+        let fail = |source: ProgramError| ProbeError::Program {
+            program: name,
+            tracepoint,
+            reason: explain_program_error(&source),
+            source: Box::new(source),
+        };
+        program.load(tracepoint, &aya_btf).map_err(fail)?;
+        program.attach().map_err(fail)?;
+    }
+    Ok(ebpf)
+}
+
 /// Kernel-side loss and truncation totals.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counters {

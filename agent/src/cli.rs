@@ -24,7 +24,7 @@ pub enum Command {
     /// SIGHUP re-reads the configuration file and applies watch-list changes at once. On stop
     /// the probes are detached and the drop counters are printed. Needs root, or CAP_BPF and
     /// CAP_PERFMON.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Attach empty programs to the agent's hooks and wait for SIGINT or SIGTERM: the cost
     /// of the hooks alone, which the benchmarks compare the agent against.
     #[command(hide = true)]

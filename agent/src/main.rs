@@ -101,7 +101,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run(args) => {
             init_logging(&args.log);
-            let input = match prepare(args) {
+            let input = match prepare(*args) {
                 Ok(i) => i,
                 Err(e) => {
                     fail(&e);

@@ -42,6 +42,17 @@ pub struct DemoArgs {
     no_live: bool,
 }
 
+impl DemoArgs {
+    /// The scripted part only, in `root`, on free ports (what the test command runs).
+    pub fn scripted(root: PathBuf) -> DemoArgs {
+        DemoArgs {
+            root,
+            port: 0,
+            no_live: true,
+        }
+    }
+}
+
 /// The two people of the demo (local accounts created for it) and the group that may read
 /// the records.
 const ALICE: &str = "phi-demo-alice";

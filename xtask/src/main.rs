@@ -1,8 +1,12 @@
 //! Project automation that cargo alone cannot express: toolchain setup, privileged test runs,
-//! the live demo.
+//! the live demo, deployment checks and packaging.
 
+mod bench;
+mod bench_load;
 mod cmd;
 mod demo;
+mod deploy_check;
+mod package;
 mod setup;
 mod test;
 
@@ -25,6 +29,18 @@ enum Task {
     Test(test::TestArgs),
     /// Set up, build, and run the agent live on a demo directory of synthetic patient records.
     Demo(demo::DemoArgs),
+    /// Check deploy/: systemd-analyze on the units, kubernetes-validate and checkov on the
+    /// Kubernetes manifests (also part of `test`).
+    CheckDeploy(deploy_check::CheckDeployArgs),
+    /// Build release binaries and write a .deb and a .tar.gz (with install.sh) to
+    /// target/package/.
+    Package(package::PackageArgs),
+    /// Measure host overhead (against auditd and bpftrace), completeness under load, and the
+    /// collector's ingest and queries; writes BENCHMARKS.md (needs root).
+    Bench(bench::BenchArgs),
+    /// One benchmark workload in a process of its own (used by `bench`).
+    #[command(hide = true)]
+    BenchWorker(bench_load::WorkerArgs),
 }
 
 fn main() -> ExitCode {
@@ -33,6 +49,10 @@ fn main() -> ExitCode {
         Task::Setup => setup::run(),
         Task::Test(args) => test::run(&args),
         Task::Demo(args) => demo::run(&args),
+        Task::CheckDeploy(args) => deploy_check::run(&args),
+        Task::Package(args) => package::run(&args),
+        Task::Bench(args) => bench::run(&args),
+        Task::BenchWorker(args) => bench_load::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,5 +1,6 @@
-//! `cargo xtask setup`: installs the eBPF toolchain and the Debian packages the tests use.
-//! Idempotent: every step first checks, and only acts when something is missing.
+//! `cargo xtask setup`: installs the eBPF toolchain, the Debian packages the tests use and the
+//! Python linters of the deployment checks. Idempotent: every step first checks, and only acts
+//! when something is missing.
 
 use std::{
     path::{Path, PathBuf},
@@ -30,7 +31,26 @@ pub const DEBIAN_PACKAGES: &[(&str, &str)] = &[
         "postgresql",
         "the PostgreSQL store tests (a private server per test)",
     ),
+    ("systemd", "systemd-analyze for checking the unit files"),
+    (
+        "python3-venv",
+        "the venv of the deployment linters (kubernetes-validate, checkov)",
+    ),
+    ("auditd", "the auditd side of the host-overhead benchmark"),
+    (
+        "bpftrace",
+        "the bpftrace side of the host-overhead benchmark",
+    ),
 ];
+
+/// The pinned Python packages of the deployment checks (`pip freeze` of a working venv).
+const PYTHON_TOOLS_LOCK: &str = include_str!("../python-tools.txt");
+
+/// The console scripts the deployment checks run from that venv.
+const PYTHON_TOOLS: &[&str] = &["kubernetes-validate", "checkov"];
+
+/// Debian's interpreter (python3-venv), not whatever `python3` the PATH finds first.
+const SYSTEM_PYTHON: &str = "/usr/bin/python3";
 
 pub fn run() -> anyhow::Result<()> {
     let started = Instant::now();
@@ -41,6 +61,7 @@ pub fn run() -> anyhow::Result<()> {
     ensure_bpf_linker(llvm_major)?;
     ensure_cargo_fuzz()?;
     ensure_debian_packages()?;
+    ensure_python_tools()?;
     println!(
         "    setup complete in {:.1}s",
         started.elapsed().as_secs_f64()
@@ -232,4 +253,90 @@ fn ensure_debian_packages() -> anyhow::Result<()> {
             .args(["install", "-y", "-q", "--no-install-recommends"])
             .args(&missing),
     )
+}
+
+/// The venv holding the deployment linters; outside `target/` so that `cargo clean` keeps it.
+fn python_tools_venv() -> PathBuf {
+    cargo_home().join("phi-audit-pytools")
+}
+
+/// A console script of the deployment linters' venv (`kubernetes-validate`, `checkov`).
+pub fn python_tool(name: &str) -> PathBuf {
+    python_tools_venv().join("bin").join(name)
+}
+
+/// Records, inside the venv, the lock file it was installed from.
+fn python_tools_stamp() -> PathBuf {
+    python_tools_venv().join("phi-audit-python-tools.txt")
+}
+
+/// The venv is complete when it was installed from exactly this lock file, its interpreter
+/// still resolves, and the tools are there. A file comparison: no interpreter is started.
+fn python_tools_ok() -> bool {
+    let venv = python_tools_venv();
+    std::fs::read_to_string(python_tools_stamp()).is_ok_and(|s| s == PYTHON_TOOLS_LOCK)
+        && std::fs::metadata(venv.join("bin/python3")).is_ok()
+        && PYTHON_TOOLS.iter().all(|t| python_tool(t).is_file())
+}
+
+/// Pinned versions of the tools, from the lock file (for the report line).
+fn python_tool_versions() -> String {
+    PYTHON_TOOLS
+        .iter()
+        .map(|t| {
+            PYTHON_TOOLS_LOCK
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{t}==")))
+                .map_or_else(|| (*t).to_owned(), |v| format!("{t} {v}"))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// kubernetes-validate and checkov in their own venv, every package pinned by
+/// `xtask/python-tools.txt`. A venv from another lock file (or a broken one) is rebuilt whole.
+fn ensure_python_tools() -> anyhow::Result<()> {
+    let versions = python_tool_versions();
+    if python_tools_ok() {
+        println!("    {versions}: present");
+        return Ok(());
+    }
+    let venv = python_tools_venv();
+    println!(
+        "    {versions}: missing or from another lock file, installing into {} (about a minute)",
+        venv.display()
+    );
+    if venv.exists() {
+        std::fs::remove_dir_all(&venv)
+            .with_context(|| format!("cannot remove the old venv {}", venv.display()))?;
+    }
+    exec(Command::new(SYSTEM_PYTHON).args(["-m", "venv"]).arg(&venv))
+        .context("creating the venv needs Debian's python3-venv")?;
+    let lock = venv.join("requirements.txt");
+    std::fs::write(&lock, PYTHON_TOOLS_LOCK)
+        .with_context(|| format!("cannot write {}", lock.display()))?;
+    exec(
+        Command::new(venv.join("bin/pip"))
+            .args([
+                "install",
+                "--quiet",
+                "--no-input",
+                "--disable-pip-version-check",
+                "--require-virtualenv",
+                "-r",
+            ])
+            .arg(&lock),
+    )?;
+    std::fs::write(python_tools_stamp(), PYTHON_TOOLS_LOCK)
+        .with_context(|| format!("cannot write {}", python_tools_stamp().display()))?;
+    if !python_tools_ok() {
+        bail!(
+            "pip installed {} but {} still lacks {}",
+            lock.display(),
+            venv.display(),
+            PYTHON_TOOLS.join(" or ")
+        );
+    }
+    println!("    {versions}: installed");
+    Ok(())
 }

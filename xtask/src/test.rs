@@ -1,6 +1,6 @@
-//! `cargo xtask test`: setup, build, unit tests, lints, then the privileged tests that load the
-//! kernel probes into the running kernel (root, one test thread). With `CI=true` nothing may be
-//! skipped: a missing privilege is a failure.
+//! `cargo xtask test`: setup, lints, build, the deployment checks (`check-deploy`), unit tests,
+//! then the privileged tests that load the kernel probes into the running kernel (root, one test
+//! thread), the demo's scripted part and a short fuzz run. With `CI=true` nothing may be skipped: a missing privilege is a failure.
 
 use std::ffi::OsString;
 
@@ -9,7 +9,7 @@ use clap::Args;
 
 use crate::{
     cmd::{self, exec, step},
-    setup,
+    deploy_check, setup,
 };
 
 /// Fuzz targets (in `fuzz/`) and how long each runs in the test command.
@@ -36,6 +36,7 @@ const UNIT_PACKAGES: &[&str] = &[
     "phi-chain",
     "phi-agent",
     "phi-collector",
+    "phi-telemetry",
     "xtask",
 ];
 
@@ -102,6 +103,9 @@ pub fn run(args: &TestArgs) -> anyhow::Result<()> {
         "--all-targets",
     ]))?;
 
+    // The units are verified against the binaries just built.
+    deploy_check::check(&cmd::workspace_root().join("target/debug"))?;
+
     step("unit tests");
     let mut unit = cmd::cargo();
     unit.arg("test");
@@ -126,6 +130,14 @@ pub fn run(args: &TestArgs) -> anyhow::Result<()> {
         privileged.arg(OsString::from(f));
     }
     exec(&mut privileged)?;
+    if args.filter.is_none() {
+        // The README's main command, scripted part only: it must work as documented.
+        step("the main job: cargo xtask demo --no-live (in a scratch directory)");
+        let root = std::env::temp_dir().join(format!("phi-audit-demo-{}", std::process::id()));
+        let result = crate::demo::run(&crate::demo::DemoArgs::scripted(root.clone()));
+        let _ = std::fs::remove_dir_all(&root);
+        result?;
+    }
     fuzz(args.fuzz_seconds)?;
     step("all tests passed");
     Ok(())

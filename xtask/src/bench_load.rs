@@ -1,0 +1,203 @@
+//! The benchmark workloads, run in a process of their own (`cargo xtask bench-worker`) so
+//! that each measurement starts fresh under the auditing mode being measured. Prints one JSON
+//! object: operations done, seconds, nanoseconds per operation.
+
+use std::{
+    ffi::CString,
+    net::TcpListener,
+    os::unix::ffi::OsStrExt as _,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Args, ValueEnum};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Workload {
+    /// open + close of a file outside the watched tree.
+    OpenOutside,
+    /// open + close of a file inside the watched tree.
+    OpenInside,
+    /// fork + exec of /bin/true, waited for.
+    Exec,
+    /// TCP connect to a loopback listener, then close.
+    Connect,
+}
+
+impl Workload {
+    pub const ALL: [Workload; 4] = [
+        Workload::OpenOutside,
+        Workload::OpenInside,
+        Workload::Exec,
+        Workload::Connect,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Workload::OpenOutside => "open/close outside the watched tree",
+            Workload::OpenInside => "open/close inside the watched tree",
+            Workload::Exec => "exec storm (fork+exec /bin/true)",
+            Workload::Connect => "connect storm (TCP, loopback)",
+        }
+    }
+
+    pub fn arg(self) -> &'static str {
+        match self {
+            Workload::OpenOutside => "open-outside",
+            Workload::OpenInside => "open-inside",
+            Workload::Exec => "exec",
+            Workload::Connect => "connect",
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct WorkerArgs {
+    #[arg(long, value_enum)]
+    workload: Workload,
+    /// Operations to perform.
+    #[arg(long)]
+    ops: u64,
+    /// The benchmark directory (holds `watched/` and `outside/`).
+    #[arg(long)]
+    dir: PathBuf,
+    /// Operations per second (0: as fast as possible).
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    /// CPU to run on (the other CPUs are left to the auditing side).
+    #[arg(long)]
+    cpu: Option<usize>,
+}
+
+fn pin(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET stays within its bounds for cpu < 1024.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// Paces `ops` operations at `rate` per second (0: unpaced) in 1 ms slices.
+fn paced(ops: u64, rate: u64, mut op: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<()> {
+    if rate == 0 {
+        for _ in 0..ops {
+            op()?;
+        }
+        return Ok(());
+    }
+    let start = Instant::now();
+    let mut done = 0u64;
+    while done < ops {
+        let due = (start.elapsed().as_secs_f64() * rate as f64) as u64 + 1;
+        while done < due.min(ops) {
+            op()?;
+            done += 1;
+        }
+        let next = Duration::from_secs_f64(done as f64 / rate as f64);
+        if let Some(wait) = next.checked_sub(start.elapsed()) {
+            std::thread::sleep(wait.min(Duration::from_millis(1)));
+        }
+    }
+    Ok(())
+}
+
+fn open_close(path: &CString) -> anyhow::Result<()> {
+    // SAFETY: open and close of a valid NUL-terminated path.
+    unsafe {
+        let fd = libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+        if fd < 0 {
+            bail!("open failed: {}", std::io::Error::last_os_error());
+        }
+        libc::close(fd);
+    }
+    Ok(())
+}
+
+fn spawn_true(prog: &CString) -> anyhow::Result<()> {
+    let argv = [prog.as_ptr(), std::ptr::null()];
+    let envp: [*const libc::c_char; 1] = [std::ptr::null()];
+    let mut pid = 0;
+    // SAFETY: valid program path, NULL-terminated argv/envp; default attributes.
+    let ret = unsafe {
+        libc::posix_spawn(
+            &mut pid,
+            prog.as_ptr(),
+            std::ptr::null(),
+            std::ptr::null(),
+            argv.as_ptr().cast(),
+            envp.as_ptr().cast(),
+        )
+    };
+    if ret != 0 {
+        bail!(
+            "posix_spawn failed: {}",
+            std::io::Error::from_raw_os_error(ret)
+        );
+    }
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    Ok(())
+}
+
+pub fn run(args: &WorkerArgs) -> anyhow::Result<()> {
+    // Only the thread that performs the operations is pinned (the connect workload's
+    // accepting thread is started first and may run anywhere).
+    let pin_here = || {
+        if let Some(cpu) = args.cpu {
+            pin(cpu);
+        }
+    };
+    let file = |sub: &str| -> anyhow::Result<CString> {
+        let p = args.dir.join(sub).join("record.json");
+        std::fs::metadata(&p).with_context(|| format!("missing {}", p.display()))?;
+        Ok(CString::new(p.as_os_str().as_bytes())?)
+    };
+    let started;
+    match args.workload {
+        Workload::OpenOutside | Workload::OpenInside => {
+            let path = file(if args.workload == Workload::OpenInside {
+                "watched"
+            } else {
+                "outside"
+            })?;
+            pin_here();
+            started = Instant::now();
+            paced(args.ops, args.rate, || open_close(&path))?;
+        }
+        Workload::Exec => {
+            let prog = CString::new("/bin/true")?;
+            pin_here();
+            started = Instant::now();
+            paced(args.ops, args.rate, || spawn_true(&prog))?;
+        }
+        Workload::Connect => {
+            let listener = TcpListener::bind("127.0.0.1:0")?;
+            let addr = listener.local_addr()?;
+            std::thread::spawn(move || {
+                for s in listener.incoming() {
+                    drop(s);
+                }
+            });
+            pin_here();
+            started = Instant::now();
+            paced(args.ops, args.rate, || {
+                std::net::TcpStream::connect(addr).context("connect")?;
+                Ok(())
+            })?;
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        serde_json::json!({
+            "ops": args.ops,
+            "seconds": secs,
+            "ns_per_op": secs * 1e9 / args.ops.max(1) as f64,
+            "rate": args.ops as f64 / secs,
+        })
+    );
+    Ok(())
+}

@@ -37,6 +37,7 @@ const UNIT_PACKAGES: &[&str] = &[
     "phi-agent",
     "phi-collector",
     "phi-telemetry",
+    "phi-bench",
     "xtask",
 ];
 

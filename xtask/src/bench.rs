@@ -705,7 +705,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let mut collector = Vec::new();
     if !args.host_only {
         let (records, query) = if args.quick {
-            ("200000", "1000000")
+            ("100000", "200000")
         } else {
             ("1000000", "10000000")
         };

@@ -6,6 +6,7 @@ mod bench_load;
 mod cmd;
 mod demo;
 mod deploy_check;
+mod kernel_matrix;
 mod package;
 mod setup;
 mod test;
@@ -38,6 +39,10 @@ enum Task {
     /// Measure host overhead (against auditd and bpftrace), completeness under load, and the
     /// collector's ingest and queries; writes BENCHMARKS.md (needs root).
     Bench(bench::BenchArgs),
+    /// Boot Debian's own kernels under qemu (cached in target/kernel-matrix/) and prove on each,
+    /// and on the host kernel, that the agent records opens, execs and connects: PASS/FAIL per
+    /// kernel with the reason (needs root for the host row).
+    KernelMatrix(kernel_matrix::KernelMatrixArgs),
     /// One benchmark workload in a process of its own (used by `bench`).
     #[command(hide = true)]
     BenchWorker(bench_load::WorkerArgs),
@@ -52,6 +57,7 @@ fn main() -> ExitCode {
         Task::CheckDeploy(args) => deploy_check::run(&args),
         Task::Package(args) => package::run(&args),
         Task::Bench(args) => bench::run(&args),
+        Task::KernelMatrix(args) => kernel_matrix::run(&args),
         Task::BenchWorker(args) => bench_load::run(&args),
     };
     match result {

@@ -41,6 +41,16 @@ pub const DEBIAN_PACKAGES: &[(&str, &str)] = &[
         "bpftrace",
         "the bpftrace side of the host-overhead benchmark",
     ),
+    (
+        "qemu-system-x86",
+        "booting Debian's kernels for the kernel matrix",
+    ),
+    (
+        "xz-utils",
+        "unpacking the kernel images of the kernel matrix",
+    ),
+    ("zstd", "unpacking the kernel images of the kernel matrix"),
+    ("lz4", "unpacking the kernel images of the kernel matrix"),
 ];
 
 /// The pinned Python packages of the deployment checks (`pip freeze` of a working venv).

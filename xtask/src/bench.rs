@@ -887,7 +887,9 @@ fn render(
         &format!(
             "\nHighest rate measured with nothing lost: **{best_zero_loss:.0} opens/s** (target \
              ≥ 50,000/s on this machine). Above it, losses are counted and written as gap \
-             records, never silent: \"unaccounted\" must stay 0. Agent memory target ≤ 64 MiB.\n"
+             records, never silent: \"unaccounted\" (produced minus recorded minus lost) must never be \
+             positive; it can be slightly negative because the loss counters also count other \
+             processes' events lost while the ring buffer was full. Agent memory target ≤ 64 MiB.\n"
         ),
     );
 

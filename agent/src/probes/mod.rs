@@ -138,13 +138,17 @@ fn explain_program_error(err: &ProgramError) -> String {
         ProgramError::SyscallError(e) => e.io_error.raw_os_error(),
         _ => None,
     };
+    // A verifier log means the kernel looked at the program and refused it: that, not a
+    // missing privilege, is the reason, whatever the error number (EACCES or EFAULT).
+    let verified = matches!(err, ProgramError::LoadError { verifier_log, .. }
+        if verifier_log.to_string().lines().any(|l| !l.trim().is_empty()));
     match errno {
-        Some(libc::EPERM | libc::EACCES) if lockdown_confidentiality() => {
+        Some(libc::EPERM | libc::EACCES) if !verified && lockdown_confidentiality() => {
             "permission denied by kernel lockdown (confidentiality mode forbids BPF reading kernel \
              memory): boot with lockdown=integrity or none"
                 .into()
         }
-        Some(libc::EPERM | libc::EACCES) => {
+        Some(libc::EPERM | libc::EACCES) if !verified => {
             "permission denied: tracing programs need CAP_BPF and CAP_PERFMON (or root), and the \
              kernel must allow BPF tracing (kernel.unprivileged_bpf_disabled does not matter for \
              root; a security module may forbid it)"
@@ -157,13 +161,13 @@ fn explain_program_error(err: &ProgramError) -> String {
         }
         _ => match err {
             ProgramError::LoadError { verifier_log, .. }
-                if verifier_log
-                    .to_string()
-                    .contains("BPF program is too large") =>
+                if ["BPF program is too large", "is too complex"]
+                    .iter()
+                    .any(|m| verifier_log.to_string().contains(m)) =>
             {
-                "the kernel's verifier gave up: the program needs more verification steps than \
-                 this kernel allows (1 million since Linux 5.2); this is a phi-agent bug, please \
-                 report it with the kernel version"
+                "the kernel's verifier gave up: the program needs more verification steps or \
+                 branches than this kernel allows; this is a phi-agent bug, please report it \
+                 with the kernel version"
                     .into()
             }
             ProgramError::LoadError { verifier_log, .. } => {

@@ -175,7 +175,7 @@ impl IngestService {
         let started = std::time::Instant::now();
         let result = self.ingest_batch(host_id, batch).await;
         let m = &self.metrics;
-        m.ingest_seconds.add(started.elapsed().as_micros() as u64);
+        m.ingest_micros.add(started.elapsed().as_micros() as u64);
         match &result {
             Ok(_) => m.batches.inc(),
             Err(_) => m.refused_batches.inc(),

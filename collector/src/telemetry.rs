@@ -21,9 +21,7 @@ pub struct CollectorMetrics {
     pub streams_active: Gauge,
     pub streams: Counter,
     pub store_up: Gauge,
-    pub ingest_seconds: Counter,
-    registry_alerts: Arc<Registry>,
-    registry_api: Arc<Registry>,
+    pub ingest_micros: Counter,
 }
 
 impl CollectorMetrics {
@@ -71,13 +69,11 @@ impl CollectorMetrics {
                 &[],
             ),
             store_up: r.gauge("phi_collector_store_up", "1 while the store answers.", &[]),
-            ingest_seconds: r.counter(
+            ingest_micros: r.counter(
                 "phi_collector_ingest_microseconds_total",
                 "Time spent verifying and storing batches, in microseconds.",
                 &[],
             ),
-            registry_alerts: Arc::clone(&r),
-            registry_api: Arc::clone(&r),
             registry: r,
             health: Arc::new(Health::new(Duration::from_secs(30))),
         })
@@ -85,7 +81,7 @@ impl CollectorMetrics {
 
     /// A tamper or key-change alert was stored.
     pub fn alert(&self, kind: &str) {
-        self.registry_alerts
+        self.registry
             .counter(
                 "phi_collector_alerts_total",
                 "Tamper and key-change alerts raised at ingest, by kind.",
@@ -96,7 +92,7 @@ impl CollectorMetrics {
 
     /// A query API call, by method and outcome (ok, denied, unauthenticated).
     pub fn api_call(&self, method: &str, outcome: &str) {
-        self.registry_api
+        self.registry
             .counter(
                 "phi_collector_api_calls_total",
                 "Query API calls, by method and outcome.",

@@ -131,38 +131,34 @@ impl Postgres {
         pg
     }
 
-    /// A new, empty database; its URL (with the password: see [`split_password`]).
-    pub fn database(&self, name: &str) -> String {
-        let admin = format!(
-            "postgres://postgres:{PASSWORD}@127.0.0.1:{}/postgres",
-            self.port
-        );
+    /// Runs `sql` as the superuser on the `postgres` database.
+    fn admin(&self, sql: &str) {
+        let admin = self.url("postgres");
         let mut client =
             postgres::Client::connect(&admin, postgres::NoTls).expect("connect as postgres");
         client
-            .batch_execute(&format!("CREATE DATABASE \"{name}\""))
-            .expect("create database");
+            .batch_execute(sql)
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
+    /// The URL of database `name` (with the password: see [`split_password`]).
+    fn url(&self, name: &str) -> String {
         format!(
             "postgres://postgres:{PASSWORD}@127.0.0.1:{}/{name}",
             self.port
         )
     }
 
+    /// A new, empty database; its URL (with the password: see [`split_password`]).
+    pub fn database(&self, name: &str) -> String {
+        self.admin(&format!("CREATE DATABASE \"{name}\""));
+        self.url(name)
+    }
+
     /// A copy of database `from` (which must have no connections) as `to`; its URL.
     pub fn copy_database(&self, from: &str, to: &str) -> String {
-        let admin = format!(
-            "postgres://postgres:{PASSWORD}@127.0.0.1:{}/postgres",
-            self.port
-        );
-        let mut client =
-            postgres::Client::connect(&admin, postgres::NoTls).expect("connect as postgres");
-        client
-            .batch_execute(&format!("CREATE DATABASE \"{to}\" TEMPLATE \"{from}\""))
-            .expect("copy database");
-        format!(
-            "postgres://postgres:{PASSWORD}@127.0.0.1:{}/{to}",
-            self.port
-        )
+        self.admin(&format!("CREATE DATABASE \"{to}\" TEMPLATE \"{from}\""));
+        self.url(to)
     }
 
     pub fn log(&self) -> String {

@@ -423,23 +423,27 @@ fn evidence_bundles_verify_offline_and_reveal_any_edit() {
     let dir = tempfile::tempdir().expect("tempdir");
     let bundle = dir.path().join("evidence.tar.gz");
     let at = |minutes: i64| rfc3339(T0 + minutes * 60);
+    // phictl export of minutes [from, to) into `file`, as alice.
+    let export = |from: i64, to: i64, file: &std::path::Path| {
+        collector.phictl_api(
+            &pki,
+            &token,
+            &[
+                "export",
+                "--host",
+                HOST,
+                "--since",
+                &at(from),
+                "--until",
+                &at(to),
+                "-o",
+                file.to_str().expect("utf-8"),
+            ],
+        )
+    };
 
     // Records 15..=26 are in the window; the bundle widens to the checkpoints 10 and 30.
-    let out = collector.phictl_api(
-        &pki,
-        &token,
-        &[
-            "export",
-            "--host",
-            HOST,
-            "--since",
-            &at(15),
-            "--until",
-            &at(27),
-            "-o",
-            bundle.to_str().expect("utf-8"),
-        ],
-    );
+    let out = export(15, 27, &bundle);
     assert!(out.ok(), "{}", out.text());
     assert!(
         out.stdout.contains("12 in the window; verifies: yes"),
@@ -501,21 +505,7 @@ fn evidence_bundles_verify_offline_and_reveal_any_edit() {
 
     // The newest records, not yet under a checkpoint, are exported with a note.
     let tail = dir.path().join("tail.tar.gz");
-    let out = collector.phictl_api(
-        &pki,
-        &token,
-        &[
-            "export",
-            "--host",
-            HOST,
-            "--since",
-            &at(41),
-            "--until",
-            &at(60),
-            "-o",
-            tail.to_str().expect("utf-8"),
-        ],
-    );
+    let out = export(41, 60, &tail);
     assert!(out.ok(), "{}", out.text());
     assert!(
         out.stdout
@@ -584,21 +574,7 @@ fn evidence_bundles_verify_offline_and_reveal_any_edit() {
     }
     // phictl's own summary carries the file's SHA-256 too.
     let again = dir.path().join("again.tar.gz");
-    let out = collector.phictl_api(
-        &pki,
-        &token,
-        &[
-            "export",
-            "--host",
-            HOST,
-            "--since",
-            &at(15),
-            "--until",
-            &at(27),
-            "-o",
-            again.to_str().expect("utf-8"),
-        ],
-    );
+    let out = export(15, 27, &again);
     assert!(out.ok(), "{}", out.text());
     assert!(
         out.stdout

@@ -14,7 +14,7 @@
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -24,7 +24,7 @@ use serde_json::Value;
 
 use crate::{
     bench_load::Workload,
-    cmd::{self, exec, step},
+    cmd::{self, Running, exec, free_port, step},
     setup,
 };
 
@@ -92,48 +92,6 @@ impl Paths {
     }
 }
 
-/// Something running for a mode; stopped when dropped.
-struct Guard {
-    child: Option<Child>,
-    on_stop: Option<Box<dyn FnOnce()>>,
-}
-
-impl Guard {
-    fn none() -> Guard {
-        Guard {
-            child: None,
-            on_stop: None,
-        }
-    }
-}
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            // SAFETY: signalling our own child.
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(15);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = c.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        if let Some(f) = self.on_stop.take() {
-            f();
-        }
-    }
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 /// GET a path from 127.0.0.1:port; (status, body).
 fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
@@ -192,7 +150,7 @@ fn wait_for_line(stream: impl std::io::Read + Send + 'static, marker: &str) -> a
 }
 
 struct AgentHandle {
-    guard: Guard,
+    guard: Running,
     pid: u32,
     metrics: u16,
 }
@@ -212,16 +170,13 @@ fn start_agent(p: &Paths) -> anyhow::Result<AgentHandle> {
         .spawn()
         .context("cannot start phi-agent")?;
     let pid = child.id();
-    let mut guard = Guard {
-        child: Some(child),
-        on_stop: None,
-    };
+    let mut guard = Running::new(child);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if http_get(port, "/readyz").is_some_and(|(c, _)| c == 200) {
             break;
         }
-        if let Some(Ok(Some(status))) = guard.child.as_mut().map(Child::try_wait) {
+        if let Ok(Some(status)) = guard.child().try_wait() {
             bail!("phi-agent exited with {status}");
         }
         if Instant::now() > deadline {
@@ -260,20 +215,43 @@ fn ensure_tracefs() {
     }
 }
 
-fn start_bpftrace(script: &str) -> anyhow::Result<Guard> {
-    ensure_tracefs();
-    let mut child = Command::new("bpftrace")
-        .args(["-e", script])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("cannot start bpftrace (cargo xtask setup installs it)")?;
-    let out = child.stdout.take().context("bpftrace stdout")?;
-    let guard = Guard {
-        child: Some(child),
-        on_stop: None,
+/// Starts `cmd` with `stream` piped and waits for `marker` in it.
+fn start_until(
+    cmd: &mut Command,
+    what: &str,
+    stream: Stream,
+    marker: &str,
+) -> anyhow::Result<Running> {
+    match stream {
+        Stream::Stdout => cmd.stdout(Stdio::piped()).stderr(Stdio::null()),
+        Stream::Stderr => cmd.stdout(Stdio::null()).stderr(Stdio::piped()),
     };
-    wait_for_line(out, "Attaching").context("bpftrace")?;
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start {what}"))?;
+    let piped: Box<dyn std::io::Read + Send> = match stream {
+        Stream::Stdout => Box::new(child.stdout.take().context("stdout")?),
+        Stream::Stderr => Box::new(child.stderr.take().context("stderr")?),
+    };
+    let guard = Running::new(child);
+    wait_for_line(piped, marker).with_context(|| what.to_owned())?;
+    Ok(guard)
+}
+
+#[derive(Clone, Copy)]
+enum Stream {
+    Stdout,
+    Stderr,
+}
+
+fn start_bpftrace(script: &str) -> anyhow::Result<Running> {
+    ensure_tracefs();
+    let guard = start_until(
+        Command::new("bpftrace").args(["-e", script]),
+        "bpftrace (cargo xtask setup installs it)",
+        Stream::Stdout,
+        "Attaching",
+    )?;
     // bpftrace prints "Attaching" before the last probe is in place.
     std::thread::sleep(Duration::from_millis(500));
     Ok(guard)
@@ -294,20 +272,17 @@ fn auditctl(args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn start_auditd(p: &Paths) -> anyhow::Result<Guard> {
+fn start_auditd(p: &Paths) -> anyhow::Result<Running> {
     let child = Command::new("auditd")
         .arg("-n")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .context("cannot start auditd (cargo xtask setup installs it)")?;
-    let guard = Guard {
-        child: Some(child),
-        on_stop: Some(Box::new(|| {
-            let _ = auditctl(&["-D"]);
-            let _ = auditctl(&["-e", "0"]);
-        })),
-    };
+    let guard = Running::new(child).on_stop(|| {
+        let _ = auditctl(&["-D"]);
+        let _ = auditctl(&["-e", "0"]);
+    });
     std::thread::sleep(Duration::from_millis(500));
     let dir = format!("dir={}", p.watched().display());
     auditctl(&["-D"])?;
@@ -348,25 +323,18 @@ fn start_auditd(p: &Paths) -> anyhow::Result<Guard> {
     Ok(guard)
 }
 
-fn start_floor(p: &Paths) -> anyhow::Result<Guard> {
-    let mut child = Command::new(p.bin.join("phi-agent"))
-        .arg("floor")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("cannot start phi-agent floor")?;
-    let err = child.stderr.take().context("stderr")?;
-    let guard = Guard {
-        child: Some(child),
-        on_stop: None,
-    };
-    wait_for_line(err, "empty programs attached").context("phi-agent floor")?;
-    Ok(guard)
+fn start_floor(p: &Paths) -> anyhow::Result<Running> {
+    start_until(
+        Command::new(p.bin.join("phi-agent")).arg("floor"),
+        "phi-agent floor",
+        Stream::Stderr,
+        "empty programs attached",
+    )
 }
 
-fn start_mode(mode: Mode, p: &Paths) -> anyhow::Result<(Guard, Option<(u32, u16)>)> {
+fn start_mode(mode: Mode, p: &Paths) -> anyhow::Result<(Running, Option<(u32, u16)>)> {
     Ok(match mode {
-        Mode::None => (Guard::none(), None),
+        Mode::None => (Running::none(), None),
         Mode::Floor => (start_floor(p)?, None),
         Mode::Agent => {
             let a = start_agent(p)?;

@@ -22,7 +22,7 @@ use clap::Args;
 use serde_json::Value;
 
 use crate::{
-    cmd::{self, exec, step},
+    cmd::{self, Running, exec, step},
     setup,
 };
 
@@ -168,7 +168,7 @@ fn free_port(wanted: u16) -> anyhow::Result<u16> {
     if wanted != 0 && TcpListener::bind(("127.0.0.1", wanted)).is_ok() {
         return Ok(wanted);
     }
-    let port = TcpListener::bind(("127.0.0.1", 0))?.local_addr()?.port();
+    let port = cmd::free_port()?;
     if wanted != 0 {
         println!("    port {wanted} is taken; using {port}");
     }
@@ -196,40 +196,7 @@ fn spawn(cmd: &mut Command, what: &str) -> anyhow::Result<Running> {
         .process_group(0)
         .spawn()
         .with_context(|| format!("cannot start {what}"))?;
-    Ok(Running(Some(child)))
-}
-
-/// A child that is stopped (SIGTERM, then SIGKILL) when dropped, so that an error on the way
-/// leaves nothing running.
-struct Running(Option<Child>);
-
-impl Running {
-    fn child(&mut self) -> &mut Child {
-        self.0.as_mut().expect("running")
-    }
-
-    fn stop(&mut self, wait: Duration) {
-        let Some(mut child) = self.0.take() else {
-            return;
-        };
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + wait;
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.stop(Duration::from_secs(10));
-    }
+    Ok(Running::new(child))
 }
 
 /// A private sshd on a loopback port that accepts the demo people's keys.

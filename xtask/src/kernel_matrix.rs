@@ -997,9 +997,7 @@ fn outcome(
 
 /// A loopback TCP port nothing listens on right now.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_or(GUEST_PORT, |a| a.port())
+    crate::cmd::free_port().unwrap_or(GUEST_PORT)
 }
 
 /// The driver straight on the host, with the cached busybox for its tools.

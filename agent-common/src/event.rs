@@ -174,7 +174,8 @@ pub mod exec_flags {
 
 /// Body of an [`EventKind::Exec`] event. Tail: `exe_len` bytes of the executable's resolved
 /// path (leaf first), `filename_len` bytes of the name given to execve, `argv_len` bytes of
-/// the NUL-separated argument area, `env_len` bytes of the NUL-separated environment.
+/// the NUL-separated argument area, `env_len` bytes of the NUL-separated environment. After
+/// a failed read (`ARGV_READ_FAILED`, `ENV_READ_FAILED`) that area holds zeros.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct ExecEvent {

@@ -209,3 +209,22 @@ pub fn dentry_ino_dev(dentry: u64) -> Result<(u64, u32)> {
     let dev: u32 = read(sb, off!(sb_dev))?;
     Ok((ino, dev))
 }
+
+/// `len` capped at `max`, in a shape every verifier can bound: the comparison and the
+/// clamp are one register's, written out so the compiler cannot compare one copy and pass
+/// another (a spilled one) to a helper, whose bound the 6.1 verifier does not carry over.
+#[inline(always)]
+pub fn cap(len: usize, max: usize) -> usize {
+    let mut v = len as u64;
+    // SAFETY: two register instructions, no memory.
+    unsafe {
+        core::arch::asm!(
+            "if {v} <= {max} goto +1",
+            "{v} = {max}",
+            v = inout(reg) v,
+            max = in(reg) max as u64,
+            options(pure, nomem, nostack),
+        );
+    }
+    v as usize
+}

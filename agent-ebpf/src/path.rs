@@ -179,13 +179,16 @@ fn prefix_lookup_inner(user_path: u64) -> Option<(u32, bool)> {
     };
     key.prefix_len = (n * 8) as u32;
     let id = WATCH_PREFIXES.get(&*key).copied().unwrap_or(0);
+    // The scan ends at the NUL that bpf_probe_read_user_str always writes inside the
+    // buffer, not at `n`: the compiler folds `i < n` and `i < WATCH_PREFIX_MAX` into one
+    // counter whose bound verifiers before 6.8 cannot follow.
     let mut dotdot = false;
     let mut prev = 0u8;
     for i in 0..WATCH_PREFIX_MAX {
-        if i >= n {
+        let c = key.data[i];
+        if c == 0 {
             break;
         }
-        let c = key.data[i];
         if c == b'.' && prev == b'.' {
             dotdot = true;
             break;

@@ -1,6 +1,7 @@
 //! `cargo xtask test`: setup, lints, build, the deployment checks (`check-deploy`), unit tests,
 //! then the privileged tests that load the kernel probes into the running kernel (root, one test
-//! thread), the demo's scripted part and a short fuzz run. With `CI=true` nothing may be skipped: a missing privilege is a failure.
+//! thread), the demo's scripted part, the kernel matrix and a short fuzz run. With `CI=true`
+//! nothing may be skipped: a missing privilege is a failure.
 
 use std::ffi::OsString;
 
@@ -138,6 +139,10 @@ pub fn run(args: &TestArgs) -> anyhow::Result<()> {
         let result = crate::demo::run(&crate::demo::DemoArgs::scripted(root.clone()));
         let _ = std::fs::remove_dir_all(&root);
         result?;
+        // Every kernel of the matrix (Debian's under qemu, and the host's) must see the
+        // same actions.
+        step("kernel matrix: cargo xtask kernel-matrix");
+        crate::kernel_matrix::run(&crate::kernel_matrix::KernelMatrixArgs::default())?;
     }
     fuzz(args.fuzz_seconds)?;
     step("all tests passed");

@@ -105,24 +105,13 @@ pub fn handle(
             if r < 0 {
                 body.flags |= connect_flags::ADDR_READ_FAILED;
             } else {
-                // A pathname socket's name ends at its NUL; an abstract one (leading NUL)
-                // uses every byte of addrlen.
-                let abstract_name = len > 0 && body.unix_path[0] == 0;
-                let mut used = len;
-                if abstract_name {
+                // An abstract name (leading NUL) uses every byte of addrlen; a pathname
+                // socket's name ends at its NUL, which user space finds (a scan here costs
+                // verifier states that older kernels refuse).
+                if len > 0 && body.unix_path[0] == 0 {
                     body.flags |= connect_flags::UNIX_ABSTRACT;
-                } else {
-                    for i in 0..UNIX_PATH_MAX {
-                        if i >= len {
-                            break;
-                        }
-                        if body.unix_path[i] == 0 {
-                            used = i;
-                            break;
-                        }
-                    }
                 }
-                body.unix_len = used as u16;
+                body.unix_len = len as u16;
             }
         }
     }

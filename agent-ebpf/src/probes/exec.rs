@@ -16,7 +16,7 @@ use aya_ebpf::{
 use crate::{
     emit::{account, count_drop, fill_header, scratch, submit},
     error::Result,
-    kernel::{PathRef, current_task, has, off, read},
+    kernel::{PathRef, cap, current_task, has, off, read},
     maps::slot,
     path::write_path,
 };
@@ -104,9 +104,8 @@ fn try_exec(old_pid: u32, bprm: u64) -> Result<()> {
     let arg_end: u64 = read(mm, off!(mm_arg_end))?;
     let total = arg_end.saturating_sub(arg_start);
     body.argv_total = total as u32;
-    let mut argv_len = total as usize;
+    let argv_len = cap(total as usize, ARGV_MAX);
     if total > ARGV_MAX as u64 {
-        argv_len = ARGV_MAX;
         body.flags |= exec_flags::ARGV_TRUNCATED;
         count_drop(DropReason::Truncated);
     }
@@ -119,9 +118,10 @@ fn try_exec(old_pid: u32, bprm: u64) -> Result<()> {
         )
     };
     if r < 0 {
+        // The helper zeroed the bytes; they stay in the record (a length chosen by a
+        // branch here is one some verifiers lose the bound of) and user space drops them.
         body.flags |= exec_flags::ARGV_READ_FAILED;
         count_drop(DropReason::ReadFailure);
-        argv_len = 0;
     }
     body.argv_len = argv_len as u16;
 
@@ -130,9 +130,8 @@ fn try_exec(old_pid: u32, bprm: u64) -> Result<()> {
     let env_end: u64 = read(mm, off!(mm_env_end))?;
     let env_total = env_end.saturating_sub(env_start);
     body.env_total = env_total as u32;
-    let mut env_len = env_total as usize;
+    let env_len = cap(env_total as usize, ENV_MAX);
     if env_total > ENV_MAX as u64 {
-        env_len = ENV_MAX;
         body.flags |= exec_flags::ENV_TRUNCATED;
         count_drop(DropReason::Truncated);
     }
@@ -143,7 +142,6 @@ fn try_exec(old_pid: u32, bprm: u64) -> Result<()> {
     if r < 0 {
         body.flags |= exec_flags::ENV_READ_FAILED;
         count_drop(DropReason::ReadFailure);
-        env_len = 0;
     }
     body.env_len = env_len as u16;
     submit(buf, at + env_len)

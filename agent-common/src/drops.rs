@@ -14,17 +14,21 @@ pub enum DropReason {
     Truncated = 2,
     /// A path was deeper than `PATH_DEPTH_MAX`: delivered with a flag, undecided by the kernel.
     DepthExceeded = 3,
+    /// A program found the per-CPU system call state in use by another program that it had
+    /// preempted on this CPU: the event is lost.
+    ProgramBusy = 4,
 }
 
 impl DropReason {
     /// Number of reasons, the size of the `DROPS` array.
-    pub const COUNT: u32 = 4;
+    pub const COUNT: u32 = 5;
     /// All reasons, in index order.
     pub const ALL: [DropReason; Self::COUNT as usize] = [
         DropReason::RingBufferFull,
         DropReason::ReadFailure,
         DropReason::Truncated,
         DropReason::DepthExceeded,
+        DropReason::ProgramBusy,
     ];
 
     /// Stable name used in metrics, logs and records.
@@ -34,11 +38,15 @@ impl DropReason {
             DropReason::ReadFailure => "read_failure",
             DropReason::Truncated => "truncated",
             DropReason::DepthExceeded => "depth_exceeded",
+            DropReason::ProgramBusy => "program_busy",
         }
     }
 
     /// True when the reason means an event was lost (not only shortened).
     pub const fn is_loss(self) -> bool {
-        matches!(self, DropReason::RingBufferFull | DropReason::ReadFailure)
+        matches!(
+            self,
+            DropReason::RingBufferFull | DropReason::ReadFailure | DropReason::ProgramBusy
+        )
     }
 }

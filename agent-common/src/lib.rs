@@ -9,6 +9,7 @@ pub mod drops;
 pub mod event;
 pub mod limits;
 pub mod offsets;
+pub mod sensor;
 pub mod watch;
 
 #[cfg(feature = "user")]

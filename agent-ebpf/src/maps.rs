@@ -74,3 +74,20 @@ pub static WATCH_PREFIXES: LpmTrie<[u8; WATCH_PREFIX_MAX], u32> =
 #[map]
 pub static PREFIX_KEY: PerCpuArray<Key<[u8; WATCH_PREFIX_MAX]>> =
     PerCpuArray::with_max_entries(1, 0);
+
+/// Which sensor groups (`agent_common::sensor::group`) the `fexit` programs serve, as a bit
+/// mask in entry 0, written by the agent at start: `sys_exit` leaves those calls alone.
+#[map]
+pub static FEXIT_SERVES: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Runs of each group's `fexit` programs for the agent's own calls: the agent's start check
+/// that the programs fire, not only attach.
+#[map]
+pub static SENSOR_HITS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(agent_common::sensor::group::COUNT, 0);
+
+/// Per-CPU claim on the system call state (`OPEN_CALLS`, `PREFIX_KEY`, the `SYSCALL` scratch
+/// slot) while `fexit` programs run: several programs share it, and one can preempt another
+/// on the same CPU.
+#[map]
+pub static SYSCALL_BUSY: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);

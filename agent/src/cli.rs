@@ -60,6 +60,12 @@ pub struct RunArgs {
     #[arg(long)]
     pub no_connect: bool,
 
+    /// How kernel sensors are picked: "auto" uses fexit programs on the system call
+    /// functions where the kernel allows them and they fire, tracepoints otherwise;
+    /// "tracepoints" uses tracepoints only [default: auto].
+    #[arg(long, value_name = "MODE")]
+    pub sensors: Option<crate::probes::sensors::SensorMode>,
+
     /// Directory for the agent's state (host key, pseudonym key, checkpoints)
     /// [default: /var/lib/phi-audit].
     #[arg(long, value_name = "DIR")]

@@ -28,6 +28,8 @@ pub struct FileConfig {
     pub ring_buffer_bytes: Option<u64>,
     /// Record connect calls (default true).
     pub connect: Option<bool>,
+    /// "auto" (default): fexit sensors where the kernel allows them; "tracepoints": never.
+    pub sensors: Option<probes::sensors::SensorMode>,
     /// Where the agent keeps its state (keys, chain); default /var/lib/phi-audit.
     pub state_dir: Option<PathBuf>,
     /// Redaction rules and pseudonym key.
@@ -118,6 +120,7 @@ pub struct Overrides {
     pub host_id: Option<String>,
     pub ring_buffer_bytes: Option<u64>,
     pub no_connect: bool,
+    pub sensors: Option<probes::sensors::SensorMode>,
     pub state_dir: Option<PathBuf>,
     pub spool_dir: Option<PathBuf>,
     pub collector: Option<String>,
@@ -141,6 +144,7 @@ pub struct Settings {
     pub stdout: bool,
     pub ring_buffer_bytes: u32,
     pub connect: bool,
+    pub sensors: probes::sensors::SensorMode,
     pub state_dir: PathBuf,
     pub redaction: RedactionConfig,
     pub journal: JournalConfig,
@@ -256,6 +260,7 @@ pub fn merge(file: &FileConfig, flags: &Overrides) -> Result<Settings, ConfigErr
         stdout: flags.stdout || file.stdout.unwrap_or(false),
         ring_buffer_bytes: ring,
         connect: !flags.no_connect && file.connect.unwrap_or(true),
+        sensors: flags.sensors.or(file.sensors).unwrap_or_default(),
         state_dir,
         redaction: file.redaction.clone(),
         journal,

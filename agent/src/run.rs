@@ -64,6 +64,7 @@ pub async fn run(input: RunInput) -> anyhow::Result<()> {
     let mut probes = Probes::load(&ProbeOptions {
         ring_buffer_bytes: settings.ring_buffer_bytes,
         connect: settings.connect,
+        sensors: settings.sensors,
     })?;
     let capabilities = probes.capabilities;
     tracing::info!(
@@ -75,7 +76,7 @@ pub async fn run(input: RunInput) -> anyhow::Result<()> {
     for c in &consequences {
         tracing::warn!("{c}");
     }
-    let sensors: Vec<(String, String)> = Probes::sensors();
+    let sensors: Vec<(String, String)> = probes.sensors();
     let metrics = Arc::new(AgentMetrics::new(
         &settings.host_id,
         &probes::preflight::kernel_release(),

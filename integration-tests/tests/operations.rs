@@ -329,3 +329,73 @@ fn health_readiness_and_metrics_of_agent_and_collector() {
         Some(0.0)
     );
 }
+
+/// The start record names the sensor of every kind; forcing tracepoints uses no `fexit`
+/// program, and the automatic choice falls back to the tracepoint only for a reason it logs.
+/// (Kernels that allow `fexit` are proven by `cargo xtask kernel-matrix`, which runs the same
+/// actions in both modes.)
+#[test]
+fn the_start_record_names_the_sensor_of_each_kind_and_tracepoints_can_be_forced() {
+    integration_tests::require_root();
+    let w = TestDir::new("sensors");
+    let chart = w.file("chart.json", "{}");
+    let sensors_of = |start: &serde_json::Value| -> Vec<(String, String)> {
+        start["agent"]["sensors"]
+            .as_array()
+            .expect("sensors")
+            .iter()
+            .map(|s| {
+                (
+                    s["kind"].as_str().expect("kind").to_owned(),
+                    s["hook"].as_str().expect("hook").to_owned(),
+                )
+            })
+            .collect()
+    };
+    for mode in ["tracepoints", "auto"] {
+        let mut agent = Agent::start([
+            "--watch".as_ref(),
+            w.path().as_os_str(),
+            "--sensors".as_ref(),
+            mode.as_ref(),
+            "--log".as_ref(),
+            "info".as_ref(),
+        ]);
+        let sensors = sensors_of(&agent.history[0]);
+        let kinds: Vec<&str> = sensors.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            kinds,
+            ["open", "connect", "path-changes", "exec", "fork", "exit"],
+            "{mode}: every kind is named once"
+        );
+        for (kind, hook) in &sensors {
+            match kind.as_str() {
+                "exec" | "fork" | "exit" => {
+                    assert_eq!(hook, &format!("tp_btf/sched_process_{kind}"))
+                }
+                _ if mode == "tracepoints" => {
+                    assert_eq!(hook, "tp_btf/sys_exit", "{mode}: {kind}")
+                }
+                _ => assert!(
+                    hook == "tp_btf/sys_exit" || hook.starts_with("fexit/"),
+                    "{mode}: {kind} served by {hook}"
+                ),
+            }
+        }
+        // Whatever was picked, the records are there.
+        std::fs::read(&chart).expect("read chart");
+        agent.wait_for("open of the chart", |r| {
+            r["open"]["path"].as_str() == chart.to_str()
+        });
+        let log = agent.stop().stderr;
+        for (kind, hook) in &sensors {
+            if hook == "tp_btf/sys_exit" {
+                assert!(
+                    log.contains(&format!("kind={kind}"))
+                        && log.contains("served by the sys_exit tracepoint"),
+                    "{mode}: the log does not say why {kind} is on sys_exit:\n{log}"
+                );
+            }
+        }
+    }
+}

@@ -39,6 +39,9 @@ pub struct Kernel {
     pub meta: &'static str,
     /// Why this kernel is in the matrix.
     pub why: &'static str,
+    /// The kernel allows `fexit`: the agent's automatic choice must use it (the driver fails
+    /// the row if it fell back to tracepoints).
+    pub fexit: bool,
 }
 
 /// The kernels the agent is proven on (data in one place). Debian 12 ships 6.1 as its kernel
@@ -48,16 +51,19 @@ pub const KERNELS: &[Kernel] = &[
         name: "debian-6.1-cloud",
         meta: "linux-image-cloud-amd64",
         why: "Debian 12's kernel, the flavour of cloud images",
+        fexit: true,
     },
     Kernel {
         name: "debian-6.1-amd64",
         meta: "linux-image-amd64",
         why: "Debian 12's kernel, the generic flavour of installed servers",
+        fexit: true,
     },
     Kernel {
         name: "debian-6.12-cloud",
         meta: "linux-image-6.12-cloud-amd64",
         why: "the 6.12 kernel Debian 12 offers (and Debian 13's series)",
+        fexit: true,
     },
 ];
 
@@ -77,7 +83,7 @@ const KERNEL_MARK: &str = "PHI-MATRIX-KERNEL";
 /// Loopback port the driver's listener uses in the guests (nothing else runs there).
 const GUEST_PORT: u16 = 47613;
 
-const DEFAULT_TIMEOUT: u64 = 150;
+const DEFAULT_TIMEOUT: u64 = 240;
 const DEFAULT_JOBS: usize = 1;
 const DEFAULT_SMP: u32 = 2;
 const DEFAULT_ACCEL: &str = "tcg";
@@ -716,12 +722,6 @@ const DRIVER: &str = r#"#!/bin/sh
 set -u
 EHR="$WORK/ehr"
 OUTSIDE="$WORK/outside"
-OUT="$WORK/records.jsonl"
-ERR="$WORK/agent.stderr"
-rm -rf "$WORK"
-mkdir -p "$EHR" "$OUTSIDE"
-echo '{"note":"chart"}' > "$EHR/chart.json"
-echo '{"note":"moved"}' > "$OUTSIDE/moved.json"
 
 # Centiseconds since boot.
 now() { read up _ < /proc/uptime; echo "${up%.*}${up#*.}"; }
@@ -743,7 +743,7 @@ agent_log() {
     fi 2> /dev/null | sed 's/^/PHI-MATRIX-AGENT-LOG /'
 }
 fail() {
-    echo "PHI-MATRIX-RESULT FAIL $*"
+    echo "PHI-MATRIX-RESULT FAIL [sensors=$MODE] $*"
     agent_log
     exit 1
 }
@@ -756,11 +756,24 @@ has() {
     done
     [ -n "$lines" ]
 }
+# Does the kernel command line ask for fexit sensors (kernels known to allow them)?
+expect_fexit() {
+    [ "${EXPECT_FEXIT:-}" = 1 ] || grep -q 'phi.expect_fexit=1' /proc/cmdline 2>/dev/null
+}
 
-echo "PHI-MATRIX-KERNEL $(uname -r)"
+# One run of the agent with `--sensors $MODE` and the same actions; sets $summary.
+run_mode() {
+MODE=$1
+OUT="$WORK/records-$MODE.jsonl"
+ERR="$WORK/agent-$MODE.stderr"
+rm -rf "$EHR" "$OUTSIDE" "$WORK/state"
+mkdir -p "$EHR" "$OUTSIDE"
+echo '{"note":"chart"}' > "$EHR/chart.json"
+echo '{"note":"moved"}' > "$OUTSIDE/moved.json"
+
 t0=$(now)
 "$AGENT" run --stdout --watch "$EHR" --state-dir "$WORK/state" --metrics-listen off \
-    > "$OUT" 2> "$ERR" &
+    --sensors "$MODE" > "$OUT" 2> "$ERR" &
 agent=$!
 waited=0
 while ! grep -q '"PHASE_START"' "$OUT" 2>/dev/null; do
@@ -777,8 +790,11 @@ while ! grep -q '"PHASE_START"' "$OUT" 2>/dev/null; do
 done
 t1=$(now)
 start=$(grep -m 1 '"PHASE_START"' "$OUT")
-echo "PHI-MATRIX-SENSORS $(printf '%s' "$start" | sed -n 's/.*"sensors":\(\[[^]]*\]\).*/\1/p')"
-echo "PHI-MATRIX-LIMITATIONS $(printf '%s' "$start" | sed -n 's/.*"limitations":\(\[[^]]*\]\).*/\1/p')"
+sensors=$(printf '%s' "$start" | sed -n 's/.*"sensors":\(\[[^]]*\]\).*/\1/p')
+if [ "$MODE" = auto ]; then
+    echo "PHI-MATRIX-SENSORS $sensors"
+    echo "PHI-MATRIX-LIMITATIONS $(printf '%s' "$start" | sed -n 's/.*"limitations":\(\[[^]]*\]\).*/\1/p')"
+fi
 
 # One of each action the agent promises to record.
 cat "$EHR/chart.json" > /dev/null
@@ -830,7 +846,32 @@ agent_log
 if [ -n "$missing" ]; then
     fail "no record for:$missing (records=$records, agent start ${start_s}s)"
 fi
-echo "PHI-MATRIX-RESULT PASS open open-failed(ENOENT) exec connect(${connect:-?}) rename stop drops=${drops:-none} records=$records agent-start=${start_s}s run=${run_s}s"
+# The sensors each mode must have picked.
+case "$MODE" in
+    tracepoints)
+        case "$sensors" in *'"fexit/'*) fail "fexit sensors in use although forced off: $sensors" ;; esac ;;
+    auto)
+        if expect_fexit; then
+            for kind in open connect path-changes; do
+                case "$sensors" in
+                    *'"kind":"'$kind'","hook":"fexit/'*) ;;
+                    *) fail "$kind is not served by fexit on a kernel that allows it: $(grep -m 1 "served by the sys_exit tracepoint.*kind=$kind" "$ERR" | cut -c 1-400)" ;;
+                esac
+            done
+        fi ;;
+esac
+fexit=$(printf '%s' "$sensors" | grep -o '"kind":"[a-z-]*","hook":"fexit' | sed 's/"kind":"\([a-z-]*\)".*/\1/' | tr '\n' ',' | sed 's/,$//')
+summary="$summary [sensors=$MODE${fexit:+ fexit:$fexit}] open open-failed(ENOENT) exec connect(${connect:-?}) rename stop drops=${drops:-none} records=$records agent-start=${start_s}s run=${run_s}s"
+}
+
+echo "PHI-MATRIX-KERNEL $(uname -r)"
+rm -rf "$WORK"
+mkdir -p "$WORK"
+summary=""
+# The same actions and assertions with the sensors the agent picks and with tracepoints only.
+run_mode auto
+run_mode tracepoints
+echo "PHI-MATRIX-RESULT PASS$summary"
 "#;
 
 /// The `lsm=` list: the kernel's own default (`CONFIG_LSM`) with `bpf` added if absent.
@@ -1135,8 +1176,9 @@ fn boot_one(
         .as_ref()
         .and_then(|c| fs::read_to_string(c).ok());
     let append = format!(
-        "console=ttyS0 panic=-1 quiet lsm={} oops=panic",
-        lsm_list(config.as_deref())
+        "console=ttyS0 panic=-1 quiet lsm={} oops=panic phi.expect_fexit={}",
+        lsm_list(config.as_deref()),
+        u8::from(image.kernel.fexit)
     );
     let spawned = Command::new("qemu-system-x86_64")
         .args(["-accel", &args.accel, "-cpu", "max", "-m", "1024", "-smp"])

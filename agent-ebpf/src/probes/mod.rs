@@ -5,6 +5,7 @@ mod chdir;
 mod connect;
 mod exec;
 mod exit;
+mod fexit;
 mod floor;
 mod fork;
 mod open;

@@ -8,22 +8,27 @@
 //! directories (they teach the kernel the directories' dentries).
 
 use agent_common::{
+    drops::DropReason,
     event::{ConnectSyscall, OpenSyscall},
     offsets::features,
+    sensor::group,
     watch::WatchKey,
 };
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, generated::bpf_get_current_task_btf},
+    helpers::{
+        bpf_get_current_pid_tgid,
+        generated::{bpf_get_current_task_btf, bpf_task_pt_regs},
+    },
     macros::btf_tracepoint,
     programs::BtfTracePointContext,
 };
 
 use super::{chdir, connect, open};
 use crate::{
-    emit::account,
-    error::Result,
+    emit::{account, count_drop},
+    error::{Error, Result},
     kernel::{PathRef, dentry_ino_dev, fd_file, has, off, setting},
-    maps::{WATCH_DENTRIES, WATCH_INODES},
+    maps::{FEXIT_SERVES, SENSOR_HITS, SYSCALL_BUSY, WATCH_DENTRIES, WATCH_INODES},
     verdict,
 };
 
@@ -213,8 +218,128 @@ fn try_sys_exit(regs: u64, ret: i64, nr: i64) -> Result<()> {
     let Some(call) = classify(nr, compat) else {
         return Ok(());
     };
-    // Argument registers: di, si, dx, r10 natively; bx, cx, dx, si for i386 (32-bit values).
-    let args = if compat {
+    let served = fexit_serves();
+    if served & (1 << group_of(call)) != 0 {
+        return Ok(());
+    }
+    if served == 0 {
+        // Only this program touches the system call state: the kernel never runs it twice
+        // at once on one CPU.
+        return dispatch(regs, ret, call, compat);
+    }
+    claimed(|| dispatch(regs, ret, call, compat))
+}
+
+/// What an `fexit` program handles: the calls of its group that reach its function.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Select {
+    Open,
+    Connect,
+    Chdir,
+    Invalidate,
+}
+
+/// The `fexit` programs' entry: the same work as `sys_exit` for the system call under way,
+/// read from the task's saved registers, limited to `select`'s calls (so that each program
+/// holds only its own path for the verifier). `ret` is the function's return value (the
+/// system call's, for the functions the agent attaches to), when `select` needs it.
+#[inline(always)]
+pub fn fexit_call(select: Select, ret: impl FnOnce() -> Result<i64>) -> Result<()> {
+    // SAFETY: helpers without preconditions; `bpf_task_pt_regs` returns the trusted saved
+    // registers of the current task.
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as u64;
+    if regs == 0 {
+        return Err(Error::Read);
+    }
+    let nr = (reg!(regs, regs_orig_ax) as i64) & !X32_SYSCALL_BIT;
+    let compat = in_compat_syscall();
+    let Some(call) = classify(nr, compat) else {
+        return Ok(());
+    };
+    let wanted = matches!(
+        (select, call),
+        (Select::Open, Call::Open(_))
+            | (Select::Connect, Call::Connect(_))
+            | (Select::Chdir, Call::Chdir)
+            | (Select::Invalidate, Call::Invalidates | Call::Unlinkat)
+    );
+    if !wanted {
+        return Ok(());
+    }
+    let own = (bpf_get_current_pid_tgid() >> 32) as u32 == setting!(self_tgid);
+    if own && let Some(hits) = SENSOR_HITS.get_ptr_mut(group_of(call)) {
+        // SAFETY: per-CPU slot; a lost increment under preemption only delays the check.
+        unsafe { *hits += 1 };
+    }
+    match select {
+        // Only reached after the change was made: a failed rename also invalidates, which
+        // costs a cache refill and nothing else.
+        Select::Invalidate => {
+            let remove_dir = match call {
+                Call::Unlinkat => args_of(regs, compat)[2] & AT_REMOVEDIR != 0,
+                _ => true,
+            };
+            if remove_dir {
+                verdict::bump_kernel_generation();
+            }
+            Ok(())
+        }
+        // `set_fs_pwd` runs only when the change succeeded.
+        Select::Chdir if own => Ok(()),
+        Select::Chdir => claimed(|| chdir::handle(crate::kernel::current_task())),
+        Select::Open | Select::Connect => {
+            let ret = ret()?;
+            claimed(|| dispatch(regs, ret, call, compat))
+        }
+    }
+}
+
+/// Runs `f` holding this CPU's claim on the system call state; without the claim (another
+/// program holds it, preempted) the event is counted as lost.
+#[inline(always)]
+fn claimed(f: impl FnOnce() -> Result<()>) -> Result<()> {
+    let Some(busy) = SYSCALL_BUSY.get_ptr_mut(0) else {
+        return Err(Error::Scratch);
+    };
+    let mut old = 1u64;
+    // SAFETY: an atomic exchange on this CPU's 8-byte aligned map value.
+    unsafe {
+        core::arch::asm!(
+            "{old} = xchg_64({busy} + 0, {old})",
+            busy = in(reg) busy,
+            old = inout(reg) old,
+            options(nostack),
+        );
+    }
+    if old != 0 {
+        count_drop(DropReason::ProgramBusy);
+        return Ok(());
+    }
+    let result = f();
+    // SAFETY: this CPU's value, claimed above.
+    unsafe { core::ptr::write_volatile(busy, 0) };
+    result
+}
+
+#[inline(always)]
+fn fexit_serves() -> u32 {
+    // SAFETY: pointer to a map value returned by the lookup.
+    FEXIT_SERVES.get_ptr(0).map_or(0, |m| unsafe { *m })
+}
+
+#[inline(always)]
+fn group_of(call: Call) -> u32 {
+    match call {
+        Call::Open(_) => group::OPEN,
+        Call::Connect(_) => group::CONNECT,
+        Call::Invalidates | Call::Unlinkat | Call::Chdir => group::HOUSEKEEPING,
+    }
+}
+
+/// Argument registers: di, si, dx, r10 natively; bx, cx, dx, si for i386 (32-bit values).
+#[inline(always)]
+fn args_of(regs: u64, compat: bool) -> [u64; 4] {
+    if compat {
         [
             reg!(regs, regs_bx) & 0xffff_ffff,
             reg!(regs, regs_cx) & 0xffff_ffff,
@@ -228,7 +353,12 @@ fn try_sys_exit(regs: u64, ret: i64, nr: i64) -> Result<()> {
             reg!(regs, regs_dx),
             reg!(regs, regs_r10),
         ]
-    };
+    }
+}
+
+#[inline(always)]
+fn dispatch(regs: u64, ret: i64, call: Call, compat: bool) -> Result<()> {
+    let args = args_of(regs, compat);
     let task = crate::kernel::current_task();
     let own = (bpf_get_current_pid_tgid() >> 32) as u32 == setting!(self_tgid);
     match call {

@@ -331,6 +331,15 @@ impl Btf {
         self.enumerators.get(name).copied()
     }
 
+    /// Names of every kernel function BTF describes (the functions `fexit` can attach to).
+    pub fn function_names(&self) -> std::collections::HashSet<String> {
+        self.types
+            .iter()
+            .filter(|t| t.kind == KIND_FUNC)
+            .map(|t| self.name(t.name_off).to_owned())
+            .collect()
+    }
+
     /// True when a typedef `btf_trace_<name>` exists, i.e. the raw tracepoint can take a
     /// `tp_btf` program.
     pub fn has_btf_tracepoint(&self, name: &str) -> bool {

@@ -3,6 +3,7 @@
 pub mod btf;
 pub mod offsets;
 pub mod preflight;
+pub mod sensors;
 mod stats;
 
 use std::{io, os::fd::AsFd as _};
@@ -28,34 +29,29 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 /// Where the kernel's BTF is read from.
 pub const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
 
-/// One kernel hook: the program, the BTF-enabled raw tracepoint it attaches to and the event
-/// kinds it serves. Kept as data so the loader, the start record and the docs agree.
+/// One kernel hook: the program and the BTF-enabled raw tracepoint it attaches to (which
+/// event kinds each serves is `sensors`' business).
 pub struct Hook {
     pub program: &'static str,
     pub tracepoint: &'static str,
-    pub kinds: &'static [&'static str],
 }
 
 pub const HOOKS: &[Hook] = &[
     Hook {
         program: "sys_exit",
         tracepoint: "sys_exit",
-        kinds: &["open", "connect"],
     },
     Hook {
         program: "sched_process_exec",
         tracepoint: "sched_process_exec",
-        kinds: &["exec"],
     },
     Hook {
         program: "sched_process_fork",
         tracepoint: "sched_process_fork",
-        kinds: &["fork"],
     },
     Hook {
         program: "sched_process_exit",
         tracepoint: "sched_process_exit",
-        kinds: &["exit"],
     },
 ];
 
@@ -66,6 +62,8 @@ pub struct ProbeOptions {
     pub ring_buffer_bytes: u32,
     /// Report connect calls.
     pub connect: bool,
+    /// How sensors are picked.
+    pub sensors: sensors::SensorMode,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -113,6 +111,8 @@ pub struct Probes {
     pub capabilities: Capabilities,
     /// Kernel fields this kernel lacks, and what that costs.
     pub missing: Vec<MissingFeature>,
+    /// Which hook serves each event kind.
+    pub selection: sensors::Selection,
 }
 
 /// The watch filter maps.
@@ -242,8 +242,31 @@ impl Probes {
             tracing::debug!("kernel program log not available: {e}");
         }
 
+        // exec, fork and exit first; then the fexit sensors where they load and fire; then
+        // sys_exit for whatever they do not serve.
+        let selection = sensors::select(
+            &mut ebpf,
+            &aya_btf,
+            &kernel_btf.function_names(),
+            opts.sensors,
+        );
+        sensors::publish(&mut ebpf, selection.fexit_mask).map_err(|source| ProbeError::Map {
+            map: "FEXIT_SERVES",
+            source,
+        })?;
+        tracing::info!(
+            bpf_lsm_active = selection.bpf_lsm_active,
+            "BPF-LSM is reported, not used: its hooks run before an operation's outcome is known"
+        );
+        for (kind, reason) in &selection.fallbacks {
+            tracing::info!(kind = %kind, "served by the sys_exit tracepoint: {reason}");
+        }
         let mut program_ids = Vec::new();
+        let needs_sys_exit = selection.fexit_mask != agent_common::sensor::group::ALL_BITS;
         for hook in HOOKS {
+            if hook.program == "sys_exit" && !needs_sys_exit {
+                continue;
+            }
             let program: &mut BtfTracePoint = ebpf
                 .program_mut(hook.program)
                 .ok_or(ProbeError::MissingMap(hook.program))?
@@ -276,6 +299,20 @@ impl Probes {
             );
         }
 
+        for g in sensors::GROUPS {
+            if selection.fexit_mask & (1 << g.index) == 0 {
+                continue;
+            }
+            for p in g.programs {
+                if let Some(Ok(Ok(fd))) = ebpf
+                    .program(p.name)
+                    .map(|prog| prog.fd().map(|fd| fd.as_fd().try_clone_to_owned()))
+                {
+                    program_ids.push((p.name, fd));
+                }
+            }
+        }
+
         let drops = PerCpuArray::try_from(
             ebpf.take_map("DROPS")
                 .ok_or(ProbeError::MissingMap("DROPS"))?,
@@ -290,6 +327,7 @@ impl Probes {
             stats: stats::ProgramStats::new(program_ids),
             capabilities,
             missing: resolved.missing,
+            selection,
         })
     }
 
@@ -349,7 +387,8 @@ impl Probes {
         }
         Counters {
             by_reason,
-            program_busy: self.stats.recursion_misses(),
+            program_busy: self.stats.recursion_misses()
+                + by_reason[DropReason::ProgramBusy as usize],
         }
     }
 
@@ -363,16 +402,9 @@ impl Probes {
         }
     }
 
-    /// Which hook serves each event kind, as (kind, "tp_btf/<tracepoint>").
-    pub fn sensors() -> Vec<(String, String)> {
-        HOOKS
-            .iter()
-            .flat_map(|h| {
-                h.kinds
-                    .iter()
-                    .map(|k| ((*k).to_owned(), format!("tp_btf/{}", h.tracepoint)))
-            })
-            .collect()
+    /// Which hook serves each event kind, as (kind, sensor).
+    pub fn sensors(&self) -> Vec<(String, String)> {
+        self.selection.sensors.clone()
     }
 }
 

@@ -33,6 +33,9 @@ pub struct FileConfig {
     pub log: Option<String>,
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// SIEM sinks, one `[[sinks]]` table each (see `crate::sinks`).
+    #[serde(default)]
+    pub sinks: Vec<crate::sinks::SinkConfig>,
 }
 
 #[derive(Debug, Default, Deserialize, PartialEq, Eq)]
@@ -91,6 +94,7 @@ pub struct Settings {
     pub retention: Option<Duration>,
     pub log: String,
     pub limits: Limits,
+    pub sinks: Vec<crate::sinks::SinkConfig>,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:4433";
@@ -200,7 +204,9 @@ pub fn resolve(file: FileConfig, flags: Flags) -> anyhow::Result<Settings> {
         retention,
         log: flags.log.or(file.log).unwrap_or_else(|| "info".into()),
         limits,
+        sinks: file.sinks,
     };
+    crate::sinks::config::validate(&settings.sinks).map_err(anyhow::Error::msg)?;
     for (what, p) in [
         ("certificate", &settings.tls_cert),
         ("key", &settings.tls_key),

@@ -8,6 +8,7 @@ use std::{collections::BTreeMap, path::Path, time::Duration};
 use integration_tests::{
     collector::{Collector, Pki},
     http_get,
+    postgres::Postgres,
     siem::{HEC_TOKEN, Receiver, check_ocsf, config_args, feed, wait_until},
     synthetic::Chain,
 };
@@ -90,6 +91,18 @@ fn metric(collector: &Collector, name: &str, sink: &str) -> f64 {
 
 #[test]
 fn ocsf_file_sink_rotates_resumes_after_restart_and_carries_alerts() {
+    ocsf_file_case(None);
+}
+
+/// The same with the sink's positions in a PostgreSQL store.
+#[test]
+fn ocsf_file_sink_keeps_its_position_in_postgres() {
+    let pg = Postgres::start();
+    let url = pg.database("sinks");
+    ocsf_file_case(Some(&url));
+}
+
+fn ocsf_file_case(db: Option<&str>) {
     let pki = Pki::new(&["lake-a", "lake-b"]);
     let dir = tempfile::tempdir().expect("dir");
     let out = dir.path().join("ocsf.jsonl");
@@ -102,7 +115,7 @@ fn ocsf_file_sink_rotates_resumes_after_restart_and_carries_alerts() {
         ),
     );
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut collector = Collector::start_with(&pki, &args);
+    let mut collector = Collector::start_on(&pki, db, &args);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let mut a = Chain::new("lake-a");
     let mut b = Chain::new("lake-b");
@@ -181,6 +194,18 @@ fn ocsf_file_sink_rotates_resumes_after_restart_and_carries_alerts() {
         .expect("finding");
     assert_eq!(finding["finding_info"]["types"][0], "key-change");
     assert_eq!(finding["device"]["hostname"], "lake-b");
+    // The positions are in the store.
+    let alert_id = finding["unmapped"]["phi_audit"]["alert_id"]
+        .as_u64()
+        .expect("alert id");
+    assert_eq!(
+        collector.store().cursors("sink:lake").expect("cursors"),
+        vec![
+            ("alerts".to_owned(), alert_id),
+            ("host:lake-a".to_owned(), 75),
+            ("host:lake-b".to_owned(), 25),
+        ]
+    );
 }
 
 #[test]

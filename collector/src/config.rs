@@ -36,6 +36,9 @@ pub struct FileConfig {
     /// SIEM sinks, one `[[sinks]]` table each (see `crate::sinks`).
     #[serde(default)]
     pub sinks: Vec<crate::sinks::SinkConfig>,
+    /// Alert rules, one `[[rules]]` table each (see `crate::rules`).
+    #[serde(default)]
+    pub rules: Vec<crate::rules::RuleConfig>,
 }
 
 #[derive(Debug, Default, Deserialize, PartialEq, Eq)]
@@ -95,6 +98,7 @@ pub struct Settings {
     pub log: String,
     pub limits: Limits,
     pub sinks: Vec<crate::sinks::SinkConfig>,
+    pub rules: Vec<crate::rules::RuleConfig>,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:4433";
@@ -205,8 +209,10 @@ pub fn resolve(file: FileConfig, flags: Flags) -> anyhow::Result<Settings> {
         log: flags.log.or(file.log).unwrap_or_else(|| "info".into()),
         limits,
         sinks: file.sinks,
+        rules: file.rules,
     };
     crate::sinks::config::validate(&settings.sinks).map_err(anyhow::Error::msg)?;
+    crate::rules::config::validate(&settings.rules).map_err(anyhow::Error::msg)?;
     for (what, p) in [
         ("certificate", &settings.tls_cert),
         ("key", &settings.tls_key),

@@ -10,7 +10,7 @@ use phi_collector::{
     api::{self, Api},
     config::{self, FileConfig, Flags},
     ingest::IngestService,
-    retention, sinks,
+    retention, rules, sinks,
     store::{self, Pool},
     telemetry::{self, CollectorMetrics},
     tls,
@@ -207,7 +207,8 @@ async fn serve(s: config::Settings) -> anyhow::Result<()> {
     };
 
     let wake = sinks::Wake::default();
-    let sink_tasks = sinks::spawn(built_sinks, &pool, &metrics, &wake, &stop_rx);
+    let mut sink_tasks = sinks::spawn(built_sinks, &pool, &metrics, &wake, &stop_rx);
+    sink_tasks.extend(rules::spawn(&s.rules, &pool, &metrics, &wake, &stop_rx));
 
     let service = IngestService::new(pool, s.limits, metrics).with_wake(wake);
     let signals = async move {

@@ -21,6 +21,18 @@ use crate::{
 
 /// Streams `batches` of `chain`'s host and waits for the acknowledgement of the last.
 pub async fn feed(pki: &Pki, collector: &Collector, chain: &Chain, batches: Vec<Batch>) {
+    if let Err(e) = try_feed(pki, collector, chain, batches).await {
+        panic!("the collector refused the batches: {e}");
+    }
+}
+
+/// [`feed`], returning the collector's refusal.
+pub async fn try_feed(
+    pki: &Pki,
+    collector: &Collector,
+    chain: &Chain,
+    batches: Vec<Batch>,
+) -> Result<(), tonic::Status> {
     let mut client = raw_client(pki, collector, &chain.host).await;
     let (tx, rx) = mpsc::channel(batches.len() + 2);
     tx.send(AgentMessage {
@@ -45,16 +57,11 @@ pub async fn feed(pki: &Pki, collector: &Collector, chain: &Chain, batches: Vec<
         .await
         .expect("queue batch");
     }
-    let mut inbound = client
-        .stream(ReceiverStream::new(rx))
-        .await
-        .expect("open the stream")
-        .into_inner();
+    let mut inbound = client.stream(ReceiverStream::new(rx)).await?.into_inner();
     loop {
         let m = tokio::time::timeout(Duration::from_secs(30), inbound.message())
             .await
-            .expect("an answer from the collector")
-            .expect("the collector accepts the batches")
+            .expect("an answer from the collector")?
             .expect("the stream stays open");
         if let Some(collector_message::Msg::Ack(a)) = m.msg
             && a.durable_seq >= want
@@ -63,6 +70,20 @@ pub async fn feed(pki: &Pki, collector: &Collector, chain: &Chain, batches: Vec<
         }
     }
     drop(tx);
+    Ok(())
+}
+
+/// Seals `records` onto `chain` (host, boot and seq set here) as one batch.
+pub fn seal(chain: &mut Chain, records: Vec<phi_proto::v1::Record>) -> Batch {
+    let mut batch = Batch::default();
+    for mut r in records {
+        r.host_id.clone_from(&chain.host);
+        r.boot_id = crate::synthetic::BOOT.into();
+        let sealed = chain.sealer.seal(&mut r);
+        chain.records.push(sealed.clone());
+        batch.records.push(sealed);
+    }
+    batch
 }
 
 /// Writes a collector configuration with `body` (the `[[sinks]]` tables) and returns the

@@ -288,5 +288,31 @@ mod tests {
             crate::retention::parse_period(retention).map(|d| d.as_secs()),
             Ok(6 * 31_557_600)
         );
+        assert!(file.sinks.is_empty() && file.rules.is_empty());
+    }
+
+    #[test]
+    fn the_siem_example_config_loads() {
+        let example =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/collector.siem.example.toml");
+        let file = FileConfig::load(&example).expect("deploy/collector.siem.example.toml loads");
+        let kinds: Vec<&str> = file.sinks.iter().map(|s| s.kind()).collect();
+        assert_eq!(kinds, ["splunk_hec", "ocsf_http", "ocsf_file", "syslog"]);
+        for s in &file.sinks {
+            s.delivery().expect("delivery settings");
+        }
+        crate::rules::config::validate(&file.rules).expect("rules");
+        let kinds: Vec<&str> = file.rules.iter().map(|r| r.kind()).collect();
+        assert_eq!(
+            kinds,
+            [
+                "unauthorized-access",
+                "bulk-access",
+                "egress",
+                "unattributed-access",
+                "gap",
+                "silent-host"
+            ]
+        );
     }
 }

@@ -208,7 +208,10 @@ mod tests {
         )
         .expect("parse");
         let err = validate(&rules).expect_err("bad network");
-        assert!(err.contains("`allow`") && err.contains("10.0.0.0/40"), "{err}");
+        assert!(
+            err.contains("`allow`") && err.contains("10.0.0.0/40"),
+            "{err}"
+        );
         let rules = parse(
             "[[rules]]\ntype = \"unauthorized_access\"\nname = \"u\"\npaths = [\"srv\"]\n\
              users = [\"alice\"]\n",

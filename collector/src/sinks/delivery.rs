@@ -88,7 +88,8 @@ impl Follower {
 
     /// Sets the lag metric from the store's heads (best effort).
     async fn refresh_lag(&self, cursors: &Cursors) {
-        if let Some(m) = &self.metrics
+        if self.delivery.events != Events::AlertsOnly
+            && let Some(m) = &self.metrics
             && let Ok(heads) = self.pool.run(|s| s.heads()).await
         {
             m.lag.set(cursors.lag(&heads) as f64);
@@ -194,12 +195,13 @@ impl Follower {
     /// others), then one batch of alerts. True when anything was delivered.
     async fn round(&mut self, sink: &mut dyn Sink, cursors: &mut Cursors) -> Result<bool, Stopped> {
         let heads: Vec<HostHead> = self.store("reading the hosts", |s| s.heads()).await?;
-        if let Some(m) = &self.metrics {
+        let records = self.delivery.events != Events::AlertsOnly;
+        if records && let Some(m) = &self.metrics {
             m.lag.set(cursors.lag(&heads) as f64);
         }
         let mut progressed = false;
         let batch = self.delivery.batch;
-        if self.delivery.events != Events::AlertsOnly {
+        if records {
             for h in &heads {
                 let mut after = cursors.host(&h.host_id);
                 if after < h.anchor_seq {
@@ -244,7 +246,7 @@ impl Follower {
                 progressed = true;
             }
         }
-        if let Some(m) = &self.metrics {
+        if records && let Some(m) = &self.metrics {
             m.lag.set(cursors.lag(&heads) as f64);
         }
         Ok(progressed)

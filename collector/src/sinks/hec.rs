@@ -81,7 +81,8 @@ impl Hec {
         let mut body = String::new();
         for e in events {
             let mut o = json!({
-                "time": format!("{:.3}", e.time_ns() as f64 / 1e9).parse::<f64>().unwrap_or(0.0),
+                // Seconds with milliseconds, as HEC reads `time`.
+                "time": e.time_ns().div_euclid(1_000_000) as f64 / 1000.0,
                 "host": e.host_id(),
                 "source": self.source,
                 "sourcetype": self.sourcetype,

@@ -207,6 +207,8 @@ async fn serve(s: config::Settings) -> anyhow::Result<()> {
     };
 
     let wake = sinks::Wake::default();
+    sinks::prepare(&built_sinks, &pool).await?;
+    rules::prepare(&s.rules, &pool).await?;
     let mut sink_tasks = sinks::spawn(built_sinks, &pool, &metrics, &wake, &stop_rx);
     sink_tasks.extend(rules::spawn(&s.rules, &pool, &metrics, &wake, &stop_rx));
 

@@ -75,6 +75,17 @@ impl Sink for RuleSink {
     }
 }
 
+/// Stores the rules' start position when they are new (call it before ingest starts): newly
+/// configured rules judge what arrives from then on.
+pub async fn prepare(rules: &[RuleConfig], pool: &Arc<Pool>) -> anyhow::Result<()> {
+    if Engine::new(rules).is_empty() {
+        return Ok(());
+    }
+    crate::sinks::cursor::Cursors::start_new_at_end(pool, CONSUMER)
+        .await
+        .map_err(|e| anyhow::anyhow!("the alert rules cannot store their position: {e}"))
+}
+
 /// Starts the rule follower and, with a `silent_host` rule, the deadline check.
 pub fn spawn(
     rules: &[RuleConfig],

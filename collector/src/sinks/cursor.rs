@@ -46,6 +46,16 @@ impl Cursors {
         Ok(c)
     }
 
+    /// Gives a new consumer that starts at the end its position now, before ingest starts,
+    /// so that nothing stored after the start can be taken for the archive and skipped.
+    pub async fn start_new_at_end(pool: &Arc<Pool>, consumer: &str) -> Result<(), StoreError> {
+        let mut c = Cursors::load(pool, consumer).await?;
+        if c.new {
+            c.start_at_end(pool).await?;
+        }
+        Ok(())
+    }
+
     pub fn host(&self, host_id: &str) -> u64 {
         self.hosts.get(host_id).copied().unwrap_or(0)
     }

@@ -173,3 +173,66 @@ impl Sink for OcsfFile {
         result
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sinks::event::RecordEvent;
+    use phi_proto::v1::{Heartbeat, Record, record::Event as Kind};
+
+    fn heartbeat(seq: u64) -> Event {
+        Event::Record(RecordEvent {
+            host_id: "h".into(),
+            seq,
+            hash: vec![1; 32],
+            record: Box::new(Record {
+                seq,
+                host_id: "h".into(),
+                time: Some(phi_proto::Timestamp {
+                    seconds: 1_793_491_200,
+                    nanos: 0,
+                }),
+                event: Some(Kind::Heartbeat(Heartbeat::default())),
+                ..Default::default()
+            }),
+        })
+    }
+
+    fn seqs(path: &Path) -> Vec<u64> {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).expect("json line");
+                v["unmapped"]["phi_audit"]["seq"].as_u64().expect("seq")
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn rotates_by_size_and_cuts_a_torn_line() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("events.jsonl");
+        // A torn line from a crash in the middle of a write.
+        std::fs::write(&path, "{\"class_uid\":0,\"unma").expect("write");
+        let one = ocsf::line(&heartbeat(1)).len() as u64 + 1;
+        let mut sink = OcsfFile::new(&OcsfFileConfig {
+            name: "f".into(),
+            path: path.clone(),
+            max_bytes: Some(one * 3),
+            max_files: Some(2),
+            delivery: Default::default(),
+        });
+        let batch: Vec<Event> = (1..=4).map(heartbeat).collect();
+        sink.send(&batch).await.expect("send");
+        assert_eq!(seqs(&rotated(&path, 1)), [1, 2, 3], "the torn line is gone");
+        assert_eq!(seqs(&path), [4]);
+        let batch: Vec<Event> = (5..=10).map(heartbeat).collect();
+        sink.send(&batch).await.expect("send");
+        // .1 newest full file, .2 the one before; older ones removed (max_files = 2).
+        assert_eq!(seqs(&rotated(&path, 2)), [4, 5, 6]);
+        assert_eq!(seqs(&rotated(&path, 1)), [7, 8, 9]);
+        assert_eq!(seqs(&path), [10]);
+        assert!(!rotated(&path, 3).exists());
+    }
+}

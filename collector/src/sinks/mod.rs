@@ -93,6 +93,24 @@ pub fn build_all(sinks: &[SinkConfig]) -> anyhow::Result<Vec<Built>> {
         .collect()
 }
 
+/// Stores the start position of new sinks that start at the end (call it before ingest
+/// starts).
+pub async fn prepare(sinks: &[Built], pool: &Arc<Pool>) -> anyhow::Result<()> {
+    for b in sinks.iter().filter(|b| b.delivery.start_at_end) {
+        cursor::Cursors::start_new_at_end(pool, &consumer(b.config.name()))
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!("sink {:?}: cannot store its position: {e}", b.config.name())
+            })?;
+    }
+    Ok(())
+}
+
+/// The consumer name of a sink in the store.
+pub fn consumer(sink: &str) -> String {
+    format!("sink:{sink}")
+}
+
 /// Starts one follower per sink; they end when `stop` fires.
 pub fn spawn(
     sinks: Vec<Built>,
@@ -109,7 +127,7 @@ pub fn spawn(
     } in sinks
     {
         let follower = Follower {
-            name: format!("sink:{}", c.name()),
+            name: consumer(c.name()),
             pool: Arc::clone(pool),
             delivery,
             metrics: Some(metrics::SinkMetrics::new(

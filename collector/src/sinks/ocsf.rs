@@ -496,3 +496,116 @@ fn alert(a: &StoredAlert) -> Value {
 pub fn line(e: &Event) -> String {
     to_ocsf(e).to_string()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Alert;
+    use phi_proto::v1::{Accept, Connect, LoginSession, Outcome, Redaction};
+
+    fn event(kind: Kind) -> Event {
+        Event::Record(RecordEvent {
+            host_id: "ehr-1".into(),
+            seq: 9,
+            hash: vec![0xcd; 32],
+            record: Box::new(Record {
+                seq: 9,
+                host_id: "ehr-1".into(),
+                time: Some(phi_proto::Timestamp {
+                    seconds: 1_793_491_200,
+                    nanos: 7_000_000,
+                }),
+                process: Some(Process {
+                    pid: 42,
+                    comm: "curl".into(),
+                    identity: Some(Identity {
+                        uid: 0,
+                        user: "root".into(),
+                        login_uid: Some(1001),
+                        login_user: "alice".into(),
+                        session: Some(LoginSession {
+                            id: 3,
+                            kind: "ssh".into(),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                redactions: vec![Redaction {
+                    rule: "ssn".into(),
+                    field: "process.argv[1]".into(),
+                    count: 1,
+                    action: "mask".into(),
+                }],
+                event: Some(kind),
+                ..Default::default()
+            }),
+        })
+    }
+
+    #[test]
+    fn records_map_to_their_classes() {
+        let failed = to_ocsf(&event(Kind::Connect(Connect {
+            family: AddressFamily::Inet as i32,
+            address: "203.0.113.9".into(),
+            port: 443,
+            outcome: Some(Outcome {
+                success: false,
+                ret: -111,
+                errno: "ECONNREFUSED".into(),
+            }),
+            ..Default::default()
+        })));
+        assert_eq!(failed["class_uid"], NETWORK_ACTIVITY);
+        assert_eq!(failed["type_uid"], 400_104);
+        assert_eq!(failed["dst_endpoint"]["ip"], "203.0.113.9");
+        assert_eq!(failed["status_detail"], "ECONNREFUSED");
+        assert_eq!(failed["time"], 1_793_491_200_007_i64);
+        // The person, and the account the process ran as.
+        assert_eq!(failed["actor"]["user"]["name"], "alice");
+        assert_eq!(failed["actor"]["process"]["user"]["name"], "root");
+        assert_eq!(failed["actor"]["session"]["is_remote"], true);
+        let p = &failed["unmapped"]["phi_audit"];
+        assert_eq!(p["seq"], 9);
+        assert_eq!(p["hash"], "cd".repeat(32));
+        assert_eq!(p["redactions"][0]["rule"], "ssn");
+        assert_eq!(failed["metadata"]["uid"], "ehr-1:9");
+
+        let inbound = to_ocsf(&event(Kind::Accept(Accept {
+            family: AddressFamily::Inet as i32,
+            remote_address: "10.1.4.20".into(),
+            remote_port: 51514,
+            ..Default::default()
+        })));
+        assert_eq!(inbound["connection_info"]["direction_id"], 1);
+        assert_eq!(inbound["src_endpoint"]["ip"], "10.1.4.20");
+    }
+
+    #[test]
+    fn rule_alerts_are_detection_findings() {
+        let evidence = json!({
+            "rule": "ehr-readers",
+            "type": "unauthorized-access",
+            "identity": {"user": "bob", "uid": 1002},
+            "records": [{"host": "ehr-1", "seq": 5}],
+        });
+        let f = to_ocsf(&Event::Alert(StoredAlert {
+            id: 3,
+            time_ns: 1_793_491_200_000_000_000,
+            alert: Alert {
+                host_id: "ehr-1".into(),
+                kind: "unauthorized-access".into(),
+                seq: Some(5),
+                detail: "rule \"ehr-readers\": …".into(),
+                evidence: evidence.to_string().into_bytes(),
+            },
+        }));
+        assert_eq!(f["class_uid"], DETECTION_FINDING);
+        assert_eq!(f["type_uid"], 200_401);
+        assert_eq!(f["finding_info"]["title"], "ehr-readers");
+        assert_eq!(f["finding_info"]["related_events"][0]["uid"], "ehr-1:5");
+        assert_eq!(f["actor"]["user"]["name"], "bob");
+        assert_eq!(f["unmapped"]["phi_audit"]["evidence"], evidence);
+    }
+}

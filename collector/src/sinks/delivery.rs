@@ -214,6 +214,8 @@ impl Follower {
                         h.anchor_seq
                     );
                     after = h.anchor_seq;
+                    self.save(cursors, Position::Host(&h.host_id, after))
+                        .await?;
                 }
                 if after >= h.head_seq {
                     continue;

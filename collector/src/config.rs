@@ -33,6 +33,12 @@ pub struct FileConfig {
     pub log: Option<String>,
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// SIEM sinks, one `[[sinks]]` table each (see `crate::sinks`).
+    #[serde(default)]
+    pub sinks: Vec<crate::sinks::SinkConfig>,
+    /// Alert rules, one `[[rules]]` table each (see `crate::rules`).
+    #[serde(default)]
+    pub rules: Vec<crate::rules::RuleConfig>,
 }
 
 #[derive(Debug, Default, Deserialize, PartialEq, Eq)]
@@ -91,6 +97,8 @@ pub struct Settings {
     pub retention: Option<Duration>,
     pub log: String,
     pub limits: Limits,
+    pub sinks: Vec<crate::sinks::SinkConfig>,
+    pub rules: Vec<crate::rules::RuleConfig>,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:4433";
@@ -200,7 +208,11 @@ pub fn resolve(file: FileConfig, flags: Flags) -> anyhow::Result<Settings> {
         retention,
         log: flags.log.or(file.log).unwrap_or_else(|| "info".into()),
         limits,
+        sinks: file.sinks,
+        rules: file.rules,
     };
+    crate::sinks::config::validate(&settings.sinks).map_err(anyhow::Error::msg)?;
+    crate::rules::config::validate(&settings.rules).map_err(anyhow::Error::msg)?;
     for (what, p) in [
         ("certificate", &settings.tls_cert),
         ("key", &settings.tls_key),
@@ -275,6 +287,32 @@ mod tests {
         assert_eq!(
             crate::retention::parse_period(retention).map(|d| d.as_secs()),
             Ok(6 * 31_557_600)
+        );
+        assert!(file.sinks.is_empty() && file.rules.is_empty());
+    }
+
+    #[test]
+    fn the_siem_example_config_loads() {
+        let example =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/collector.siem.example.toml");
+        let file = FileConfig::load(&example).expect("deploy/collector.siem.example.toml loads");
+        let kinds: Vec<&str> = file.sinks.iter().map(|s| s.kind()).collect();
+        assert_eq!(kinds, ["splunk_hec", "ocsf_http", "ocsf_file", "syslog"]);
+        for s in &file.sinks {
+            s.delivery().expect("delivery settings");
+        }
+        crate::rules::config::validate(&file.rules).expect("rules");
+        let kinds: Vec<&str> = file.rules.iter().map(|r| r.kind()).collect();
+        assert_eq!(
+            kinds,
+            [
+                "unauthorized-access",
+                "bulk-access",
+                "egress",
+                "unattributed-access",
+                "gap",
+                "silent-host"
+            ]
         );
     }
 }

@@ -54,6 +54,8 @@ pub struct IngestService {
     pool: Arc<Pool>,
     limits: Limits,
     metrics: Arc<CollectorMetrics>,
+    /// Tells the store's consumers (sinks, alert rules) that something was stored.
+    wake: crate::sinks::Wake,
 }
 
 impl IngestService {
@@ -62,7 +64,14 @@ impl IngestService {
             pool,
             limits,
             metrics,
+            wake: crate::sinks::Wake::default(),
         }
+    }
+
+    /// Announces every stored batch and alert on `wake`.
+    pub fn with_wake(mut self, wake: crate::sinks::Wake) -> Self {
+        self.wake = wake;
+        self
     }
 }
 
@@ -134,6 +143,7 @@ impl IngestService {
         let key = hello.public_key.clone();
         let version = hello.agent_version.clone();
         let metrics = Arc::clone(&self.metrics);
+        let wake = self.wake.clone();
         self.with_store(move |s| match s.host(&host_id).map_err(internal)? {
             None => {
                 tracing::info!(host = %host_id, "new host: pinning its key");
@@ -161,6 +171,7 @@ impl IngestService {
                     key,
                 ))
                 .map_err(internal)?;
+                wake.notify();
                 Err(Status::permission_denied(format!(
                     "host {host_id:?} presented another key than the one pinned at first \
                          contact; an alert was raised"
@@ -174,6 +185,8 @@ impl IngestService {
     async fn ingest(&self, host_id: String, batch: Batch) -> Result<u64, Status> {
         let started = std::time::Instant::now();
         let result = self.ingest_batch(host_id, batch).await;
+        // Stored records or an alert (a refused batch may have stored both).
+        self.wake.notify();
         let m = &self.metrics;
         m.ingest_micros.add(started.elapsed().as_micros() as u64);
         match &result {

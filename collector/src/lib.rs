@@ -7,6 +7,8 @@ pub mod config;
 pub mod export;
 pub mod ingest;
 pub mod retention;
+pub mod rules;
+pub mod sinks;
 pub mod store;
 pub mod telemetry;
 pub mod tls;

@@ -10,7 +10,7 @@ use phi_collector::{
     api::{self, Api},
     config::{self, FileConfig, Flags},
     ingest::IngestService,
-    retention,
+    retention, rules, sinks,
     store::{self, Pool},
     telemetry::{self, CollectorMetrics},
     tls,
@@ -117,6 +117,7 @@ impl ServeArgs {
 }
 
 async fn serve(s: config::Settings) -> anyhow::Result<()> {
+    let built_sinks = sinks::build_all(&s.sinks)?;
     let pool = Pool::open_async(&s.db, 8).await?;
     if let Some(period) = s.retention {
         let secs = period.as_secs().to_string();
@@ -205,7 +206,13 @@ async fn serve(s: config::Settings) -> anyhow::Result<()> {
         })
     };
 
-    let service = IngestService::new(pool, s.limits, metrics);
+    let wake = sinks::Wake::default();
+    sinks::prepare(&built_sinks, &pool).await?;
+    rules::prepare(&s.rules, &pool).await?;
+    let mut sink_tasks = sinks::spawn(built_sinks, &pool, &metrics, &wake, &stop_rx);
+    sink_tasks.extend(rules::spawn(&s.rules, &pool, &metrics, &wake, &stop_rx));
+
+    let service = IngestService::new(pool, s.limits, metrics).with_wake(wake);
     let signals = async move {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("signal handler");
@@ -230,6 +237,9 @@ async fn serve(s: config::Settings) -> anyhow::Result<()> {
         t.await.context("API task")??;
     }
     let _ = retention_task.await;
+    for t in sink_tasks {
+        let _ = t.await;
+    }
     Ok(())
 }
 

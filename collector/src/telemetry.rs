@@ -90,6 +90,17 @@ impl CollectorMetrics {
             .inc();
     }
 
+    /// An alert rule raised an alert.
+    pub fn rule_alert(&self, kind: &str) {
+        self.registry
+            .counter(
+                "phi_collector_rule_alerts_total",
+                "Alerts raised by alert rules, by kind.",
+                &[("kind", kind)],
+            )
+            .inc();
+    }
+
     /// A query API call, by method and outcome (ok, denied, unauthenticated).
     pub fn api_call(&self, method: &str, outcome: &str) {
         self.registry

@@ -16,6 +16,8 @@ use std::{
 
 pub mod collector;
 pub mod postgres;
+pub mod rsyslog;
+pub mod siem;
 pub mod sshd;
 pub mod synthetic;
 

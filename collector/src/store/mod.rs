@@ -73,6 +73,18 @@ pub struct StoredAlert {
     pub alert: Alert,
 }
 
+/// Where a host's chain stands, for the consumers that follow it (sinks, rules).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostHead {
+    pub host_id: String,
+    pub head_seq: u64,
+    /// Records up to this seq were removed by retention (0: none).
+    pub anchor_seq: u64,
+    /// The last connection of its agent and the time of its newest record (ns).
+    pub last_seen_ns: i64,
+    pub last_record_ns: i64,
+}
+
 /// The outcome of appending a batch.
 #[derive(Debug)]
 pub struct Appended {
@@ -301,6 +313,22 @@ pub trait Store: Send {
     fn sessions(&mut self, filter: &SessionFilter) -> Result<Vec<Session>, StoreError>;
     fn session(&mut self, session: &str) -> Result<Option<Session>, StoreError>;
     fn alerts(&mut self, host_id: Option<&str>) -> Result<Vec<StoredAlert>, StoreError>;
+
+    // --- consumers of the stored data (SIEM sinks, alert rules) -------------------------
+
+    /// Every host's head, by host id.
+    fn heads(&mut self) -> Result<Vec<HostHead>, StoreError>;
+    /// Alerts with an id above `after_id`, in id order. Ids grow in commit order (PostgreSQL
+    /// serializes alert inserts), so a consumer that remembers the last id it handled misses
+    /// none.
+    fn alerts_after(&mut self, after_id: u64, limit: usize)
+    -> Result<Vec<StoredAlert>, StoreError>;
+    /// The durable positions of one consumer: (stream, position). A stream is `host:<id>`
+    /// (position: the last seq handled) or `alerts` (the last alert id handled).
+    fn cursors(&mut self, consumer: &str) -> Result<Vec<(String, u64)>, StoreError>;
+    /// Stores one position of a consumer (it only moves forward).
+    fn set_cursor(&mut self, consumer: &str, stream: &str, position: u64)
+    -> Result<(), StoreError>;
 
     // --- the access log -----------------------------------------------------------------
 

@@ -9,8 +9,9 @@ use postgres::{Client, GenericClient, NoTls, Row as PgRow, Transaction, types::T
 use prost::Message as _;
 
 use super::{
-    Alert, Appended, Cursor, Filter, Hold, HostInfo, HostState, Principal, PruneOutcome, Role, Row,
-    Session, SessionFilter, Store, StoreError, StoredAlert, checkpoint_time_ns, head_from,
+    Alert, Appended, Cursor, Filter, Hold, HostHead, HostInfo, HostState, Principal, PruneOutcome,
+    Role, Row, Session, SessionFilter, Store, StoreError, StoredAlert, checkpoint_time_ns,
+    head_from,
     index::{self, SessionDeltas},
     now_ns,
     query::{self, Param, numbered},
@@ -21,6 +22,9 @@ use crate::verify::verify_batch;
 /// Advisory lock ids (arbitrary, fixed): schema migrations and the access log's head.
 const MIGRATION_LOCK: i64 = 0x7068_6961_0001;
 const ACCESS_LOG_LOCK: i64 = 0x7068_6961_0002;
+/// Serializes alert inserts so that alert ids grow in commit order: a consumer reading
+/// "alerts after id N" can never miss one committed late with a lower id.
+const ALERT_LOCK: i64 = 0x7068_6961_0003;
 
 /// Schema migrations, in order; the index + 1 is the version.
 const MIGRATIONS: &[&str] = &[
@@ -132,11 +136,33 @@ const MIGRATIONS: &[&str] = &[
         key   TEXT PRIMARY KEY,
         value TEXT NOT NULL
     );"#,
+    // 2: positions of the consumers of the store (SIEM sinks, alert rules).
+    r#"CREATE TABLE consumer_cursors (
+        consumer   TEXT NOT NULL,
+        stream     TEXT NOT NULL,
+        position   BIGINT NOT NULL,
+        updated_ns BIGINT NOT NULL,
+        PRIMARY KEY (consumer, stream)
+    );"#,
 ];
 
 pub struct PgStore {
     client: Client,
     shown: String,
+}
+
+fn stored_alert(r: &PgRow) -> StoredAlert {
+    StoredAlert {
+        id: r.get::<_, i64>(0) as u64,
+        time_ns: r.get(1),
+        alert: Alert {
+            host_id: r.get(2),
+            kind: r.get(3),
+            seq: r.get::<_, Option<i64>>(4).map(|s| s as u64),
+            detail: r.get(5),
+            evidence: r.get(6),
+        },
+    }
 }
 
 fn host_state(r: &PgRow) -> HostState {
@@ -303,7 +329,9 @@ fn upsert_sessions(tx: &mut Transaction<'_>, deltas: &SessionDeltas) -> Result<(
     Ok(())
 }
 
+/// Inserts an alert; call it inside a transaction (the lock lasts until its end).
 fn insert_alert(c: &mut impl GenericClient, a: &Alert) -> Result<(), StoreError> {
+    c.execute("SELECT pg_advisory_xact_lock($1)", &[&ALERT_LOCK])?;
     c.execute(
         "INSERT INTO alerts (time_ns, host_id, kind, seq, detail, evidence)
          VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
@@ -551,7 +579,10 @@ impl Store for PgStore {
     }
 
     fn alert(&mut self, alert: &Alert) -> Result<(), StoreError> {
-        insert_alert(&mut self.client, alert)
+        let mut tx = self.client.transaction()?;
+        insert_alert(&mut tx, alert)?;
+        tx.commit()?;
+        Ok(())
     }
 
     fn hosts(&mut self) -> Result<Vec<HostInfo>, StoreError> {
@@ -691,18 +722,74 @@ impl Store for PgStore {
                 &[&host_id],
             )?
             .iter()
-            .map(|r| StoredAlert {
-                id: r.get::<_, i64>(0) as u64,
-                time_ns: r.get(1),
-                alert: Alert {
-                    host_id: r.get(2),
-                    kind: r.get(3),
-                    seq: r.get::<_, Option<i64>>(4).map(|s| s as u64),
-                    detail: r.get(5),
-                    evidence: r.get(6),
-                },
+            .map(stored_alert)
+            .collect())
+    }
+
+    fn heads(&mut self) -> Result<Vec<HostHead>, StoreError> {
+        Ok(self
+            .client
+            .query(
+                "SELECT host_id, head_seq, anchor_seq, last_seen_ns, last_record_ns FROM hosts
+                 ORDER BY host_id",
+                &[],
+            )?
+            .iter()
+            .map(|r| HostHead {
+                host_id: r.get(0),
+                head_seq: r.get::<_, i64>(1) as u64,
+                anchor_seq: r.get::<_, i64>(2) as u64,
+                last_seen_ns: r.get(3),
+                last_record_ns: r.get(4),
             })
             .collect())
+    }
+
+    fn alerts_after(
+        &mut self,
+        after_id: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredAlert>, StoreError> {
+        Ok(self
+            .client
+            .query(
+                "SELECT id, time_ns, host_id, kind, seq, detail, evidence FROM alerts
+                 WHERE id > $1 ORDER BY id LIMIT $2",
+                &[&(after_id as i64), &(limit.max(1) as i64)],
+            )?
+            .iter()
+            .map(stored_alert)
+            .collect())
+    }
+
+    fn cursors(&mut self, consumer: &str) -> Result<Vec<(String, u64)>, StoreError> {
+        Ok(self
+            .client
+            .query(
+                "SELECT stream, position FROM consumer_cursors WHERE consumer = $1
+                 ORDER BY stream",
+                &[&consumer],
+            )?
+            .iter()
+            .map(|r| (r.get(0), r.get::<_, i64>(1) as u64))
+            .collect())
+    }
+
+    fn set_cursor(
+        &mut self,
+        consumer: &str,
+        stream: &str,
+        position: u64,
+    ) -> Result<(), StoreError> {
+        self.client.execute(
+            "INSERT INTO consumer_cursors (consumer, stream, position, updated_ns)
+             VALUES ($1, $2, $3, $4)
+             ON CONFLICT (consumer, stream) DO UPDATE SET
+                position = GREATEST(consumer_cursors.position, excluded.position),
+                updated_ns = excluded.updated_ns",
+            &[&consumer, &stream, &(position as i64), &now_ns()],
+        )?;
+        Ok(())
     }
 
     fn log_access(&mut self, entry: AccessEntry) -> Result<AccessEntry, StoreError> {

@@ -12,8 +12,9 @@ use rusqlite::{
 };
 
 use super::{
-    Alert, Appended, Cursor, Filter, Hold, HostInfo, HostState, Principal, PruneOutcome, Role, Row,
-    Session, SessionFilter, Store, StoreError, StoredAlert, checkpoint_time_ns, head_from,
+    Alert, Appended, Cursor, Filter, Hold, HostHead, HostInfo, HostState, Principal, PruneOutcome,
+    Role, Row, Session, SessionFilter, Store, StoreError, StoredAlert, checkpoint_time_ns,
+    head_from,
     index::{self, SessionDeltas},
     now_ns,
     query::{self, Param},
@@ -150,6 +151,17 @@ const MIGRATIONS: &[Migration] = &[
         CREATE INDEX records_path ON records (path, time_ns) WHERE path IS NOT NULL;
         CREATE INDEX records_login_user ON records (login_user, time_ns)
             WHERE login_user IS NOT NULL;",
+        data: None,
+    },
+    // 4: positions of the consumers of the store (SIEM sinks, alert rules).
+    Migration {
+        sql: "CREATE TABLE consumer_cursors (
+            consumer   TEXT NOT NULL,
+            stream     TEXT NOT NULL,
+            position   INTEGER NOT NULL,
+            updated_ns INTEGER NOT NULL,
+            PRIMARY KEY (consumer, stream)
+        ) WITHOUT ROWID;",
         data: None,
     },
 ];
@@ -352,6 +364,20 @@ fn upsert_sessions(tx: &Transaction<'_>, deltas: &SessionDeltas) -> Result<(), S
         ])?;
     }
     Ok(())
+}
+
+fn stored_alert(r: &SqlRow<'_>) -> rusqlite::Result<StoredAlert> {
+    Ok(StoredAlert {
+        id: r.get::<_, i64>(0)? as u64,
+        time_ns: r.get(1)?,
+        alert: Alert {
+            host_id: r.get(2)?,
+            kind: r.get(3)?,
+            seq: r.get::<_, Option<i64>>(4)?.map(|s| s as u64),
+            detail: r.get(5)?,
+            evidence: r.get(6)?,
+        },
+    })
 }
 
 fn insert_alert(tx: &Connection, a: &Alert) -> Result<(), StoreError> {
@@ -682,20 +708,64 @@ impl Store for SqliteStore {
             "SELECT id, time_ns, host_id, kind, seq, detail, evidence FROM alerts
              WHERE ?1 IS NULL OR host_id = ?1 ORDER BY id",
         )?;
-        let rows = stmt.query_map([host_id], |r| {
-            Ok(StoredAlert {
-                id: r.get::<_, i64>(0)? as u64,
-                time_ns: r.get(1)?,
-                alert: Alert {
-                    host_id: r.get(2)?,
-                    kind: r.get(3)?,
-                    seq: r.get::<_, Option<i64>>(4)?.map(|s| s as u64),
-                    detail: r.get(5)?,
-                    evidence: r.get(6)?,
-                },
+        let rows = stmt.query_map([host_id], stored_alert)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn heads(&mut self) -> Result<Vec<HostHead>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT host_id, head_seq, anchor_seq, last_seen_ns, last_record_ns FROM hosts
+             ORDER BY host_id",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(HostHead {
+                host_id: r.get(0)?,
+                head_seq: r.get::<_, i64>(1)? as u64,
+                anchor_seq: r.get::<_, i64>(2)? as u64,
+                last_seen_ns: r.get(3)?,
+                last_record_ns: r.get(4)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn alerts_after(
+        &mut self,
+        after_id: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredAlert>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, time_ns, host_id, kind, seq, detail, evidence FROM alerts
+             WHERE id > ?1 ORDER BY id LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![after_id as i64, limit.max(1) as i64], stored_alert)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn cursors(&mut self, consumer: &str) -> Result<Vec<(String, u64)>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT stream, position FROM consumer_cursors WHERE consumer = ?1 ORDER BY stream",
+        )?;
+        let rows = stmt.query_map([consumer], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn set_cursor(
+        &mut self,
+        consumer: &str,
+        stream: &str,
+        position: u64,
+    ) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT INTO consumer_cursors (consumer, stream, position, updated_ns)
+             VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (consumer, stream) DO UPDATE SET
+                position = MAX(position, excluded.position), updated_ns = excluded.updated_ns",
+            params![consumer, stream, position as i64, now_ns()],
+        )?;
+        Ok(())
     }
 
     fn log_access(&mut self, entry: AccessEntry) -> Result<AccessEntry, StoreError> {

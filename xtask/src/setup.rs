@@ -32,6 +32,8 @@ pub const DEBIAN_PACKAGES: &[(&str, &str)] = &[
         "the PostgreSQL store tests (a private server per test)",
     ),
     ("systemd", "systemd-analyze for checking the unit files"),
+    ("rsyslog", "the syslog sink's test against a real receiver"),
+    ("rsyslog-gnutls", "TLS for that receiver"),
     (
         "python3-venv",
         "the venv of the deployment linters (kubernetes-validate, checkov)",

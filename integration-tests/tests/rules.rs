@@ -441,3 +441,78 @@ fn each_rule_fires_on_its_scenario_and_stays_quiet_on_its_benign_twin() {
         "access-bad:2"
     );
 }
+
+/// A bulk access that straddles a collector restart is still seen: the rules rebuild their
+/// windows from the records they judged before it.
+#[test]
+fn a_bulk_access_window_survives_a_collector_restart() {
+    let t = now();
+    let host = "bulk-restart";
+    let pki = Pki::new(&[host]);
+    let dir = tempfile::tempdir().expect("dir");
+    let args = config_args(dir.path(), RULES);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut collector = Collector::start_with(&pki, &args);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let judged = |collector: &Collector, n: u64| {
+        collector
+            .store()
+            .cursors("rules")
+            .expect("cursors")
+            .iter()
+            .any(|(s, p)| *s == format!("host:{host}") && *p == n)
+    };
+    let bulk_alerts = |collector: &Collector| {
+        collector
+            .store()
+            .alerts(Some(host))
+            .expect("alerts")
+            .into_iter()
+            .filter(|a| a.alert.kind == "bulk-access")
+            .collect::<Vec<_>>()
+    };
+
+    // Three distinct files before the restart, three after, all within the 10-minute
+    // window of a rule that allows five.
+    let mut chain = Chain::new(host);
+    let before = (0..3)
+        .map(|i| open(CAROL, 800, &format!("/srv/bulk/r{i}.json"), t + i))
+        .collect();
+    let batch = seal(&mut chain, before);
+    rt.block_on(feed(&pki, &collector, &chain, vec![batch]));
+    wait_until(
+        &collector,
+        "the rules to judge the first three",
+        WAIT,
+        || judged(&collector, 3),
+    );
+    assert!(
+        bulk_alerts(&collector).is_empty(),
+        "three files are not bulk"
+    );
+
+    collector.stop();
+    collector.restart();
+    let after = (3..6)
+        .map(|i| open(CAROL, 800, &format!("/srv/bulk/r{i}.json"), t + i))
+        .collect();
+    let batch = seal(&mut chain, after);
+    rt.block_on(feed(&pki, &collector, &chain, vec![batch]));
+    wait_until(&collector, "the rules to judge all six", WAIT, || {
+        judged(&collector, 6)
+    });
+    let alerts = bulk_alerts(&collector);
+    assert_eq!(
+        alerts.len(),
+        1,
+        "one bulk alert across the restart: {alerts:?}"
+    );
+    let evidence: Value = serde_json::from_slice(&alerts[0].alert.evidence).expect("json");
+    let seqs: Vec<u64> = evidence["records"]
+        .as_array()
+        .expect("records")
+        .iter()
+        .map(|r| r["seq"].as_u64().expect("seq"))
+        .collect();
+    assert_eq!(seqs, [1, 2, 3, 4, 5, 6], "the evidence spans the restart");
+}

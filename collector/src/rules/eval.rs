@@ -1,6 +1,7 @@
 //! Rule evaluation over stored records, host by host in seq order. The state of the rules
 //! that look at more than one record (bulk access windows, which process read watched data)
-//! lives in memory: after a restart those windows start empty.
+//! lives in memory; after a restart it is rebuilt from the records judged last
+//! (`rules::warm_up`).
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
@@ -150,6 +151,13 @@ impl Engine {
 
     pub fn is_empty(&self) -> bool {
         self.rules.is_empty()
+    }
+
+    /// True when a rule keeps state across records (worth rebuilding after a restart).
+    pub fn is_stateful(&self) -> bool {
+        self.rules
+            .iter()
+            .any(|(r, _)| matches!(r, RuleConfig::BulkAccess(_) | RuleConfig::Egress(_)))
     }
 
     /// The alerts one record raises.

@@ -113,13 +113,20 @@ pub fn spawn(
             wake: wake.subscribe(),
             stop: stop.clone(),
         };
-        let sink = RuleSink {
-            engine,
-            pool: Arc::clone(pool),
-            wake: wake.clone(),
-            metrics: Arc::clone(metrics),
-        };
-        tasks.push(tokio::spawn(follower.run(Box::new(sink))));
+        let pool = Arc::clone(pool);
+        let wake = wake.clone();
+        let metrics = Arc::clone(metrics);
+        tasks.push(tokio::spawn(async move {
+            let mut engine = engine;
+            warm_up(&mut engine, &pool).await;
+            let sink = RuleSink {
+                engine,
+                pool,
+                wake,
+                metrics,
+            };
+            follower.run(Box::new(sink)).await;
+        }));
     }
     let silent: Vec<(String, Duration)> = rules
         .iter()
@@ -152,6 +159,54 @@ pub fn spawn(
         tracing::info!(rule = r.name(), r#type = r.kind(), "alert rule active");
     }
     tasks
+}
+
+/// How many of each host's last judged records are replayed at start.
+const WARM_UP_RECORDS: u64 = 20_000;
+
+/// Rebuilds the rules' memory (bulk access windows, processes that read watched data) from
+/// the last records each host's rules judged before a restart, without raising their alerts
+/// again, so that a restart does not open a blind window. Runs before the rules follow the
+/// store; ingest does not wait for it.
+async fn warm_up(engine: &mut Engine, pool: &Arc<Pool>) {
+    if !engine.is_stateful() {
+        return;
+    }
+    let cursors = match crate::sinks::cursor::Cursors::load(pool, CONSUMER).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(
+                "the alert rules start with empty windows: cannot read their position: {e}"
+            );
+            return;
+        }
+    };
+    let mut replayed = 0usize;
+    for (stream, upto) in &cursors.hosts {
+        if *upto == 0 {
+            continue;
+        }
+        let from = upto.saturating_sub(WARM_UP_RECORDS);
+        let host = stream.clone();
+        let limit = (upto - from) as usize;
+        match pool.run(move |s| s.chain(&host, from, limit)).await {
+            Ok(rows) => {
+                for row in rows {
+                    replayed += 1;
+                    // Judged before the restart: their alerts are stored already.
+                    let _ = engine.evaluate(&crate::sinks::event::RecordEvent::from_row(row));
+                }
+            }
+            Err(e) => tracing::warn!(
+                host = %stream,
+                "the alert rules start with an empty window for this host: {e}"
+            ),
+        }
+    }
+    tracing::info!(
+        records = replayed,
+        "alert rule windows rebuilt from the store"
+    );
 }
 
 /// Checks every host's newest record against each deadline, `every` so often.

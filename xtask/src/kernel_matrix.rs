@@ -761,40 +761,56 @@ expect_fexit() {
     [ "${EXPECT_FEXIT:-}" = 1 ] || grep -q 'phi.expect_fexit=1' /proc/cmdline 2>/dev/null
 }
 
-# One run of the agent with `--sensors $MODE` and the same actions; sets $summary.
-run_mode() {
-MODE=$1
-OUT="$WORK/records-$MODE.jsonl"
-ERR="$WORK/agent-$MODE.stderr"
-rm -rf "$EHR" "$OUTSIDE" "$WORK/state"
+# Two agents at once, one with the sensors it picks (`--sensors auto`) and one with
+# tracepoints only: the same actions, observed by both, must give both the same records.
+MODES="auto tracepoints"
+use() { MODE=$1; OUT="$WORK/records-$MODE.jsonl"; ERR="$WORK/agent-$MODE.stderr"; }
+# No agent outlives the driver, whatever ends it.
+reap() {
+    for m in $MODES; do
+        eval "p=\${pid_$m:-}"
+        [ -n "$p" ] && kill -9 "$p" 2> /dev/null
+    done
+    return 0
+}
+trap reap EXIT
+
+echo "PHI-MATRIX-KERNEL $(uname -r)"
+rm -rf "$WORK"
 mkdir -p "$EHR" "$OUTSIDE"
 echo '{"note":"chart"}' > "$EHR/chart.json"
 echo '{"note":"moved"}' > "$OUTSIDE/moved.json"
 
 t0=$(now)
-"$AGENT" run --stdout --watch "$EHR" --state-dir "$WORK/state" --metrics-listen off \
-    --sensors "$MODE" > "$OUT" 2> "$ERR" &
-agent=$!
-waited=0
-while ! grep -q '"PHASE_START"' "$OUT" 2>/dev/null; do
-    if ! alive "$agent"; then
-        wait "$agent"
-        fail "agent exited (status $?) before its start record: $(agent_error)"
-    fi
-    if [ "$waited" -ge $((START_TIMEOUT * 10)) ]; then
-        kill -9 "$agent"
-        fail "no start record after ${START_TIMEOUT}s: $(agent_error)"
-    fi
-    sleep 0.1
-    waited=$((waited + 1))
+for m in $MODES; do
+    use "$m"
+    "$AGENT" run --stdout --watch "$EHR" --state-dir "$WORK/state-$MODE" \
+        --metrics-listen off --sensors "$MODE" > "$OUT" 2> "$ERR" &
+    eval "pid_$MODE=$!"
 done
-t1=$(now)
-start=$(grep -m 1 '"PHASE_START"' "$OUT")
-sensors=$(printf '%s' "$start" | sed -n 's/.*"sensors":\(\[[^]]*\]\).*/\1/p')
-if [ "$MODE" = auto ]; then
-    echo "PHI-MATRIX-SENSORS $sensors"
-    echo "PHI-MATRIX-LIMITATIONS $(printf '%s' "$start" | sed -n 's/.*"limitations":\(\[[^]]*\]\).*/\1/p')"
-fi
+for m in $MODES; do
+    use "$m"
+    eval "agent=\$pid_$MODE"
+    waited=0
+    while ! grep -q '"PHASE_START"' "$OUT" 2>/dev/null; do
+        if ! alive "$agent"; then
+            wait "$agent"
+            fail "agent exited (status $?) before its start record: $(agent_error)"
+        fi
+        if [ "$waited" -ge $((START_TIMEOUT * 10)) ]; then
+            kill -9 "$agent"
+            fail "no start record after ${START_TIMEOUT}s: $(agent_error)"
+        fi
+        sleep 0.1
+        waited=$((waited + 1))
+    done
+    eval "t1_$MODE=$(now)"
+    if [ "$MODE" = auto ]; then
+        start=$(grep -m 1 '"PHASE_START"' "$OUT")
+        echo "PHI-MATRIX-SENSORS $(printf '%s' "$start" | sed -n 's/.*"sensors":\(\[[^]]*\]\).*/\1/p')"
+        echo "PHI-MATRIX-LIMITATIONS $(printf '%s' "$start" | sed -n 's/.*"limitations":\(\[[^]]*\]\).*/\1/p')"
+    fi
+done
 
 # One of each action the agent promises to record.
 cat "$EHR/chart.json" > /dev/null
@@ -810,67 +826,70 @@ mv "$OUTSIDE/moved.json" "$EHR/moved.json"
 cat "$EHR/moved.json" > /dev/null
 sleep 0.5
 
-kill -TERM "$agent"
-waited=0
-while alive "$agent" && [ "$waited" -lt 600 ]; do
-    sleep 0.1
-    waited=$((waited + 1))
+for m in $MODES; do
+    eval "kill -TERM \$pid_$m"
 done
-alive "$agent" && kill -9 "$agent"
-wait "$agent"
-status=$?
+for m in $MODES; do
+    eval "agent=\$pid_$m"
+    waited=0
+    while alive "$agent" && [ "$waited" -lt 600 ]; do
+        sleep 0.1
+        waited=$((waited + 1))
+    done
+    alive "$agent" && kill -9 "$agent"
+    wait "$agent"
+    eval "status_$m=$? pid_$m="
+done
 t2=$(now)
 
-missing=""
-has '"open":{"path":"'"$EHR/chart.json"'"' '"success":true' || missing="$missing open"
-has '"open":{"path":"'"$EHR/missing.json"'"' '"errno":"ENOENT"' || missing="$missing open-failed"
-has '"exec":{' 'phi-matrix-exec-probe' || missing="$missing exec"
-has '"connect":{' '"address":"127.0.0.1","port":'"$PORT"',' || missing="$missing connect"
-has '"open":{"path":"'"$EHR/moved.json"'"' '"success":true' || missing="$missing rename"
-if has '"path":"'"$OUTSIDE/moved.json"'"'; then missing="$missing outside-open-filtered"; fi
-has '"phase":"PHASE_STOP"' '"drops":{' || missing="$missing stop-record"
-[ "$status" -eq 0 ] || missing="$missing exit-status-$status"
-
-connect=$(grep -F '"connect":{' "$OUT" | grep -F '"port":'"$PORT"',' | head -n 1 \
-    | sed -n 's/.*"connect":{[^}]*"outcome":{"success":\([a-z]*\)[^}]*"errno":"\([A-Z]*\)".*/\1 \2/p')
-case "$connect" in
-    "true "*) connect=ok ;;
-    *) connect=${connect#false } ;;
-esac
-drops=$(grep -F '"PHASE_STOP"' "$OUT" | sed -n 's/.*"drops":{\([^}]*\)}.*/\1/p' \
-    | tr ',' '\n' | grep -v ':"0"$' | tr -d '"' | tr '\n' ' ' | sed 's/ *$//; s/ /,/g')
-records=$(grep -c . "$OUT")
-start_s=$(( (t1 - t0) / 100 )).$(( (t1 - t0) % 100 / 10 ))
-run_s=$(( (t2 - t0) / 100 )).$(( (t2 - t0) % 100 / 10 ))
-agent_log
-if [ -n "$missing" ]; then
-    fail "no record for:$missing (records=$records, agent start ${start_s}s)"
-fi
-# The sensors each mode must have picked.
-case "$MODE" in
-    tracepoints)
-        case "$sensors" in *'"fexit/'*) fail "fexit sensors in use although forced off: $sensors" ;; esac ;;
-    auto)
-        if expect_fexit; then
-            for kind in open connect path-changes; do
-                case "$sensors" in
-                    *'"kind":"'$kind'","hook":"fexit/'*) ;;
-                    *) fail "$kind is not served by fexit on a kernel that allows it: $(grep -m 1 "served by the sys_exit tracepoint.*kind=$kind" "$ERR" | cut -c 1-400)" ;;
-                esac
-            done
-        fi ;;
-esac
-fexit=$(printf '%s' "$sensors" | grep -o '"kind":"[a-z-]*","hook":"fexit' | sed 's/"kind":"\([a-z-]*\)".*/\1/' | tr '\n' ',' | sed 's/,$//')
-summary="$summary [sensors=$MODE${fexit:+ fexit:$fexit}] open open-failed(ENOENT) exec connect(${connect:-?}) rename stop drops=${drops:-none} records=$records agent-start=${start_s}s run=${run_s}s"
-}
-
-echo "PHI-MATRIX-KERNEL $(uname -r)"
-rm -rf "$WORK"
-mkdir -p "$WORK"
 summary=""
-# The same actions and assertions with the sensors the agent picks and with tracepoints only.
-run_mode auto
-run_mode tracepoints
+for m in $MODES; do
+    use "$m"
+    eval "status=\$status_$MODE t1=\$t1_$MODE"
+    start=$(grep -m 1 '"PHASE_START"' "$OUT")
+    sensors=$(printf '%s' "$start" | sed -n 's/.*"sensors":\(\[[^]]*\]\).*/\1/p')
+    missing=""
+    has '"open":{"path":"'"$EHR/chart.json"'"' '"success":true' || missing="$missing open"
+    has '"open":{"path":"'"$EHR/missing.json"'"' '"errno":"ENOENT"' || missing="$missing open-failed"
+    has '"exec":{' 'phi-matrix-exec-probe' || missing="$missing exec"
+    has '"connect":{' '"address":"127.0.0.1","port":'"$PORT"',' || missing="$missing connect"
+    has '"open":{"path":"'"$EHR/moved.json"'"' '"success":true' || missing="$missing rename"
+    if has '"path":"'"$OUTSIDE/moved.json"'"'; then missing="$missing outside-open-filtered"; fi
+    has '"phase":"PHASE_STOP"' '"drops":{' || missing="$missing stop-record"
+    [ "$status" -eq 0 ] || missing="$missing exit-status-$status"
+
+    connect=$(grep -F '"connect":{' "$OUT" | grep -F '"port":'"$PORT"',' | head -n 1 \
+        | sed -n 's/.*"connect":{[^}]*"outcome":{"success":\([a-z]*\)[^}]*"errno":"\([A-Z]*\)".*/\1 \2/p')
+    case "$connect" in
+        "true "*) connect=ok ;;
+        *) connect=${connect#false } ;;
+    esac
+    drops=$(grep -F '"PHASE_STOP"' "$OUT" | sed -n 's/.*"drops":{\([^}]*\)}.*/\1/p' \
+        | tr ',' '\n' | grep -v ':"0"$' | tr -d '"' | tr '\n' ' ' | sed 's/ *$//; s/ /,/g')
+    records=$(grep -c . "$OUT")
+    start_s=$(( (t1 - t0) / 100 )).$(( (t1 - t0) % 100 / 10 ))
+    run_s=$(( (t2 - t0) / 100 )).$(( (t2 - t0) % 100 / 10 ))
+    agent_log
+    if [ -n "$missing" ]; then
+        fail "no record for:$missing (records=$records, agent start ${start_s}s)"
+    fi
+    # The sensors each mode must have picked.
+    case "$MODE" in
+        tracepoints)
+            case "$sensors" in *'"fexit/'*) fail "fexit sensors in use although forced off: $sensors" ;; esac ;;
+        auto)
+            if expect_fexit; then
+                for kind in open connect path-changes; do
+                    case "$sensors" in
+                        *'"kind":"'$kind'","hook":"fexit/'*) ;;
+                        *) fail "$kind is not served by fexit on a kernel that allows it: $(grep -m 1 "served by the sys_exit tracepoint.*kind=$kind" "$ERR" | cut -c 1-400)" ;;
+                    esac
+                done
+            fi ;;
+    esac
+    fexit=$(printf '%s' "$sensors" | grep -o '"kind":"[a-z-]*","hook":"fexit' | sed 's/"kind":"\([a-z-]*\)".*/\1/' | tr '\n' ',' | sed 's/,$//')
+    summary="$summary [sensors=$MODE${fexit:+ fexit:$fexit}] open open-failed(ENOENT) exec connect(${connect:-?}) rename stop drops=${drops:-none} records=$records agent-start=${start_s}s run=${run_s}s"
+done
 echo "PHI-MATRIX-RESULT PASS$summary"
 "#;
 

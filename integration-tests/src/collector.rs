@@ -171,17 +171,12 @@ impl Collector {
             .spawn()
             .expect("start phi-collector");
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err()
-            || std::net::TcpStream::connect(("127.0.0.1", self.api_port)).is_err()
-        {
-            assert!(
-                Instant::now() < deadline,
-                "the collector did not listen: {}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        crate::wait_listening(
+            "the collector",
+            &[self.port, self.api_port],
+            Duration::from_secs(20),
+            || self.log(),
+        );
     }
 
     /// Stops the process (SIGTERM) and waits for it.

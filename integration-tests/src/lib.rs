@@ -112,6 +112,41 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Installs Debian `packages` (for a test that needs a server `cargo xtask setup` may not
+/// have installed yet); panics with apt-get's output when that fails.
+pub fn apt_install(packages: &[&str]) {
+    let out = Command::new("apt-get")
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(packages)
+        .output()
+        .expect("run apt-get");
+    assert!(
+        out.status.success(),
+        "apt-get install {} failed: {}{}",
+        packages.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Waits until something accepts connections on every one of `ports` on 127.0.0.1; after
+/// `limit` panics naming `what`, with `detail()` (its log, say).
+pub fn wait_listening(what: &str, ports: &[u16], limit: Duration, detail: impl Fn() -> String) {
+    let deadline = Instant::now() + limit;
+    while !ports
+        .iter()
+        .all(|p| std::net::TcpStream::connect(("127.0.0.1", *p)).is_ok())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not listen on {ports:?} within {limit:?}: {}",
+            detail()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// GET `path` from a plain-HTTP endpoint on 127.0.0.1: (status code, body).
 pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     use std::io::Write as _;

@@ -6,7 +6,7 @@ use std::{
     net::TcpListener,
     path::{Path, PathBuf},
     process::{Command, Output},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 fn run(cmd: &mut Command) -> Output {
@@ -41,15 +41,7 @@ fn ensure_installed() -> PathBuf {
     if let Some(b) = bin_dir() {
         return b;
     }
-    run(Command::new("apt-get")
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .args([
-            "install",
-            "-y",
-            "-q",
-            "--no-install-recommends",
-            "postgresql",
-        ]));
+    crate::apt_install(&["postgresql"]);
     bin_dir().expect("postgresql installed but no /usr/lib/postgresql/<major>/bin/initdb")
 }
 
@@ -123,11 +115,7 @@ impl Postgres {
                 sock.display()
             ))
             .args(["-w", "-t", "60", "start"]));
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "PostgreSQL did not listen");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        crate::wait_listening("PostgreSQL", &[port], Duration::from_secs(30), String::new);
         pg
     }
 

@@ -6,7 +6,7 @@
 use std::{
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use crate::{collector::Pki, free_port};
@@ -14,27 +14,9 @@ use crate::{collector::Pki, free_port};
 const GTLS: &str = "/usr/lib/x86_64-linux-gnu/rsyslog/lmnsd_gtls.so";
 
 fn ensure_installed() {
-    if Path::new("/usr/sbin/rsyslogd").exists() && Path::new(GTLS).exists() {
-        return;
+    if !(Path::new("/usr/sbin/rsyslogd").exists() && Path::new(GTLS).exists()) {
+        crate::apt_install(&["rsyslog", "rsyslog-gnutls"]);
     }
-    let out = Command::new("apt-get")
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .args([
-            "install",
-            "-y",
-            "-q",
-            "--no-install-recommends",
-            "rsyslog",
-            "rsyslog-gnutls",
-        ])
-        .output()
-        .expect("run apt-get");
-    assert!(
-        out.status.success(),
-        "apt-get install rsyslog rsyslog-gnutls failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 pub struct Rsyslog {
@@ -134,20 +116,9 @@ action(type="omfile" file="{out}" template="siem" asyncWriting="off" flushOnTXEn
             .spawn()
             .expect("start rsyslogd");
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            if let Some(c) = self.child.as_mut()
-                && let Ok(Some(status)) = c.try_wait()
-            {
-                panic!("rsyslogd exited ({status}): {}", self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "rsyslogd did not listen: {}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        crate::wait_listening("rsyslogd", &[self.port], Duration::from_secs(20), || {
+            self.log()
+        });
     }
 
     /// Stops rsyslogd (SIGTERM, as a restart of the receiver does) and waits for it.

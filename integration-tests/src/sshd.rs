@@ -5,7 +5,7 @@ use std::{
     net::TcpListener,
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 /// The test user (created once, kept: creating users is slow and harmless to keep).
@@ -88,11 +88,7 @@ impl Sshd {
             .stderr(Stdio::null())
             .spawn()
             .expect("start sshd (cargo xtask setup installs openssh-server)");
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "sshd did not listen on {port}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        crate::wait_listening("sshd", &[port], Duration::from_secs(15), String::new);
         Sshd { child, port, dir }
     }
 

@@ -146,6 +146,31 @@ struct Outcome {
     log: PathBuf,
 }
 
+impl Outcome {
+    /// A row that failed before the driver could say anything.
+    fn failed(
+        name: &str,
+        package: &str,
+        release: &str,
+        reason: String,
+        total: Duration,
+        log: &Path,
+    ) -> Outcome {
+        Outcome {
+            name: name.to_owned(),
+            package: package.to_owned(),
+            release: release.to_owned(),
+            pass: false,
+            reason,
+            boot: None,
+            total,
+            sensors: String::new(),
+            limitations: String::new(),
+            log: log.to_owned(),
+        }
+    }
+}
+
 pub fn run(args: &KernelMatrixArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     setup::run()?;
@@ -1067,17 +1092,15 @@ fn run_on_host(dir: &Path, agent: &Path, busybox: &Path) -> Outcome {
     let release = fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_owned())
         .unwrap_or_default();
-    let fail = |reason: String| Outcome {
-        name: HOST.into(),
-        package: "running kernel".into(),
-        release: release.clone(),
-        pass: false,
-        reason,
-        boot: None,
-        total: started.elapsed(),
-        sensors: String::new(),
-        limitations: String::new(),
-        log: log.clone(),
+    let fail = |reason: String| {
+        Outcome::failed(
+            HOST,
+            "running kernel",
+            &release,
+            reason,
+            started.elapsed(),
+            &log,
+        )
     };
     if !cmd::is_root() {
         return fail("loading the probes into the host kernel needs root (or --no-host)".into());
@@ -1219,18 +1242,8 @@ fn boot_one(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn();
-    let fail = |reason: String| Outcome {
-        name: name.to_owned(),
-        package: package.clone(),
-        release: String::new(),
-        pass: false,
-        reason,
-        boot: None,
-        total: started.elapsed(),
-        sensors: String::new(),
-        limitations: String::new(),
-        log: log.clone(),
-    };
+    let fail =
+        |reason: String| Outcome::failed(name, &package, "", reason, started.elapsed(), &log);
     let mut child = match spawned {
         Ok(c) => c,
         Err(e) => return fail(format!("cannot start qemu-system-x86_64: {e}")),

@@ -12,7 +12,7 @@
 //! and never run for the failures an audit needs most (a lookup that fails with ENOENT or
 //! EACCES never reaches `file_open`). Whether BPF-LSM is active is still reported.
 
-use std::{collections::HashSet, fmt};
+use std::collections::HashSet;
 
 use agent_common::sensor::group;
 use aya::{
@@ -43,15 +43,6 @@ impl std::str::FromStr for SensorMode {
                 "sensors must be \"auto\" or \"tracepoints\", not {other:?}"
             )),
         }
-    }
-}
-
-impl fmt::Display for SensorMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            SensorMode::Auto => "auto",
-            SensorMode::Tracepoints => "tracepoints",
-        })
     }
 }
 
@@ -92,10 +83,8 @@ const fn ia32(
     functions: &'static [&'static str],
 ) -> Program {
     Program {
-        name,
-        serves,
-        functions,
         ia32: true,
+        ..on(name, serves, functions)
     }
 }
 

@@ -1183,7 +1183,17 @@ fn boot_all(
                     let Some((i, (image, boot))) = next else {
                         break;
                     };
-                    let o = boot_one(dir, initrd, image, boot, args);
+                    let mut o = boot_one(dir, initrd, image, boot, args);
+                    if !o.pass && o.boot.is_none() {
+                        // The kernel died before the initramfs ran (under TCG an early boot
+                        // can trip over its own code patching): nothing of the agent was
+                        // tested yet, so one more boot decides.
+                        println!(
+                            "    {}: the guest stopped before its init ran; booting it once more",
+                            o.name
+                        );
+                        o = boot_one(dir, initrd, image, boot, args);
+                    }
                     println!(
                         "    {}: {} in {:.1}s",
                         o.name,

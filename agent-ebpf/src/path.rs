@@ -13,8 +13,9 @@ use aya_ebpf::{
 };
 
 use crate::{
+    emit::scratch,
     kernel::{PathRef, off, read},
-    maps::{PREFIX_KEY, WATCH_PREFIXES},
+    maps::{CURSOR_OFFSET, PREFIX_KEY, WATCH_PREFIXES},
 };
 
 /// Bytes a caller must reserve for [`write_path`]: the logical bound plus one component.
@@ -32,19 +33,41 @@ pub struct PathCursor {
     pub root: PathRef,
 }
 
-/// Writes the path of `path` leaf first (`"name/parent/…/"`) into `buf`, which must have
-/// [`PATH_REGION`] bytes, stopping at `root` (the task's root) or at the root of its mount
-/// namespace. Returns `len | flags << 16`; a read failure ends the walk with `READ_FAILED`
-/// and keeps what was written.
+/// The largest tail offset [`write_path`] accepts: the path region and the cursor must fit
+/// in a scratch slot.
+pub const TAIL_MAX: usize = CURSOR_OFFSET - PATH_REGION;
+
+/// Writes the path of `path` leaf first (`"name/parent/…/"`) at byte `tail` of this CPU's
+/// scratch slot `slot`, which leaves [`PATH_REGION`] bytes there, stopping at `root` (the
+/// task's root) or at the root of its mount namespace. Returns `len | flags << 16`; a read
+/// failure ends the walk with `READ_FAILED` and keeps what was written.
 #[inline(always)]
-pub fn write_path(buf: *mut u8, cursor: *mut PathCursor, path: PathRef, root: PathRef) -> u32 {
-    // SAFETY: `cursor` points into this CPU's scratch slot.
-    unsafe { (*cursor).root = root };
-    walk_and_write(buf, cursor, path)
+pub fn write_path(slot: u32, tail: usize, path: PathRef, root: PathRef) -> u32 {
+    let Ok(buf) = scratch(slot) else {
+        return u32::from(path_flags::READ_FAILED) << 16;
+    };
+    // SAFETY: the cursor lies in the last bytes of the scratch slot.
+    unsafe { (*buf.add(CURSOR_OFFSET).cast::<PathCursor>()).root = root };
+    phi_write_path(slot, tail as u32, path.dentry, path.vfsmnt)
 }
 
+/// The walk of [`write_path`], a global subprogram: the kernel verifies it once per program
+/// instead of once per caller (every caller's copy would otherwise repeat a 64-step loop).
+/// Its arguments are plain numbers, so it finds its buffer itself and checks `tail`.
+#[unsafe(no_mangle)]
 #[inline(never)]
-fn walk_and_write(buf: *mut u8, cursor: *mut PathCursor, path: PathRef) -> u32 {
+pub extern "C" fn phi_write_path(slot: u32, tail: u32, dentry: u64, vfsmnt: u64) -> u32 {
+    let tail = tail as usize;
+    if tail > TAIL_MAX {
+        return u32::from(path_flags::READ_FAILED) << 16;
+    }
+    let Ok(base) = scratch(slot) else {
+        return u32::from(path_flags::READ_FAILED) << 16;
+    };
+    // SAFETY: `tail + PATH_REGION <= CURSOR_OFFSET`, inside the slot.
+    let buf = unsafe { base.add(tail) };
+    let cursor = unsafe { base.add(CURSOR_OFFSET) }.cast::<PathCursor>();
+    let path = PathRef { dentry, vfsmnt };
     // SAFETY: `cursor` points into this CPU's scratch slot.
     let root = unsafe { (*cursor).root };
     // SAFETY (all cursor accesses): `cursor` points into this CPU's scratch slot.
@@ -142,16 +165,17 @@ fn walk_and_write(buf: *mut u8, cursor: *mut PathCursor, path: PathRef) -> u32 {
 /// does not prove the path is unwatched).
 #[inline(always)]
 pub fn prefix_lookup(user_path: u64) -> Option<(u32, bool)> {
-    let r = prefix_lookup_packed(user_path);
+    let r = phi_prefix_lookup(user_path);
     if r < 0 {
         return None;
     }
     Some((r as u32, (r >> 32) != 0))
 }
 
-/// [`prefix_lookup`] as a subprogram: `id | dotdot << 32`, or -1.
+/// [`prefix_lookup`] as a global subprogram: `id | dotdot << 32`, or -1.
+#[unsafe(no_mangle)]
 #[inline(never)]
-fn prefix_lookup_packed(user_path: u64) -> i64 {
+pub extern "C" fn phi_prefix_lookup(user_path: u64) -> i64 {
     match prefix_lookup_inner(user_path) {
         Some((id, dotdot)) => i64::from(id) | (i64::from(dotdot) << 32),
         None => -1,

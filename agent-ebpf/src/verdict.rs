@@ -54,7 +54,7 @@ pub fn for_file(path: PathRef) -> Result<Verdict> {
 /// Verdict for a directory (itself or an ancestor watched).
 #[inline(always)]
 pub fn for_dir(dir: PathRef) -> Result<Verdict> {
-    match decide_dir(dir) {
+    match phi_decide_dir(dir.dentry, dir.vfsmnt) {
         UNWATCHED => Ok(Verdict::Unwatched),
         UNDECIDED => Ok(Verdict::Undecided),
         READ_ERROR => Err(Error::Read),
@@ -98,9 +98,12 @@ pub fn bump_kernel_generation() {
     }
 }
 
+/// The verdict of a directory as a global subprogram (verified once per program, however
+/// many callers): a watch id, `UNWATCHED`, `UNDECIDED` or `READ_ERROR`.
+#[unsafe(no_mangle)]
 #[inline(never)]
-fn decide_dir(dir: PathRef) -> i64 {
-    match decide_dir_inner(dir) {
+pub extern "C" fn phi_decide_dir(dentry: u64, vfsmnt: u64) -> i64 {
+    match decide_dir_inner(PathRef { dentry, vfsmnt }) {
         Ok(Verdict::Watched(id)) => i64::from(id),
         Ok(Verdict::Unwatched) => UNWATCHED,
         Ok(Verdict::Undecided) => UNDECIDED,

@@ -12,11 +12,11 @@ use crate::{
     error::Result,
     kernel::PathRef,
     maps::{CURSOR_OFFSET, slot},
-    path::{PATH_REGION, write_path},
+    path::{PATH_REGION, TAIL_MAX, write_path},
 };
 
 const TAIL: usize = tail_offset::<ChdirEvent>();
-const _: () = assert!(TAIL + PATH_REGION <= CURSOR_OFFSET);
+const _: () = assert!(TAIL + PATH_REGION <= CURSOR_OFFSET && TAIL <= TAIL_MAX);
 
 #[inline(always)]
 pub fn handle(task: u64) -> Result<()> {
@@ -24,14 +24,12 @@ pub fn handle(task: u64) -> Result<()> {
     fill_header(buf, EventKind::Chdir, task)?;
     // SAFETY: the body follows the header in the scratch slot; the tail region is larger
     // than `PATH_REGION`, and the cursor lies past it.
-    let packed = unsafe {
-        write_path(
-            buf.add(TAIL),
-            buf.add(CURSOR_OFFSET).cast(),
-            PathRef::cwd_of(task)?,
-            PathRef::root_of(task)?,
-        )
-    };
+    let packed = write_path(
+        slot::SYSCALL,
+        TAIL,
+        PathRef::cwd_of(task)?,
+        PathRef::root_of(task)?,
+    );
     let len = (packed & 0xffff) as usize;
     let len = if len > PATH_MAX { PATH_MAX } else { len };
     let flags = (packed >> 16) as u16;

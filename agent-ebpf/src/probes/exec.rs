@@ -22,6 +22,7 @@ use crate::{
 };
 
 const TAIL: usize = tail_offset::<ExecEvent>();
+const _: () = assert!(TAIL <= crate::path::TAIL_MAX);
 const _: () = assert!(
     TAIL + crate::path::PATH_REGION + EXEC_FILENAME_MAX + ARGV_MAX <= crate::maps::CURSOR_OFFSET
 );
@@ -58,12 +59,7 @@ fn try_exec(old_pid: u32, bprm: u64) -> Result<()> {
     let file: u64 = read(bprm, off!(bprm_file))?;
     let root = PathRef::root_of(task)?;
     // SAFETY: the tail region of the scratch slot is larger than `PATH_REGION`.
-    let packed = write_path(
-        unsafe { buf.add(TAIL) },
-        unsafe { buf.add(crate::maps::CURSOR_OFFSET) }.cast(),
-        PathRef::of_file(file)?,
-        root,
-    );
+    let packed = write_path(slot::EXEC, TAIL, PathRef::of_file(file)?, root);
     let exe_len = (packed & 0xffff) as usize;
     let exe_len = if exe_len > PATH_MAX {
         PATH_MAX

@@ -32,6 +32,7 @@ const O_TRUNC: u32 = 0o1000;
 
 const TAIL: usize = tail_offset::<OpenEvent>();
 const _: () = assert!(TAIL + crate::path::PATH_REGION + PATH_MAX <= crate::maps::CURSOR_OFFSET);
+const _: () = assert!(TAIL <= crate::path::TAIL_MAX);
 
 /// Normalizes the arguments, parks them in this CPU's `OPEN_CALLS` slot and processes them.
 /// Reading them back from the map turns every per-syscall constant into an unknown value, so
@@ -62,16 +63,17 @@ pub fn handle(task: u64, ret: i64, syscall: OpenSyscall, a: [u64; 4], compat: bo
             compat: u32::from(compat),
         };
     }
-    match process() {
+    match phi_open_process() {
         0 => Ok(()),
         code => Err(Error::from_code(code)),
     }
 }
 
-/// Subprogram boundary: returns 0 or the `Error` as an integer (the kernel rejects the BTF
-/// of Rust enums in subprogram signatures).
+/// A global subprogram (verified once per program, not once per caller): returns 0 or the
+/// `Error` as an integer (the kernel rejects the BTF of Rust enums in subprogram signatures).
+#[unsafe(no_mangle)]
 #[inline(never)]
-fn process() -> u32 {
+pub extern "C" fn phi_open_process() -> u32 {
     let Some(slot) = OPEN_CALLS.get_ptr(0) else {
         return Error::Scratch as u32;
     };
@@ -142,12 +144,7 @@ fn body(buf: *mut u8) -> *mut OpenEvent {
 fn put_base(buf: *mut u8, task: u64, path: PathRef, extra_flags: u16) -> Result<usize> {
     let root = PathRef::root_of(task)?;
     // SAFETY: the tail region of the scratch slot is larger than `PATH_REGION`.
-    let packed = write_path(
-        unsafe { buf.add(TAIL) },
-        unsafe { buf.add(crate::maps::CURSOR_OFFSET) }.cast(),
-        path,
-        root,
-    );
+    let packed = write_path(slot::SYSCALL, TAIL, path, root);
     let len = (packed & 0xffff) as usize;
     let len = if len > PATH_MAX { PATH_MAX } else { len };
     let flags = (packed >> 16) as u16 | extra_flags;

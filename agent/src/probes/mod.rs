@@ -283,7 +283,9 @@ impl Probes {
                 reason: explain_program_error(&source),
                 source: Box::new(source),
             };
+            let started = std::time::Instant::now();
             program.load(hook.tracepoint, &aya_btf).map_err(fail)?;
+            log_verified(hook.program, started, program.info().ok());
             program.attach().map_err(fail)?;
             match program.fd().map(|fd| fd.as_fd().try_clone_to_owned()) {
                 Ok(Ok(fd)) => program_ids.push((hook.program, fd)),
@@ -406,6 +408,22 @@ impl Probes {
     pub fn sensors(&self) -> Vec<(String, String)> {
         self.selection.sensors.clone()
     }
+}
+
+/// Logs (at debug level) how long the kernel took to verify and load a program and how many
+/// instructions its verifier walked: the figure to watch when a program grows, since slow
+/// verification delays the agent's start on every host (and most on emulated ones).
+pub(crate) fn log_verified(
+    program: &str,
+    started: std::time::Instant,
+    info: Option<aya::programs::ProgramInfo>,
+) {
+    tracing::debug!(
+        program,
+        load_ms = started.elapsed().as_millis() as u64,
+        verified_insns = info.and_then(|i| i.verified_instruction_count()),
+        "program verified"
+    );
 }
 
 /// Empty programs on the same hooks (see `phi-agent floor`).

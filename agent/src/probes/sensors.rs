@@ -272,9 +272,11 @@ fn attach_group(
             .ok_or_else(|| format!("the kernel object has no program {}", p.name))?
             .try_into()
             .map_err(|e: ProgramError| format!("{}: {e}", p.name))?;
+        let started = std::time::Instant::now();
         program
             .load(function, btf)
             .map_err(|e| format!("fexit/{function}: {}", fexit_error(&e)))?;
+        super::log_verified(p.name, started, program.info().ok());
         program
             .attach()
             .map_err(|e| format!("fexit/{function}: {}", fexit_error(&e)))?;

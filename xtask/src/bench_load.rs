@@ -23,6 +23,9 @@ pub enum Workload {
     Exec,
     /// TCP connect to a loopback listener, then close.
     Connect,
+    /// A one-byte `pread` of a file opened once: a system call the agent does not watch
+    /// (not in [`Workload::ALL`]; the sensor-cost comparison uses it).
+    Pread,
 }
 
 impl Workload {
@@ -39,6 +42,7 @@ impl Workload {
             Workload::OpenInside => "open/close inside the watched tree",
             Workload::Exec => "exec storm (fork+exec /bin/true)",
             Workload::Connect => "connect storm (TCP, loopback)",
+            Workload::Pread => "1-byte pread (a system call not watched)",
         }
     }
 
@@ -48,6 +52,7 @@ impl Workload {
             Workload::OpenInside => "open-inside",
             Workload::Exec => "exec",
             Workload::Connect => "connect",
+            Workload::Pread => "pread",
         }
     }
 }
@@ -166,6 +171,26 @@ pub fn run(args: &WorkerArgs) -> anyhow::Result<()> {
             pin_here();
             started = Instant::now();
             paced(args.ops, args.rate, || open_close(&path))?;
+        }
+        Workload::Pread => {
+            let path = file("outside")?;
+            // SAFETY: open of a valid NUL-terminated path.
+            let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+            if fd < 0 {
+                bail!("open failed: {}", std::io::Error::last_os_error());
+            }
+            let mut byte = 0u8;
+            pin_here();
+            started = Instant::now();
+            paced(args.ops, args.rate, || {
+                // SAFETY: a one-byte read into a local byte from our own descriptor.
+                if unsafe { libc::pread(fd, (&raw mut byte).cast(), 1, 0) } != 1 {
+                    bail!("pread failed: {}", std::io::Error::last_os_error());
+                }
+                Ok(())
+            })?;
+            // SAFETY: our own descriptor.
+            unsafe { libc::close(fd) };
         }
         Workload::Exec => {
             let prog = CString::new("/bin/true")?;

@@ -109,6 +109,16 @@ pub struct KernelMatrixArgs {
     /// qemu accelerator (tcg works everywhere; kvm where the host allows it).
     #[arg(long, default_value = DEFAULT_ACCEL)]
     accel: String,
+    /// Instead of the matrix: measure what the sensors cost an open/close loop on the newest
+    /// kernel of the list that allows fexit (no agent, tracepoints, fexit), as ratios.
+    #[arg(long)]
+    sensor_cost: bool,
+    /// Rounds of `--sensor-cost`.
+    #[arg(long, default_value_t = 5, requires = "sensor_cost")]
+    rounds: u32,
+    /// Operations per run of `--sensor-cost`.
+    #[arg(long, default_value_t = 20_000, requires = "sensor_cost")]
+    ops: u64,
 }
 
 impl Default for KernelMatrixArgs {
@@ -121,15 +131,18 @@ impl Default for KernelMatrixArgs {
             jobs: DEFAULT_JOBS,
             smp: DEFAULT_SMP,
             accel: DEFAULT_ACCEL.to_owned(),
+            sensor_cost: false,
+            rounds: 5,
+            ops: 20_000,
         }
     }
 }
 
 /// An image package resolved from a meta-package.
-struct Image {
-    kernel: &'static Kernel,
-    package: String,
-    version: String,
+pub(crate) struct Image {
+    pub kernel: &'static Kernel,
+    pub package: String,
+    pub version: String,
 }
 
 /// What one row of the matrix found.
@@ -174,6 +187,16 @@ impl Outcome {
 pub fn run(args: &KernelMatrixArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     setup::run()?;
+    if args.sensor_cost {
+        step("sensor cost: build the release agent");
+        exec(cmd::cargo().args(["build", "--release", "-p", "phi-agent"]))?;
+        let agent = cmd::workspace_root().join("target/release/phi-agent");
+        step("sensor cost: open/close loops under each sensor, in a guest that allows fexit");
+        let report = crate::sensor_cost::measure(&agent, args.rounds, args.ops)?;
+        println!("{}", report.markdown());
+        println!("    took {:.1}s", started.elapsed().as_secs_f64());
+        return Ok(());
+    }
     for name in &args.only {
         if name != HOST && !KERNELS.iter().any(|k| k.name == name) {
             bail!(
@@ -224,7 +247,7 @@ pub fn run(args: &KernelMatrixArgs) -> anyhow::Result<()> {
     if !boots.is_empty() {
         step("kernel-matrix: initramfs");
         let built = Instant::now();
-        let initrd = build_initramfs(&dir, &agent, &busybox)?;
+        let initrd = build_initramfs(&dir, &agent, &busybox, None)?;
         println!(
             "    {} ({} KiB) in {:.1}s",
             initrd.display(),
@@ -338,7 +361,7 @@ fn candidate(policy: &str) -> Option<String> {
 }
 
 /// The image package of every kernel and the busybox-static version, from the package lists.
-fn resolve(kernels: &[&'static Kernel]) -> anyhow::Result<(Vec<Image>, String)> {
+pub(crate) fn resolve(kernels: &[&'static Kernel]) -> anyhow::Result<(Vec<Image>, String)> {
     let metas: Vec<&str> = kernels.iter().map(|k| k.meta).collect();
     let depends = if metas.is_empty() {
         Vec::new()
@@ -473,7 +496,7 @@ fn prune(cache: &Path, used: &[PathBuf]) {
 
 /// The static busybox of the guests and of the host run (downloaded, not installed: a host's
 /// `busybox` package would have to make way for it).
-fn fetch_busybox(dir: &Path, version: &str) -> anyhow::Result<PathBuf> {
+pub(crate) fn fetch_busybox(dir: &Path, version: &str) -> anyhow::Result<PathBuf> {
     let dest = busybox_dir(dir, version);
     let busybox = dest.join("bin/busybox");
     if !busybox.is_file() {
@@ -484,15 +507,15 @@ fn fetch_busybox(dir: &Path, version: &str) -> anyhow::Result<PathBuf> {
 }
 
 /// A kernel from its package's `boot/` directory.
-struct Boot {
-    vmlinuz: PathBuf,
+pub(crate) struct Boot {
+    pub vmlinuz: PathBuf,
     /// The uncompressed image, when it could be unpacked from `vmlinuz`: qemu enters it through
     /// its PVH note, and the guest skips decompressing itself (5 s for an xz kernel under TCG).
-    vmlinux: Option<PathBuf>,
-    config: Option<PathBuf>,
+    pub vmlinux: Option<PathBuf>,
+    pub config: Option<PathBuf>,
 }
 
-fn fetch_kernel(dir: &Path, image: &Image) -> anyhow::Result<Boot> {
+pub(crate) fn fetch_kernel(dir: &Path, image: &Image) -> anyhow::Result<Boot> {
     let dest = kernel_dir(dir, image);
     let boot = dest.join("boot");
     let find = |prefix: &str| -> Option<PathBuf> {
@@ -734,8 +757,12 @@ ip link set lo up
 hostname phi-matrix
 read up _ < /proc/uptime
 echo "PHI-MATRIX-BOOTED $(uname -r) uptime=${up}s"
-AGENT=/usr/bin/phi-agent BUSYBOX=/bin/busybox WORK=/tmp/phi-matrix PORT=@PORT@ START_TIMEOUT=100 \
-    sh /matrix/driver.sh
+if [ -x /usr/bin/phi-load ] && grep -q 'phi.sensor_cost=' /proc/cmdline; then
+    AGENT=/usr/bin/phi-agent LOAD=/usr/bin/phi-load WORK=/tmp/phi-cost sh /matrix/sensor-cost.sh
+else
+    AGENT=/usr/bin/phi-agent BUSYBOX=/bin/busybox WORK=/tmp/phi-matrix PORT=@PORT@ \
+        START_TIMEOUT=100 sh /matrix/driver.sh
+fi
 sync
 poweroff -f
 "#;
@@ -919,7 +946,7 @@ echo "PHI-MATRIX-RESULT PASS$summary"
 "#;
 
 /// The `lsm=` list: the kernel's own default (`CONFIG_LSM`) with `bpf` added if absent.
-fn lsm_list(config: Option<&str>) -> String {
+pub(crate) fn lsm_list(config: Option<&str>) -> String {
     let default = config.and_then(|c| {
         c.lines()
             .find_map(|l| l.strip_prefix("CONFIG_LSM="))
@@ -937,7 +964,14 @@ fn lsm_list(config: Option<&str>) -> String {
     }
 }
 
-fn build_initramfs(dir: &Path, agent: &Path, busybox: &Path) -> anyhow::Result<PathBuf> {
+/// The initramfs of the matrix; with `load` (a copy of this program, for its benchmark
+/// workloads) also the sensor-cost driver (`crate::sensor_cost`), in a file of its own.
+pub(crate) fn build_initramfs(
+    dir: &Path,
+    agent: &Path,
+    busybox: &Path,
+    load: Option<(&Path, &str)>,
+) -> anyhow::Result<PathBuf> {
     // The guests need the code, not the debug information (a quarter of the size).
     let stripped = dir.join("phi-agent.stripped");
     exec(
@@ -961,8 +995,9 @@ fn build_initramfs(dir: &Path, agent: &Path, busybox: &Path) -> anyhow::Result<P
     cpio.file("bin/busybox", 0o755, &read(busybox)?);
     cpio.symlink("bin/sh", "busybox");
     cpio.file("usr/bin/phi-agent", 0o755, &read(&stripped)?);
-    for lib in ldd_paths(&ldd) {
-        cpio.file(&lib, 0o755, &read(Path::new(&lib))?);
+    let have = ldd_paths(&ldd);
+    for lib in &have {
+        cpio.file(lib, 0o755, &read(Path::new(lib))?);
     }
     cpio.file("etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\n");
     cpio.file("etc/group", 0o644, b"root:x:0:\n");
@@ -972,11 +1007,34 @@ fn build_initramfs(dir: &Path, agent: &Path, busybox: &Path) -> anyhow::Result<P
         INIT.replace("@PORT@", &GUEST_PORT.to_string()).as_bytes(),
     );
     cpio.file("matrix/driver.sh", 0o755, DRIVER.as_bytes());
+    if let Some((load, driver)) = load {
+        let stripped = dir.join("phi-load.stripped");
+        exec(
+            Command::new("strip")
+                .arg("--strip-debug")
+                .arg("-o")
+                .arg(&stripped)
+                .arg(load),
+        )?;
+        cpio.file("usr/bin/phi-load", 0o755, &read(&stripped)?);
+        let ldd = output(Command::new("ldd").arg(load))
+            .with_context(|| format!("ldd {} failed", load.display()))?;
+        for lib in ldd_paths(&ldd) {
+            if !have.contains(&lib) {
+                cpio.file(&lib, 0o755, &read(Path::new(&lib))?);
+            }
+        }
+        cpio.file("matrix/sensor-cost.sh", 0o755, driver.as_bytes());
+    }
 
-    let plain = dir.join("initrd");
+    let plain = dir.join(if load.is_some() {
+        "initrd-sensor-cost"
+    } else {
+        "initrd"
+    });
     fs::write(&plain, cpio.finish())
         .with_context(|| format!("cannot write {}", plain.display()))?;
-    let packed = dir.join("initrd.gz");
+    let packed = plain.with_extension("gz");
     let _ = fs::remove_file(&packed);
     exec(Command::new("gzip").args(["-f", "-n", "-1"]).arg(&plain))?;
     Ok(packed)
@@ -1212,6 +1270,30 @@ fn boot_all(
     results.into_iter().map(|(_, o)| o).collect()
 }
 
+/// qemu booting `boot` with `initrd`, the serial console on its standard output.
+pub(crate) fn qemu(accel: &str, smp: u32, boot: &Boot, initrd: &Path, append: &str) -> Command {
+    let mut qemu = Command::new("qemu-system-x86_64");
+    qemu.args(["-accel", accel, "-cpu", "max", "-m", "1024", "-smp"])
+        .arg(smp.max(1).to_string())
+        .args([
+            "-nodefaults",
+            "-nographic",
+            "-no-reboot",
+            "-serial",
+            "stdio",
+        ])
+        .arg("-kernel")
+        .arg(boot.vmlinux.as_ref().unwrap_or(&boot.vmlinuz))
+        .arg("-initrd")
+        .arg(initrd)
+        .arg("-append")
+        .arg(append)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    qemu
+}
+
 fn boot_one(
     dir: &Path,
     initrd: &Path,
@@ -1232,26 +1314,7 @@ fn boot_one(
         lsm_list(config.as_deref()),
         u8::from(image.kernel.fexit)
     );
-    let spawned = Command::new("qemu-system-x86_64")
-        .args(["-accel", &args.accel, "-cpu", "max", "-m", "1024", "-smp"])
-        .arg(args.smp.max(1).to_string())
-        .args([
-            "-nodefaults",
-            "-nographic",
-            "-no-reboot",
-            "-serial",
-            "stdio",
-        ])
-        .arg("-kernel")
-        .arg(boot.vmlinux.as_ref().unwrap_or(&boot.vmlinuz))
-        .arg("-initrd")
-        .arg(initrd)
-        .arg("-append")
-        .arg(&append)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn();
+    let spawned = qemu(&args.accel, args.smp, boot, initrd, &append).spawn();
     let fail =
         |reason: String| Outcome::failed(name, &package, "", reason, started.elapsed(), &log);
     let mut child = match spawned {

@@ -8,6 +8,7 @@ mod demo;
 mod deploy_check;
 mod kernel_matrix;
 mod package;
+mod sensor_cost;
 mod setup;
 mod test;
 

@@ -784,7 +784,8 @@ fn render(
         &mut o,
         &format!(
             "Each workload runs in a fresh process pinned to CPU 0 ({} open/close pairs, {} \
-             execs, {} connects per run), {} rounds; in each round every mode runs once, the \
+             execs, {} connects per run; each connect is closed with a reset, so no TIME_WAIT \
+             entries pile up between runs), {} rounds; in each round every mode runs once, the \
              audited modes in a rotating order. Cost per operation is the median over rounds; \
              the ratio is the median of each round's ratio to (a). phi-agent runs with its \
              default settings, writing every record to its spool and as JSON to /dev/null. \

@@ -120,6 +120,29 @@ fn open_close(path: &CString) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Closes with a reset (`SO_LINGER` 0) instead of a FIN: no TIME_WAIT entry is left behind.
+/// Thousands of connects per run otherwise fill the ephemeral port range with TIME_WAIT
+/// entries, and each later connect pays for a longer search for a free port, so the cost of a
+/// run would depend on how many runs came before it within a minute.
+fn abortive_close(stream: std::net::TcpStream) {
+    use std::os::fd::AsRawFd as _;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt on our own socket with a correctly sized `linger`.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+    drop(stream);
+}
+
 fn spawn_true(prog: &CString) -> anyhow::Result<()> {
     let argv = [prog.as_ptr(), std::ptr::null()];
     let envp: [*const libc::c_char; 1] = [std::ptr::null()];
@@ -200,6 +223,10 @@ pub fn run(args: &WorkerArgs) -> anyhow::Result<()> {
         }
         Workload::Connect => {
             let listener = TcpListener::bind("127.0.0.1:0")?;
+            // A deep accept queue: when the accepting thread falls behind, a full queue drops
+            // SYNs and the connect waits a whole second for its retransmission.
+            // SAFETY: listen on our own listening socket only changes its backlog.
+            unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&listener), 4096) };
             let addr = listener.local_addr()?;
             std::thread::spawn(move || {
                 for s in listener.incoming() {
@@ -209,7 +236,8 @@ pub fn run(args: &WorkerArgs) -> anyhow::Result<()> {
             pin_here();
             started = Instant::now();
             paced(args.ops, args.rate, || {
-                std::net::TcpStream::connect(addr).context("connect")?;
+                let stream = std::net::TcpStream::connect(addr).context("connect")?;
+                abortive_close(stream);
                 Ok(())
             })?;
         }

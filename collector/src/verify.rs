@@ -676,6 +676,84 @@ mod tests {
     }
 
     #[test]
+    fn a_record_hashed_over_another_prev_hash_than_the_head_is_refused() {
+        let key = HostKey::from_secret([1; 32]);
+        let (mut recs, _) = chain(3, "h");
+        // Record 2 rebuilt by someone who does not know record 1's hash: its body states
+        // another prev_hash, and its hash is right for that prev_hash and body.
+        let mut forged = Record::decode(recs[1].body.as_slice()).expect("decodes");
+        forged.prev_hash = vec![7; 32];
+        recs[1].body = forged.encode_to_vec();
+        recs[1].hash = link_hash(&forged.prev_hash, &recs[1].body).to_vec();
+        // Large enough to be prepared on several threads.
+        let mut long = chain(200, "h").0;
+        long[150] = recs[1].clone();
+        long[150].seq = 151;
+        let mut at_151 = Record::decode(long[150].body.as_slice()).expect("decodes");
+        at_151.seq = 151;
+        long[150].body = at_151.encode_to_vec();
+        long[150].hash = link_hash(&at_151.prev_hash, &long[150].body).to_vec();
+        for (records, good) in [(recs, 1), (long, 150)] {
+            // What the full link check says about the forged record.
+            let expected = check_link(head_of(&records[good - 1]), &records[good])
+                .expect_err("the link is broken")
+                .to_string();
+            let v = verify_batch(
+                "h",
+                &state(&key),
+                Batch {
+                    records,
+                    checkpoints: vec![],
+                },
+                |_| None,
+            );
+            assert_eq!(v.records.len(), good, "the valid prefix is kept");
+            let p = v.problem.expect("refused");
+            assert_eq!(p.kind, "chain-break");
+            assert_eq!(p.seq, Some(good as u64 + 1));
+            assert_eq!(p.detail, expected);
+        }
+    }
+
+    #[test]
+    fn a_long_batch_is_checked_record_by_record_in_order() {
+        let key = HostKey::from_secret([1; 32]);
+        let (recs, sealer) = chain(1000, "h");
+        let v = verify_batch(
+            "h",
+            &state(&key),
+            Batch {
+                records: recs.clone(),
+                checkpoints: vec![],
+            },
+            |_| None,
+        );
+        assert!(v.problem.is_none(), "{:?}", v.problem);
+        assert_eq!(v.head, sealer.head());
+        let seqs: Vec<u64> = v.records.iter().map(|a| a.sealed.seq).collect();
+        assert_eq!(seqs, (1..=1000).collect::<Vec<_>>());
+        assert!(v.records.iter().all(|a| a.record.seq == a.sealed.seq));
+        assert_eq!(v.records[0].columns.kind, "heartbeat");
+
+        let mut edited = recs;
+        edited[700].body[3] ^= 1;
+        let v = verify_batch(
+            "h",
+            &state(&key),
+            Batch {
+                records: edited,
+                checkpoints: vec![],
+            },
+            |_| None,
+        );
+        assert_eq!(v.records.len(), 700);
+        assert_eq!(
+            v.problem.map(|p| (p.kind, p.seq)),
+            Some(("chain-break".into(), Some(701)))
+        );
+    }
+
+    #[test]
     fn names_breaks_forks_and_bad_checkpoints() {
         let key = HostKey::from_secret([1; 32]);
         let (mut recs, _) = chain(3, "h");

@@ -4,7 +4,7 @@
 //! never fork a chain. The access log is serialized with a transaction-scoped advisory lock.
 
 use phi_chain::seal::Head;
-use phi_proto::v1::{AccessEntry, Batch};
+use phi_proto::v1::AccessEntry;
 use postgres::{Client, GenericClient, NoTls, Row as PgRow, Transaction, types::ToSql};
 use prost::Message as _;
 
@@ -17,7 +17,7 @@ use super::{
     query::{self, Param, numbered},
     seal_access,
 };
-use crate::verify::{prepare, verify_prepared};
+use crate::verify::{Prepared, verify_prepared};
 
 /// Advisory lock ids (arbitrary, fixed): schema migrations and the access log's head.
 const MIGRATION_LOCK: i64 = 0x7068_6961_0001;
@@ -451,9 +451,7 @@ impl Store for PgStore {
         Ok(())
     }
 
-    fn append(&mut self, host_id: &str, batch: Batch) -> Result<Appended, StoreError> {
-        // Decoding and hashing need no lock: only the check against the head does.
-        let batch = prepare(batch);
+    fn append_prepared(&mut self, host_id: &str, batch: Prepared) -> Result<Appended, StoreError> {
         let mut tx = self.client.transaction()?;
         // The row lock serializes every collector appending to this host.
         let state = tx

@@ -1,9 +1,11 @@
 //! Storage of verified chains and everything around them: SQLite by default (one file, WAL),
 //! PostgreSQL when several collectors share one store.
 //!
-//! Both backends implement [`Store`]. Ingest is one transaction per batch that locks the
-//! host's chain head, verifies the batch against it ([`crate::verify::verify_batch`]) and
-//! stores the result, so two collectors ingesting for the same host can never fork a chain.
+//! Both backends implement [`Store`]. A batch is decoded and hashed first, without a lock
+//! ([`crate::verify::prepare`]); then one transaction locks the host's chain head, checks the
+//! batch against it ([`crate::verify::verify_prepared`]) and stores the result, so two
+//! collectors ingesting for the same host can never fork a chain. On SQLite the batches of
+//! concurrent streams share that transaction ([`group`]).
 
 pub mod group;
 pub mod index;

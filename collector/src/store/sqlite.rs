@@ -1,5 +1,5 @@
 //! The SQLite store: WAL, `synchronous=FULL` (an acknowledged batch survives power loss),
-//! versioned migrations, one immediate transaction per batch.
+//! versioned migrations, one immediate transaction per batch or group of batches.
 
 use std::path::Path;
 

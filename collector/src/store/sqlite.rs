@@ -439,7 +439,7 @@ fn append_in(tx: &Transaction<'_>, host_id: &str, batch: Prepared) -> Result<App
             deltas.add(a.sealed.seq, &a.record, c);
             last_ns = last_ns.max(c.time_ns);
         }
-        upsert_sessions(&tx, &deltas)?;
+        upsert_sessions(tx, &deltas)?;
         let mut cp = tx.prepare_cached(
             "INSERT OR IGNORE INTO checkpoints (host_id, seq, body, time_ns)
                  VALUES (?1, ?2, ?3, ?4)",
@@ -475,7 +475,7 @@ fn append_in(tx: &Transaction<'_>, host_id: &str, batch: Prepared) -> Result<App
             ],
         )?;
         if let Some(a) = &verified.problem {
-            insert_alert(&tx, a)?;
+            insert_alert(tx, a)?;
         }
     }
     Ok(Appended {

@@ -15,10 +15,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
-    store::{HostState, Pool, Store, StoreError},
+    store::{HostState, Pool, Store, StoreError, group::GroupCommit},
     telemetry::CollectorMetrics,
     tls::certificate_names,
-    verify::alert,
+    verify::{alert, prepare},
 };
 
 /// Bounds on every inbound stream.
@@ -56,15 +56,21 @@ pub struct IngestService {
     metrics: Arc<CollectorMetrics>,
     /// Tells the store's consumers (sinks, alert rules) that something was stored.
     wake: crate::sinks::Wake,
+    /// SQLite (one writer): concurrent streams' batches are committed together. PostgreSQL
+    /// takes each batch in a transaction of its own, so that streams of different hosts
+    /// write in parallel and collectors sharing the store never wait on each other's groups.
+    group: Option<Arc<GroupCommit>>,
 }
 
 impl IngestService {
     pub fn new(pool: Arc<Pool>, limits: Limits, metrics: Arc<CollectorMetrics>) -> Self {
+        let group = (pool.backend() == "sqlite").then(|| Arc::new(GroupCommit::default()));
         IngestService {
             pool,
             limits,
             metrics,
             wake: crate::sinks::Wake::default(),
+            group,
         }
     }
 
@@ -217,30 +223,41 @@ impl IngestService {
                 limits.max_record_bytes
             )));
         }
-        self.with_store(move |s| {
-            let appended = s.append(&host_id, batch).map_err(internal)?;
-            metrics.records.add(appended.records as u64);
-            metrics.checkpoints.add(appended.checkpoints as u64);
-            if appended.records > 0 {
-                tracing::debug!(
-                    host = %host_id,
-                    records = appended.records,
-                    checkpoints = appended.checkpoints,
-                    durable_seq = appended.head.seq,
-                    "stored"
-                );
+        // Decoding and hashing happen here, on this stream's own thread, while other
+        // streams' batches are being written.
+        let batch = tokio::task::spawn_blocking(move || prepare(batch))
+            .await
+            .map_err(internal)?;
+        let appended = match &self.group {
+            Some(group) => group.append(&self.pool, host_id.clone(), batch).await,
+            None => {
+                let host = host_id.clone();
+                self.pool
+                    .run(move |s| s.append_prepared(&host, batch))
+                    .await
             }
-            if let Some(p) = appended.problem {
-                metrics.alert(&p.kind);
-                tracing::error!(host = %host_id, kind = %p.kind, "tamper alert: {}", p.detail);
-                return Err(Status::failed_precondition(format!(
-                    "refused: {} (a tamper alert was stored)",
-                    p.detail
-                )));
-            }
-            Ok(appended.head.seq)
-        })
-        .await
+        }
+        .map_err(internal)?;
+        metrics.records.add(appended.records as u64);
+        metrics.checkpoints.add(appended.checkpoints as u64);
+        if appended.records > 0 {
+            tracing::debug!(
+                host = %host_id,
+                records = appended.records,
+                checkpoints = appended.checkpoints,
+                durable_seq = appended.head.seq,
+                "stored"
+            );
+        }
+        if let Some(p) = appended.problem {
+            metrics.alert(&p.kind);
+            tracing::error!(host = %host_id, kind = %p.kind, "tamper alert: {}", p.detail);
+            return Err(Status::failed_precondition(format!(
+                "refused: {} (a tamper alert was stored)",
+                p.detail
+            )));
+        }
+        Ok(appended.head.seq)
     }
 }
 

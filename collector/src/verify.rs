@@ -6,23 +6,35 @@ use std::collections::BTreeMap;
 
 use phi_chain::{
     checkpoint,
-    seal::{GENESIS, Head, LinkError, check_hash, check_link, head_of},
+    seal::{GENESIS, Head, LinkError, check_hash, check_link, head_of, link_hash},
 };
 use phi_proto::v1::{Batch, Checkpoint, Problem, Record, SealedRecord, VerifyReport};
 use prost::Message as _;
 
-use crate::store::{Alert, HostState, Store, StoreError};
+use crate::store::{
+    Alert, HostState, Store, StoreError,
+    index::{self, Columns},
+};
 
 /// Problems listed in a report at most (the first is what matters; the count says more).
 const MAX_PROBLEMS: usize = 50;
 /// Records read per page.
 const PAGE: usize = 10_000;
 
+/// A record the batch check accepted: its sealed bytes, the decoded record and what the
+/// store indexes of it.
+#[derive(Debug)]
+pub struct Accepted {
+    pub sealed: SealedRecord,
+    pub record: Record,
+    pub columns: Columns,
+}
+
 /// The outcome of checking one batch against a host's chain.
 #[derive(Debug, Default)]
 pub struct Verified {
     /// New records, in order, each continuing the one before.
-    pub records: Vec<(SealedRecord, Record)>,
+    pub records: Vec<Accepted>,
     pub checkpoints: Vec<Checkpoint>,
     pub head: Head,
     /// The first thing that must not be accepted, if any (everything before it is fine).
@@ -45,26 +57,122 @@ pub(crate) fn alert(
     }
 }
 
+/// What can be learnt of a sealed record without the chain it joins: the decoded body, whether
+/// the hash is SHA-256 of the `prev_hash` the body states and the body, and the query columns.
+#[derive(Debug)]
+struct Decoded {
+    record: Record,
+    /// `hash == SHA-256(record.prev_hash ‖ body)`.
+    self_linked: bool,
+    columns: Columns,
+}
+
+/// One entry of a [`Prepared`] batch.
+#[derive(Debug)]
+struct PreparedRecord {
+    sealed: SealedRecord,
+    /// None when the body does not decode.
+    decoded: Option<Decoded>,
+}
+
+/// A batch with the work that does not depend on the stored chain done: every body decoded
+/// and hashed, every record's query columns derived. [`verify_prepared`] then checks it
+/// against the chain head, which is cheap, so that a store holds its write lock only for that
+/// and the writes. Hashing and decoding run on several threads for large batches.
+#[derive(Debug, Default)]
+pub struct Prepared {
+    records: Vec<PreparedRecord>,
+    checkpoints: Vec<Checkpoint>,
+}
+
+/// Below this many records a batch is prepared on the calling thread.
+const PARALLEL_FROM: usize = 64;
+
+fn decode_one(sealed: SealedRecord) -> PreparedRecord {
+    let decoded = Record::decode(sealed.body.as_slice())
+        .ok()
+        .map(|record| Decoded {
+            self_linked: link_hash(&record.prev_hash, &sealed.body).as_slice()
+                == sealed.hash.as_slice(),
+            columns: index::columns(&record),
+            record,
+        });
+    PreparedRecord { sealed, decoded }
+}
+
+/// Decodes and hashes every record of `batch` (see [`Prepared`]).
+pub fn prepare(batch: Batch) -> Prepared {
+    let Batch {
+        records,
+        checkpoints,
+    } = batch;
+    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let records = if threads < 2 || records.len() < PARALLEL_FROM {
+        records.into_iter().map(decode_one).collect()
+    } else {
+        let per = records.len().div_ceil(threads);
+        let mut chunks: Vec<Vec<SealedRecord>> = Vec::with_capacity(threads);
+        let mut rest = records.into_iter();
+        loop {
+            let chunk: Vec<SealedRecord> = rest.by_ref().take(per).collect();
+            if chunk.is_empty() {
+                break;
+            }
+            chunks.push(chunk);
+        }
+        let mut first = chunks.remove(0);
+        std::thread::scope(|s| {
+            let others: Vec<_> = chunks
+                .into_iter()
+                .map(|c| s.spawn(move || c.into_iter().map(decode_one).collect::<Vec<_>>()))
+                .collect();
+            let mut out: Vec<PreparedRecord> = first.drain(..).map(decode_one).collect();
+            for o in others {
+                match o.join() {
+                    Ok(part) => out.extend(part),
+                    Err(panic) => std::panic::resume_unwind(panic),
+                }
+            }
+            out
+        })
+    };
+    Prepared {
+        records,
+        checkpoints,
+    }
+}
+
 /// Checks a batch against the host's chain. `stored_hash` answers for records already
 /// stored (duplicates must match them exactly).
 pub fn verify_batch(
     host_id: &str,
     state: &HostState,
     batch: Batch,
+    stored_hash: impl FnMut(u64) -> Option<Vec<u8>>,
+) -> Verified {
+    verify_prepared(host_id, state, prepare(batch), stored_hash)
+}
+
+/// [`verify_batch`] for a batch already [`prepare`]d: every record must continue the chain
+/// (seq, `prev_hash` and hash against the head, decoded body), every checkpoint must verify.
+pub fn verify_prepared(
+    host_id: &str,
+    state: &HostState,
+    batch: Prepared,
     mut stored_hash: impl FnMut(u64) -> Option<Vec<u8>>,
 ) -> Verified {
     let mut out = Verified {
         head: state.head,
         ..Default::default()
     };
-    for sealed in batch.records {
+    for PreparedRecord { sealed, decoded } in batch.records {
         let seq = sealed.seq;
         if seq <= out.head.seq {
             let known = out
                 .records
                 .iter()
-                .find(|(r, _)| r.seq == seq)
-                .map(|(r, _)| r.hash.clone())
+                .find(|a| a.sealed.seq == seq)
+                .map(|a| a.sealed.hash.clone())
                 .or_else(|| stored_hash(seq));
             if known.as_deref() != Some(sealed.hash.as_slice()) {
                 out.problem = Some(alert(
@@ -78,8 +186,26 @@ pub fn verify_batch(
             }
             continue;
         }
-        match check_link(out.head, &sealed) {
-            Ok(record) if record.host_id != host_id => {
+        // What `check_link(out.head, &sealed)` checks, from the prepared hash: the body's
+        // prev_hash is the head's hash, so SHA-256 of it and the body is SHA-256 of the head's
+        // hash and the body. Anything else takes the full check, which names the failure.
+        let linked = match decoded {
+            Some(d)
+                if seq == out.head.seq + 1
+                    && d.self_linked
+                    && d.record.seq == seq
+                    && d.record.prev_hash == out.head.hash
+                    && d.record.hash.is_empty() =>
+            {
+                Ok((d.record, d.columns))
+            }
+            _ => check_link(out.head, &sealed).map(|record| {
+                let columns = index::columns(&record);
+                (record, columns)
+            }),
+        };
+        match linked {
+            Ok((record, _)) if record.host_id != host_id => {
                 out.problem = Some(alert(
                     host_id,
                     "chain-break",
@@ -89,9 +215,13 @@ pub fn verify_batch(
                 ));
                 return out;
             }
-            Ok(record) => {
+            Ok((record, columns)) => {
                 out.head = head_of(&sealed);
-                out.records.push((sealed, record));
+                out.records.push(Accepted {
+                    sealed,
+                    record,
+                    columns,
+                });
             }
             Err(e) => {
                 out.problem = Some(alert(
@@ -127,8 +257,8 @@ pub fn verify_batch(
             let at = out
                 .records
                 .iter()
-                .find(|(r, _)| r.seq == cp.seq)
-                .map(|(r, _)| r.hash.clone())
+                .find(|a| a.sealed.seq == cp.seq)
+                .map(|a| a.sealed.hash.clone())
                 .or_else(|| stored_hash(cp.seq));
             (at.as_deref() != Some(cp.head_hash.as_slice())).then(|| {
                 format!(
@@ -543,6 +673,84 @@ mod tests {
         assert_eq!(v.records.len(), 3);
         assert_eq!(v.checkpoints.len(), 1);
         assert_eq!(v.head, head);
+    }
+
+    #[test]
+    fn a_record_hashed_over_another_prev_hash_than_the_head_is_refused() {
+        let key = HostKey::from_secret([1; 32]);
+        let (mut recs, _) = chain(3, "h");
+        // Record 2 rebuilt by someone who does not know record 1's hash: its body states
+        // another prev_hash, and its hash is right for that prev_hash and body.
+        let mut forged = Record::decode(recs[1].body.as_slice()).expect("decodes");
+        forged.prev_hash = vec![7; 32];
+        recs[1].body = forged.encode_to_vec();
+        recs[1].hash = link_hash(&forged.prev_hash, &recs[1].body).to_vec();
+        // Large enough to be prepared on several threads.
+        let mut long = chain(200, "h").0;
+        long[150] = recs[1].clone();
+        long[150].seq = 151;
+        let mut at_151 = Record::decode(long[150].body.as_slice()).expect("decodes");
+        at_151.seq = 151;
+        long[150].body = at_151.encode_to_vec();
+        long[150].hash = link_hash(&at_151.prev_hash, &long[150].body).to_vec();
+        for (records, good) in [(recs, 1), (long, 150)] {
+            // What the full link check says about the forged record.
+            let expected = check_link(head_of(&records[good - 1]), &records[good])
+                .expect_err("the link is broken")
+                .to_string();
+            let v = verify_batch(
+                "h",
+                &state(&key),
+                Batch {
+                    records,
+                    checkpoints: vec![],
+                },
+                |_| None,
+            );
+            assert_eq!(v.records.len(), good, "the valid prefix is kept");
+            let p = v.problem.expect("refused");
+            assert_eq!(p.kind, "chain-break");
+            assert_eq!(p.seq, Some(good as u64 + 1));
+            assert_eq!(p.detail, expected);
+        }
+    }
+
+    #[test]
+    fn a_long_batch_is_checked_record_by_record_in_order() {
+        let key = HostKey::from_secret([1; 32]);
+        let (recs, sealer) = chain(1000, "h");
+        let v = verify_batch(
+            "h",
+            &state(&key),
+            Batch {
+                records: recs.clone(),
+                checkpoints: vec![],
+            },
+            |_| None,
+        );
+        assert!(v.problem.is_none(), "{:?}", v.problem);
+        assert_eq!(v.head, sealer.head());
+        let seqs: Vec<u64> = v.records.iter().map(|a| a.sealed.seq).collect();
+        assert_eq!(seqs, (1..=1000).collect::<Vec<_>>());
+        assert!(v.records.iter().all(|a| a.record.seq == a.sealed.seq));
+        assert_eq!(v.records[0].columns.kind, "heartbeat");
+
+        let mut edited = recs;
+        edited[700].body[3] ^= 1;
+        let v = verify_batch(
+            "h",
+            &state(&key),
+            Batch {
+                records: edited,
+                checkpoints: vec![],
+            },
+            |_| None,
+        );
+        assert_eq!(v.records.len(), 700);
+        assert_eq!(
+            v.problem.map(|p| (p.kind, p.seq)),
+            Some(("chain-break".into(), Some(701)))
+        );
     }
 
     #[test]

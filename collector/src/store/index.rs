@@ -67,22 +67,32 @@ pub struct SessionDeltas {
 }
 
 impl SessionDeltas {
+    /// Counts record `r` (with its columns `c`) into its session.
     pub fn add(&mut self, seq: u64, r: &Record, c: &Columns) {
-        let Some((key, id)) = record_session(r) else {
+        // The session column is the record's session key (see `columns`).
+        let Some(key) = &c.session else {
             return;
         };
-        let s = self.sessions.entry(key.clone()).or_insert_with(|| Session {
-            session: key,
-            host_id: r.host_id.clone(),
-            boot_id: r.boot_id.clone(),
-            audit_session: id,
-            first_ns: c.time_ns,
-            last_ns: c.time_ns,
-            first_seq: seq,
-            last_seq: seq,
-            ..Default::default()
-        });
         let identity = r.process.as_ref().and_then(|p| p.identity.as_ref());
+        if !self.sessions.contains_key(key) {
+            self.sessions.insert(
+                key.clone(),
+                Session {
+                    session: key.clone(),
+                    host_id: r.host_id.clone(),
+                    boot_id: r.boot_id.clone(),
+                    audit_session: identity.and_then(|i| i.audit_session).unwrap_or_default(),
+                    first_ns: c.time_ns,
+                    last_ns: c.time_ns,
+                    first_seq: seq,
+                    last_seq: seq,
+                    ..Default::default()
+                },
+            );
+        }
+        let Some(s) = self.sessions.get_mut(key) else {
+            return;
+        };
         if s.user.is_empty()
             && let Some(i) = identity
         {

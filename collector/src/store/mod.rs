@@ -1,10 +1,13 @@
 //! Storage of verified chains and everything around them: SQLite by default (one file, WAL),
 //! PostgreSQL when several collectors share one store.
 //!
-//! Both backends implement [`Store`]. Ingest is one transaction per batch that locks the
-//! host's chain head, verifies the batch against it ([`crate::verify::verify_batch`]) and
-//! stores the result, so two collectors ingesting for the same host can never fork a chain.
+//! Both backends implement [`Store`]. A batch is decoded and hashed first, without a lock
+//! ([`crate::verify::prepare`]); then one transaction locks the host's chain head, checks the
+//! batch against it ([`crate::verify::verify_prepared`]) and stores the result, so two
+//! collectors ingesting for the same host can never fork a chain. On SQLite the batches of
+//! concurrent streams share that transaction ([`group`]).
 
+pub mod group;
 pub mod index;
 pub mod postgres;
 pub mod query;
@@ -14,6 +17,7 @@ use phi_chain::seal::Head;
 use phi_proto::v1::{AccessEntry, Batch, Checkpoint};
 
 pub use self::index::session_key;
+use crate::verify::Prepared;
 
 /// What the store knows about one host's chain (what ingest needs).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -268,7 +272,24 @@ pub trait Store: Send {
     fn seen(&mut self, host_id: &str, agent_version: &str) -> Result<(), StoreError>;
     /// Verifies `batch` against the stored head (locked for the transaction) and stores the
     /// valid prefix, its checkpoints, session aggregates and any alert, durably.
-    fn append(&mut self, host_id: &str, batch: Batch) -> Result<Appended, StoreError>;
+    fn append(&mut self, host_id: &str, batch: Batch) -> Result<Appended, StoreError> {
+        self.append_prepared(host_id, crate::verify::prepare(batch))
+    }
+    /// [`Store::append`] of a batch already decoded and hashed ([`crate::verify::prepare`]):
+    /// only the check against the head and the writes happen under the lock.
+    fn append_prepared(&mut self, host_id: &str, batch: Prepared) -> Result<Appended, StoreError>;
+    /// Appends several batches (of one or several hosts, in this order), each as
+    /// [`Store::append_prepared`] would. When this returns Ok, all of them are durable; a
+    /// backend may commit them in one transaction (SQLite: one sync of the WAL for all).
+    fn append_group(
+        &mut self,
+        batches: Vec<(String, Prepared)>,
+    ) -> Result<Vec<Appended>, StoreError> {
+        batches
+            .into_iter()
+            .map(|(host_id, batch)| self.append_prepared(&host_id, batch))
+            .collect()
+    }
     fn alert(&mut self, alert: &Alert) -> Result<(), StoreError>;
 
     // --- reading ------------------------------------------------------------------------

@@ -4,7 +4,7 @@
 //! never fork a chain. The access log is serialized with a transaction-scoped advisory lock.
 
 use phi_chain::seal::Head;
-use phi_proto::v1::{AccessEntry, Batch};
+use phi_proto::v1::AccessEntry;
 use postgres::{Client, GenericClient, NoTls, Row as PgRow, Transaction, types::ToSql};
 use prost::Message as _;
 
@@ -12,12 +12,12 @@ use super::{
     Alert, Appended, Cursor, Filter, Hold, HostHead, HostInfo, HostState, Principal, PruneOutcome,
     Role, Row, Session, SessionFilter, Store, StoreError, StoredAlert, checkpoint_time_ns,
     head_from,
-    index::{self, SessionDeltas},
+    index::SessionDeltas,
     now_ns,
     query::{self, Param, numbered},
     seal_access,
 };
-use crate::verify::verify_batch;
+use crate::verify::{Prepared, verify_prepared};
 
 /// Advisory lock ids (arbitrary, fixed): schema migrations and the access log's head.
 const MIGRATION_LOCK: i64 = 0x7068_6961_0001;
@@ -451,7 +451,7 @@ impl Store for PgStore {
         Ok(())
     }
 
-    fn append(&mut self, host_id: &str, batch: Batch) -> Result<Appended, StoreError> {
+    fn append_prepared(&mut self, host_id: &str, batch: Prepared) -> Result<Appended, StoreError> {
         let mut tx = self.client.transaction()?;
         // The row lock serializes every collector appending to this host.
         let state = tx
@@ -462,7 +462,7 @@ impl Store for PgStore {
         let verified = {
             let hash = tx.prepare("SELECT hash FROM records WHERE host_id = $1 AND seq = $2")?;
             let mut failed = None;
-            let v = verify_batch(host_id, &state, batch, |seq| {
+            let v = verify_prepared(host_id, &state, batch, |seq| {
                 match tx.query_opt(&hash, &[&host_id, &(seq as i64)]) {
                     Ok(r) => r.map(|r| r.get(0)),
                     Err(e) => {
@@ -492,21 +492,21 @@ impl Store for PgStore {
         let mut paths = Vec::with_capacity(n);
         let mut deltas = SessionDeltas::default();
         let mut last_ns = 0;
-        for (sealed, record) in &verified.records {
-            let c = index::columns(record);
-            deltas.add(sealed.seq, record, &c);
+        for a in &verified.records {
+            let c = &a.columns;
+            deltas.add(a.sealed.seq, &a.record, c);
             last_ns = last_ns.max(c.time_ns);
-            seqs.push(sealed.seq as i64);
-            hashes.push(sealed.hash.as_slice());
-            prev_hashes.push(record.prev_hash.as_slice());
-            bodies.push(sealed.body.as_slice());
+            seqs.push(a.sealed.seq as i64);
+            hashes.push(a.sealed.hash.as_slice());
+            prev_hashes.push(a.record.prev_hash.as_slice());
+            bodies.push(a.sealed.body.as_slice());
             times.push(c.time_ns);
             kinds.push(c.kind);
             uids.push(c.uid);
-            users.push(c.user);
-            login_users.push(c.login_user);
-            sessions.push(c.session);
-            paths.push(c.path);
+            users.push(c.user.as_deref());
+            login_users.push(c.login_user.as_deref());
+            sessions.push(c.session.as_deref());
+            paths.push(c.path.as_deref());
         }
         if n > 0 {
             tx.execute(

@@ -103,6 +103,19 @@ pub fn check_link(prev: Head, sealed: &SealedRecord) -> Result<Record, LinkError
     check_hash(&prev.hash, sealed)
 }
 
+/// Whether `sealed` continues the chain ending at `prev`, given its body already decoded
+/// (`record`) and whether its hash is SHA-256 of the `prev_hash` that body states and the body
+/// (`self_linked`, computed without the chain, e.g. on another thread). Accepts exactly what
+/// [`check_link`] accepts: with the body's `prev_hash` equal to the head's hash, that hash is
+/// SHA-256 of the head's hash and the body. Use [`check_link`] to name a failure.
+pub fn continues(prev: Head, sealed: &SealedRecord, record: &Record, self_linked: bool) -> bool {
+    sealed.seq == prev.seq + 1
+        && self_linked
+        && record.seq == sealed.seq
+        && record.prev_hash == prev.hash
+        && record.hash.is_empty()
+}
+
 /// Checks `sealed`'s hash and body against `prev_hash` (without checking its seq against a
 /// head); returns the decoded record.
 pub fn check_hash(prev_hash: &[u8], sealed: &SealedRecord) -> Result<Record, LinkError> {
@@ -170,6 +183,58 @@ mod tests {
         }
         assert_eq!(head, s.head());
         assert_eq!(sealed[0].seq, 1);
+    }
+
+    #[test]
+    fn continues_accepts_exactly_what_check_link_accepts() {
+        let mut s = Sealer::new(Head::EMPTY);
+        let a = s.seal(&mut rec(1));
+        let b = s.seal(&mut rec(2));
+        let head = head_of(&a);
+        let agree = |prev: Head, sealed: &SealedRecord| {
+            let record = Record::decode(sealed.body.as_slice()).expect("decodes");
+            let self_linked =
+                link_hash(&record.prev_hash, &sealed.body).as_slice() == sealed.hash.as_slice();
+            assert_eq!(
+                continues(prev, sealed, &record, self_linked),
+                check_link(prev, sealed).is_ok(),
+                "seq {} after {}",
+                sealed.seq,
+                prev.seq
+            );
+        };
+        agree(head, &b);
+        agree(Head::EMPTY, &b); // wrong position
+        agree(head_of(&b), &a);
+        // A body stating another prev_hash, hashed consistently with it (a forged record).
+        let mut forged = Record::decode(b.body.as_slice()).expect("decodes");
+        forged.prev_hash = vec![7; 32];
+        let body = forged.encode_to_vec();
+        let f = SealedRecord {
+            seq: b.seq,
+            hash: link_hash(&forged.prev_hash, &body).to_vec(),
+            body,
+        };
+        agree(head, &f);
+        // A body stating another seq, or carrying a hash of its own.
+        for edit in [
+            (|r: &mut Record| r.seq += 1) as fn(&mut Record),
+            |r: &mut Record| r.hash = vec![1],
+        ] {
+            let mut r = Record::decode(b.body.as_slice()).expect("decodes");
+            edit(&mut r);
+            let body = r.encode_to_vec();
+            let e = SealedRecord {
+                seq: b.seq,
+                hash: link_hash(&head.hash, &body).to_vec(),
+                body,
+            };
+            agree(head, &e);
+        }
+        // An edited hash.
+        let mut h = b.clone();
+        h.hash[0] ^= 1;
+        agree(head, &h);
     }
 
     #[test]

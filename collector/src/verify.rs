@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use phi_chain::{
     checkpoint,
-    seal::{GENESIS, Head, LinkError, check_hash, check_link, head_of, link_hash},
+    seal::{GENESIS, Head, LinkError, check_hash, check_link, continues, head_of, link_hash},
 };
 use phi_proto::v1::{Batch, Checkpoint, Problem, Record, SealedRecord, VerifyReport};
 use prost::Message as _;
@@ -186,17 +186,10 @@ pub fn verify_prepared(
             }
             continue;
         }
-        // What `check_link(out.head, &sealed)` checks, from the prepared hash: the body's
-        // prev_hash is the head's hash, so SHA-256 of it and the body is SHA-256 of the head's
-        // hash and the body. Anything else takes the full check, which names the failure.
+        // The full check (which hashes again) only for what the prepared hash cannot accept;
+        // it names the failure.
         let linked = match decoded {
-            Some(d)
-                if seq == out.head.seq + 1
-                    && d.self_linked
-                    && d.record.seq == seq
-                    && d.record.prev_hash == out.head.hash
-                    && d.record.hash.is_empty() =>
-            {
+            Some(d) if continues(out.head, &sealed, &d.record, d.self_linked) => {
                 Ok((d.record, d.columns))
             }
             _ => check_link(out.head, &sealed).map(|record| {

@@ -372,7 +372,8 @@ fn worker(p: &Paths, w: Workload, ops: u64, rate: u64) -> anyhow::Result<Value> 
     serde_json::from_slice(&out.stdout).context("the workload's report")
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+/// The median (NaN for none).
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() {
         return f64::NAN;
     }

@@ -515,6 +515,17 @@ pub(crate) struct Boot {
     pub config: Option<PathBuf>,
 }
 
+impl Boot {
+    /// The `lsm=` list for this kernel (see [`lsm_list`]).
+    pub(crate) fn lsm(&self) -> String {
+        let config = self
+            .config
+            .as_ref()
+            .and_then(|c| fs::read_to_string(c).ok());
+        lsm_list(config.as_deref())
+    }
+}
+
 pub(crate) fn fetch_kernel(dir: &Path, image: &Image) -> anyhow::Result<Boot> {
     let dest = kernel_dir(dir, image);
     let boot = dest.join("boot");
@@ -946,7 +957,7 @@ echo "PHI-MATRIX-RESULT PASS$summary"
 "#;
 
 /// The `lsm=` list: the kernel's own default (`CONFIG_LSM`) with `bpf` added if absent.
-pub(crate) fn lsm_list(config: Option<&str>) -> String {
+fn lsm_list(config: Option<&str>) -> String {
     let default = config.and_then(|c| {
         c.lines()
             .find_map(|l| l.strip_prefix("CONFIG_LSM="))
@@ -1305,13 +1316,9 @@ fn boot_one(
     let package = format!("{} {}", image.package, image.version);
     let log = dir.join("logs").join(format!("{name}.log"));
     let started = Instant::now();
-    let config = boot
-        .config
-        .as_ref()
-        .and_then(|c| fs::read_to_string(c).ok());
     let append = format!(
         "console=ttyS0 panic=-1 quiet lsm={} oops=panic phi.expect_fexit={}",
-        lsm_list(config.as_deref()),
+        boot.lsm(),
         u8::from(image.kernel.fexit)
     );
     let spawned = qemu(&args.accel, args.smp, boot, initrd, &append).spawn();

@@ -24,11 +24,10 @@ use anyhow::{Context as _, bail};
 use serde_json::Value;
 
 use crate::{
+    bench::median,
     bench_load::Workload,
     cmd,
-    kernel_matrix::{
-        KERNELS, build_initramfs, fetch_busybox, fetch_kernel, lsm_list, qemu, resolve,
-    },
+    kernel_matrix::{KERNELS, build_initramfs, fetch_busybox, fetch_kernel, qemu, resolve},
 };
 
 /// The agent modes compared, in the order of the report.
@@ -146,13 +145,9 @@ pub fn measure(agent: &Path, rounds: u32, ops: u64) -> anyhow::Result<Report> {
     let boot = fetch_kernel(&dir, image)?;
     let me = std::env::current_exe().context("own path")?;
     let initrd = build_initramfs(&dir, agent, &busybox, Some((&me, DRIVER)))?;
-    let config = boot
-        .config
-        .as_ref()
-        .and_then(|c| fs::read_to_string(c).ok());
     let append = format!(
         "console=ttyS0 panic=-1 quiet lsm={} phi.sensor_cost={rounds},{ops}",
-        lsm_list(config.as_deref())
+        boot.lsm()
     );
     let log = dir.join("logs").join("sensor-cost.log");
     let mut child = qemu("tcg", 1, &boot, &initrd, &append)
@@ -242,19 +237,6 @@ fn parse_sample(rest: &str) -> anyhow::Result<Sample> {
         round: round.parse()?,
         ns_per_op: v["ns_per_op"].as_f64().context("no ns_per_op")?,
     })
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
 }
 
 impl Report {

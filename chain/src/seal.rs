@@ -207,30 +207,21 @@ mod tests {
         agree(Head::EMPTY, &b); // wrong position
         agree(head_of(&b), &a);
         // A body stating another prev_hash, hashed consistently with it (a forged record).
-        let mut forged = Record::decode(b.body.as_slice()).expect("decodes");
-        forged.prev_hash = vec![7; 32];
-        let body = forged.encode_to_vec();
-        let f = SealedRecord {
-            seq: b.seq,
-            hash: link_hash(&forged.prev_hash, &body).to_vec(),
-            body,
-        };
-        agree(head, &f);
-        // A body stating another seq, or carrying a hash of its own.
-        for edit in [
-            (|r: &mut Record| r.seq += 1) as fn(&mut Record),
-            |r: &mut Record| r.hash = vec![1],
-        ] {
+        // `b` with its body edited, re-encoded and hashed after `prev_hash`.
+        let edited = |edit: fn(&mut Record), prev_hash: &[u8]| {
             let mut r = Record::decode(b.body.as_slice()).expect("decodes");
             edit(&mut r);
             let body = r.encode_to_vec();
-            let e = SealedRecord {
+            SealedRecord {
                 seq: b.seq,
-                hash: link_hash(&head.hash, &body).to_vec(),
+                hash: link_hash(prev_hash, &body).to_vec(),
                 body,
-            };
-            agree(head, &e);
-        }
+            }
+        };
+        agree(head, &edited(|r| r.prev_hash = vec![7; 32], &[7; 32]));
+        // A body stating another seq, or carrying a hash of its own.
+        agree(head, &edited(|r| r.seq += 1, &head.hash));
+        agree(head, &edited(|r| r.hash = vec![1], &head.hash));
         // An edited hash.
         let mut h = b.clone();
         h.hash[0] ^= 1;

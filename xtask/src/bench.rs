@@ -997,6 +997,8 @@ fn collector_summary(runs: &[CollectorRun]) -> String {
     let num = |v: &Value, path: &[&str]| -> Option<f64> {
         path.iter().try_fold(v, |v, k| v.get(k))?.as_f64()
     };
+    // A whole number from a report, or "?" when it lacks it.
+    let whole = |v: &Value, path: &[&str]| num(v, path).map_or("?".into(), |x| format!("{x:.0}"));
     let mut o = String::new();
     o.push_str(
         "Ingest: records verified (hash links, checkpoint signatures) and durably stored per \
@@ -1011,20 +1013,16 @@ fn collector_summary(runs: &[CollectorRun]) -> String {
         let (store, mode) = label.split_once(", ").unwrap_or((label, ""));
         match r {
             Ok(v) => {
-                let rate = |k: &str| {
-                    num(v, &["results", "records_per_second", k])
-                        .map_or("?".into(), |x| format!("{x:.0}"))
-                };
+                let rate = |k: &str| whole(v, &["results", "records_per_second", k]);
                 o.push_str(&format!(
                     "| {store} | {mode} | {} | {} ({}) | {} [{}-{}] | {} |\n",
-                    num(v, &["parameters", "records"]).map_or("?".into(), |x| format!("{x:.0}")),
-                    num(v, &["parameters", "hosts"]).map_or("?".into(), |x| format!("{x:.0}")),
-                    num(v, &["parameters", "streams"]).map_or("?".into(), |x| format!("{x:.0}")),
+                    whole(v, &["parameters", "records"]),
+                    whole(v, &["parameters", "hosts"]),
+                    whole(v, &["parameters", "streams"]),
                     rate("median"),
                     rate("min"),
                     rate("max"),
-                    num(v, &["results", "store_bytes_per_record", "value"])
-                        .map_or("?".into(), |x| format!("{x:.0}")),
+                    whole(v, &["results", "store_bytes_per_record", "value"]),
                 ));
             }
             Err(_) => o.push_str(&format!(
@@ -1051,7 +1049,7 @@ fn collector_summary(runs: &[CollectorRun]) -> String {
         o.push_str(&format!(
             "| {} | {} | {} | {} | {} | {} |\n",
             label.split_once(", ").map_or(label.as_str(), |x| x.0),
-            num(v, &["dataset", "records"]).map_or("?".into(), |x| format!("{x:.0}")),
+            whole(v, &["dataset", "records"]),
             lat("timeline_host_day"),
             lat("timeline_host_day_user"),
             lat("timeline_host_day_path_prefix"),

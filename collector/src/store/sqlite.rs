@@ -164,7 +164,46 @@ const MIGRATIONS: &[Migration] = &[
         ) WITHOUT ROWID;",
         data: None,
     },
+    // 5: the path index is cut into runs of consecutive arrivals ([`RUN_RECORDS`] records
+    // each). Paths arrive in random order: one (path, time) B-tree takes every new record on
+    // a different leaf, so a batch of 512 dirtied about 512 index pages, each written to the
+    // WAL at commit and again at the checkpoint, more as the store grows. A run's part of the
+    // index stays small, so a batch lands on a few hundred leaves at most, whatever the size
+    // of the store. A path query seeks once per run whose time range meets its window
+    // (`index_runs`). The records stored before this version form run 0.
+    Migration {
+        sql: "ALTER TABLE records ADD COLUMN run INTEGER NOT NULL DEFAULT 0;
+        CREATE TABLE index_runs (
+            run     INTEGER PRIMARY KEY,
+            records INTEGER NOT NULL,
+            min_ns  INTEGER NOT NULL,
+            max_ns  INTEGER NOT NULL
+        );
+        INSERT INTO index_runs (run, records, min_ns, max_ns)
+            SELECT 0, COUNT(*), MIN(time_ns), MAX(time_ns) FROM records HAVING COUNT(*) > 0;
+        DROP INDEX records_path;
+        CREATE INDEX records_path ON records (run, path, time_ns) WHERE path IS NOT NULL;",
+        data: None,
+    },
 ];
+
+/// Records per run of the path index (see migration 5). Larger runs mean fewer seeks per
+/// path query; smaller ones fewer index pages written per batch. Ingest measured the same
+/// from 4,096 to 16,384 records per run; a store of 10 million records has about 600 runs.
+pub const RUN_RECORDS: i64 = 16_384;
+
+/// The run new records join: the newest, or a new one when the newest holds `run_records`.
+fn current_run(tx: &Transaction<'_>, run_records: i64) -> Result<i64, StoreError> {
+    let newest: Option<(i64, i64)> = tx
+        .prepare_cached("SELECT run, records FROM index_runs ORDER BY run DESC LIMIT 1")?
+        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    Ok(match newest {
+        None => 0,
+        Some((run, records)) if records >= run_records => run + 1,
+        Some((run, _)) => run,
+    })
+}
 
 /// Version 2 derives the query columns and sessions of records stored by version 1.
 fn backfill_v2(tx: &Transaction<'_>) -> Result<(), StoreError> {
@@ -212,6 +251,8 @@ fn backfill_v2(tx: &Transaction<'_>) -> Result<(), StoreError> {
 pub struct SqliteStore {
     conn: Connection,
     path: String,
+    /// [`RUN_RECORDS`]; smaller in tests.
+    run_records: i64,
 }
 
 fn host_state(r: &SqlRow<'_>) -> rusqlite::Result<HostState> {
@@ -397,7 +438,12 @@ fn insert_alert(tx: &Connection, a: &Alert) -> Result<(), StoreError> {
 }
 
 /// Verifies one prepared batch against `host_id`'s head and writes it, inside `tx`.
-fn append_in(tx: &Transaction<'_>, host_id: &str, batch: Prepared) -> Result<Appended, StoreError> {
+fn append_in(
+    tx: &Transaction<'_>,
+    host_id: &str,
+    batch: Prepared,
+    run_records: i64,
+) -> Result<Appended, StoreError> {
     let state = tx
         .query_row(HOST_STATE, [host_id], host_state)
         .optional()?
@@ -413,13 +459,15 @@ fn append_in(tx: &Transaction<'_>, host_id: &str, batch: Prepared) -> Result<App
         })
     };
     {
+        let run = current_run(tx, run_records)?;
         let mut insert = tx.prepare_cached(
             "INSERT INTO records (host_id, seq, hash, prev_hash, body, time_ns, kind, uid,
-                    user_name, login_user, session, path)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                    user_name, login_user, session, path, run)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
         )?;
         let mut deltas = SessionDeltas::default();
         let mut last_ns = 0;
+        let mut first_ns = i64::MAX;
         for a in &verified.records {
             let c = &a.columns;
             insert.execute(params![
@@ -435,9 +483,24 @@ fn append_in(tx: &Transaction<'_>, host_id: &str, batch: Prepared) -> Result<App
                 c.login_user,
                 c.session,
                 c.path,
+                run,
             ])?;
             deltas.add(a.sealed.seq, &a.record, c);
             last_ns = last_ns.max(c.time_ns);
+            first_ns = first_ns.min(c.time_ns);
+        }
+        if !verified.records.is_empty() {
+            tx.prepare_cached(
+                "INSERT INTO index_runs (run, records, min_ns, max_ns) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (run) DO UPDATE SET records = records + excluded.records,
+                    min_ns = MIN(min_ns, excluded.min_ns), max_ns = MAX(max_ns, excluded.max_ns)",
+            )?
+            .execute(params![
+                run,
+                verified.records.len() as i64,
+                first_ns,
+                last_ns
+            ])?;
         }
         upsert_sessions(tx, &deltas)?;
         let mut cp = tx.prepare_cached(
@@ -513,7 +576,11 @@ impl SqliteStore {
         // with synchronous=FULL every commit syncs the WAL before it returns.
         conn.pragma_update(None, "wal_autocheckpoint", 16_384)?;
         conn.execute_batch("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")?;
-        let mut store = SqliteStore { conn, path: shown };
+        let mut store = SqliteStore {
+            conn,
+            path: shown,
+            run_records: RUN_RECORDS,
+        };
         store.migrate()?;
         Ok(store)
     }
@@ -592,7 +659,7 @@ impl Store for SqliteStore {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let appended = append_in(&tx, host_id, batch)?;
+        let appended = append_in(&tx, host_id, batch, self.run_records)?;
         tx.commit()?;
         Ok(appended)
     }
@@ -607,7 +674,7 @@ impl Store for SqliteStore {
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let appended = batches
             .into_iter()
-            .map(|(host_id, batch)| append_in(&tx, &host_id, batch))
+            .map(|(host_id, batch)| append_in(&tx, &host_id, batch, self.run_records))
             .collect::<Result<Vec<_>, _>>()?;
         tx.commit()?;
         Ok(appended)
@@ -705,7 +772,7 @@ impl Store for SqliteStore {
         after: Option<&Cursor>,
         limit: usize,
     ) -> Result<Vec<Row>, StoreError> {
-        let (sql, params) = query::timeline(filter, after, limit);
+        let (sql, params) = query::timeline(filter, after, limit, query::PathIndex::Runs);
         let mut stmt = self.conn.prepare_cached(&sql)?;
         let rows = stmt.query_map(params_from_iter(values(params)), row)?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -991,9 +1058,29 @@ impl Store for SqliteStore {
             out.skipped = Some("nothing older than the retention period".into());
             return Ok(out);
         }
+        // The runs' counts follow, so that a run whose records are all gone leaves
+        // `index_runs` (its time range stays as it was: wider than its records, never
+        // narrower). The newest run stays: new records join it.
+        let per_run: Vec<(i64, i64)> = tx
+            .prepare(
+                "SELECT run, COUNT(*) FROM records WHERE host_id = ?1 AND seq <= ?2 GROUP BY run",
+            )?
+            .query_map(params![host_id, anchor], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
         let records = tx.execute(
             "DELETE FROM records WHERE host_id = ?1 AND seq <= ?2",
             params![host_id, anchor],
+        )?;
+        for (run, n) in per_run {
+            tx.execute(
+                "UPDATE index_runs SET records = records - ?2 WHERE run = ?1",
+                params![run, n],
+            )?;
+        }
+        tx.execute(
+            "DELETE FROM index_runs WHERE records <= 0
+                AND run < (SELECT MAX(run) FROM index_runs)",
+            [],
         )?;
         tx.execute(
             "DELETE FROM checkpoints WHERE host_id = ?1 AND seq < ?2",
@@ -1128,6 +1215,15 @@ mod tests {
             )
             .expect("timeline");
         assert_eq!(rows.len(), 1, "the old record has its query columns");
+        let run0: (i64, i64, i64, i64) = s
+            .conn
+            .query_row(
+                "SELECT run, records, min_ns, max_ns FROM index_runs",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .expect("run 0");
+        assert_eq!(run0, (0, 1, 0, 0), "the records before runs form run 0");
         let sessions = s.sessions(&SessionFilter::default()).expect("sessions");
         assert_eq!(sessions.len(), 1);
         assert_eq!(sessions[0].session, "old/b/3");
@@ -1194,6 +1290,174 @@ mod tests {
         assert_eq!(s.alerts(Some("b")).expect("alerts").len(), 1);
         let report = crate::verify::verify_chain(&mut s, "a", &mut |_, _| {}).expect("verify");
         assert!(report.ok, "{:?}", report.problems);
+    }
+
+    #[test]
+    fn path_queries_search_every_run_that_meets_their_window() {
+        use phi_chain::{checkpoint::HostKey, seal::Sealer};
+        use phi_proto::{
+            Timestamp,
+            v1::{Batch, Open, Record, record::Event},
+        };
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = SqliteStore::open(&dir.path().join("runs.db")).expect("open");
+        s.run_records = 4;
+        let mut sealers = Vec::new();
+        for host in ["a", "b"] {
+            let key = HostKey::from_secret([host.as_bytes()[0]; 32]);
+            s.pin_host(host, &key.public_key()).expect("pin");
+            sealers.push(Sealer::new(Head::EMPTY));
+        }
+        // Record i of host h is at time 10 * i + h and opens /d<i % 3>/f<i>.
+        let mut all = Vec::new();
+        for round in 0..5 {
+            for (h, host) in ["a", "b"].into_iter().enumerate() {
+                let records = (0..3)
+                    .map(|k| {
+                        let i = round * 3 + k;
+                        let time_ns = 10 * i as i64 + h as i64;
+                        let path = format!("/d{}/f{i}", i % 3);
+                        all.push((time_ns, host.to_owned(), path.clone()));
+                        sealers[h].seal(&mut Record {
+                            host_id: host.into(),
+                            time: Some(Timestamp {
+                                seconds: 0,
+                                nanos: time_ns as i32,
+                            }),
+                            event: Some(Event::Open(Open {
+                                path,
+                                ..Default::default()
+                            })),
+                            ..Default::default()
+                        })
+                    })
+                    .collect();
+                let out = s
+                    .append(
+                        host,
+                        Batch {
+                            records,
+                            checkpoints: vec![],
+                        },
+                    )
+                    .expect("append");
+                assert!(out.problem.is_none(), "{:?}", out.problem);
+            }
+        }
+        // Batches of 3 records on runs of 4: a run takes batches until it holds 4 or more.
+        let runs: Vec<(i64, i64, i64, i64)> = s
+            .conn
+            .prepare("SELECT run, records, min_ns, max_ns FROM index_runs ORDER BY run")
+            .expect("runs")
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .expect("runs")
+            .collect::<Result<_, _>>()
+            .expect("runs");
+        assert_eq!(
+            runs,
+            [
+                (0, 6, 0, 21),
+                (1, 6, 30, 51),
+                (2, 6, 60, 81),
+                (3, 6, 90, 111),
+                (4, 6, 120, 141)
+            ]
+        );
+        let stored_runs: i64 = s
+            .conn
+            .query_row("SELECT COUNT(DISTINCT run) FROM records", [], |r| r.get(0))
+            .expect("count");
+        assert_eq!(stored_runs, 5);
+
+        for (prefix, since, until) in [
+            ("/d1/", None, None),
+            ("/d1/", Some(35), Some(95)),
+            ("/d2/f1", Some(0), Some(200)),
+            ("/", Some(51), Some(52)),
+            ("/d0/", Some(200), None),
+        ] {
+            let filter = Filter {
+                path_prefix: Some(prefix.into()),
+                since_ns: since,
+                until_ns: until,
+                ..Default::default()
+            };
+            let got: Vec<(i64, String)> = s
+                .timeline(&filter, None, 100)
+                .expect("timeline")
+                .into_iter()
+                .map(|r| (r.time_ns, r.host_id))
+                .collect();
+            let mut want: Vec<(i64, String)> = all
+                .iter()
+                .filter(|(t, _, p)| {
+                    p.starts_with(prefix)
+                        && since.is_none_or(|v| *t >= v)
+                        && until.is_none_or(|v| *t < v)
+                })
+                .map(|(t, h, _)| (*t, h.clone()))
+                .collect();
+            want.sort();
+            assert_eq!(got, want, "{prefix} {since:?}..{until:?}");
+        }
+        // Pruning host a's first 9 records and b's first 6 empties runs 0 and 1 (they leave
+        // `index_runs`) and leaves run 2 with b's three.
+        for (host, seq) in [("a", 9u64), ("b", 6)] {
+            s.conn
+                .execute(
+                    "INSERT INTO checkpoints (host_id, seq, body, time_ns) VALUES (?1, ?2, x'', 0)",
+                    params![host, seq as i64],
+                )
+                .expect("checkpoint");
+            let out = s.prune(host, seq, "test").expect("prune");
+            assert_eq!(out.records, seq, "{:?}", out.skipped);
+        }
+        let counts: Vec<(i64, i64)> = s
+            .conn
+            .prepare("SELECT run, records FROM index_runs ORDER BY run")
+            .expect("runs")
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .expect("runs")
+            .collect::<Result<_, _>>()
+            .expect("runs");
+        assert_eq!(counts, [(2, 3), (3, 6), (4, 6)]);
+        all.retain(|(t, h, _)| *t >= if h == "a" { 90 } else { 60 });
+        let got = s
+            .timeline(
+                &Filter {
+                    path_prefix: Some("/d".into()),
+                    ..Default::default()
+                },
+                None,
+                100,
+            )
+            .expect("timeline");
+        assert_eq!(got.len(), all.len());
+
+        // The path index answers a path query, one search per run.
+        let (sql, params) = query::timeline(
+            &Filter {
+                path_prefix: Some("/d1/".into()),
+                ..Default::default()
+            },
+            None,
+            10,
+            query::PathIndex::Runs,
+        );
+        let plan: Vec<String> = s
+            .conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+            .expect("plan")
+            .query_map(params_from_iter(values(params)), |r| r.get(3))
+            .expect("plan")
+            .collect::<Result<_, _>>()
+            .expect("plan");
+        assert!(
+            plan.iter()
+                .any(|p| p.contains("INDEX records_path (run=? AND path>? AND path<?)")),
+            "{plan:?}"
+        );
     }
 
     #[test]

@@ -192,7 +192,8 @@ pub const PAGE_SIZE: i64 = 8192;
 
 /// Records per run of the path index (see migration 5). Larger runs mean fewer seeks per
 /// path query; smaller ones fewer index pages written per batch. Ingest measured the same
-/// from 4,096 to 16,384 records per run; a store of 10 million records has about 600 runs.
+/// from 4,096 to 16,384 records per run; a store of 10 million records has at most
+/// about 610 runs (fewer when its batches overshoot a run's size).
 pub const RUN_RECORDS: i64 = 16_384;
 
 /// The run new records join: the newest, or a new one when the newest holds `run_records`.
@@ -575,8 +576,9 @@ impl SqliteStore {
         conn.pragma_update(None, "page_size", PAGE_SIZE)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
-        // Each batch dirties index pages all over the path and session indexes: a cache
-        // that holds them saves reading them back at every batch (64 MiB, grown on demand).
+        // Each batch dirties index pages across its run of the path index and across the
+        // session and user indexes: a cache that holds them saves reading them back at every
+        // batch (64 MiB, grown on demand).
         conn.pragma_update(None, "cache_size", -65_536)?;
         // Copying the WAL into the database less often (every 64 MiB instead of 1,000 pages)
         // writes a page rewritten by many batches once. Durability does not depend on it:

@@ -10,15 +10,18 @@ use phi_proto::v1::{
     Ack, AgentMessage, Batch, CollectorMessage, Welcome, agent_message, collector_message,
     ingest_server::Ingest,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
-    store::{HostState, Pool, Store, StoreError, group::GroupCommit},
+    store::{
+        Appended, HostState, Pool, Store, StoreError,
+        group::{AFTER_REFUSAL, GroupCommit, Lane},
+    },
     telemetry::CollectorMetrics,
     tls::certificate_names,
-    verify::{alert, prepare},
+    verify::{Prepared, alert, prepare},
 };
 
 /// Bounds on every inbound stream.
@@ -60,6 +63,8 @@ pub struct IngestService {
     /// takes each batch in a transaction of its own, so that streams of different hosts
     /// write in parallel and collectors sharing the store never wait on each other's groups.
     group: Option<Arc<GroupCommit>>,
+    /// Batches read but not yet answered, over all streams (see [`BATCHES_IN_HAND`]).
+    in_hand: Arc<tokio::sync::Semaphore>,
 }
 
 impl IngestService {
@@ -71,6 +76,7 @@ impl IngestService {
             metrics,
             wake: crate::sinks::Wake::default(),
             group,
+            in_hand: Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_HAND)),
         }
     }
 
@@ -187,13 +193,113 @@ impl IngestService {
         .await
     }
 
-    /// Verifies and stores one batch; returns the durable head.
-    async fn ingest(&self, host_id: String, batch: Batch) -> Result<u64, Status> {
+    /// Checks `batch` against the limits and starts decoding and hashing it on the blocking
+    /// pool, so that it is ready by the time the batches before it are stored.
+    fn start(&self, batch: Batch, permit: OwnedSemaphorePermit) -> Ahead {
         let started = std::time::Instant::now();
-        let result = self.ingest_batch(host_id, batch).await;
+        let limits = self.limits;
+        let prepared = if batch.records.len() + batch.checkpoints.len() > limits.max_batch {
+            Err(Status::resource_exhausted(format!(
+                "a batch holds at most {} records and checkpoints",
+                limits.max_batch
+            )))
+        } else if let Some(big) = batch
+            .records
+            .iter()
+            .find(|r| r.body.len() > limits.max_record_bytes)
+        {
+            Err(Status::resource_exhausted(format!(
+                "record {} is {} bytes; the limit is {}",
+                big.seq,
+                big.body.len(),
+                limits.max_record_bytes
+            )))
+        } else {
+            Ok(tokio::task::spawn_blocking(move || prepare(batch)))
+        };
+        Ahead::Batch {
+            started,
+            prepared,
+            permit,
+        }
+    }
+
+    /// Hands a batch started by [`IngestService::start`] to the store, in the stream's
+    /// order. With group commit (SQLite) it returns as soon as the batch is queued, so that
+    /// the next batch can queue behind it; PostgreSQL verifies each batch against the head the
+    /// one before left, so it returns once the batch is stored.
+    async fn submit(
+        &self,
+        lane: &Arc<Lane>,
+        host_id: String,
+        started: std::time::Instant,
+        prepared: Result<tokio::task::JoinHandle<Prepared>, Status>,
+        permit: OwnedSemaphorePermit,
+    ) -> Stored {
+        let batch = match prepared {
+            Ok(decoding) => match decoding.await {
+                Ok(batch) => batch,
+                Err(e) => return Stored::Done(self.finish(&host_id, started, Err(internal(e)))),
+            },
+            Err(status) => return Stored::Done(self.finish(&host_id, started, Err(status))),
+        };
+        match &self.group {
+            Some(group) => {
+                let pending = group.submit(lane, host_id.clone(), batch);
+                let (group, service) = (Arc::clone(group), self.clone());
+                Stored::Pending(tokio::spawn(async move {
+                    let _permit = permit;
+                    let appended = group.wait(&service.pool, pending).await;
+                    service.finish(&host_id, started, appended.map_err(store_status))
+                }))
+            }
+            None => {
+                let host = host_id.clone();
+                let appended = self
+                    .pool
+                    .run(move |s| s.append_prepared(&host, batch))
+                    .await
+                    .map_err(store_status);
+                Stored::Done(self.finish(&host_id, started, appended))
+            }
+        }
+    }
+
+    /// The answer to one batch; counts it and wakes the store's consumers.
+    fn finish(
+        &self,
+        host_id: &str,
+        started: std::time::Instant,
+        appended: Result<Appended, Status>,
+    ) -> Result<u64, Status> {
+        let m = &self.metrics;
+        let result = appended.and_then(|appended| {
+            m.records.add(appended.records as u64);
+            m.checkpoints.add(appended.checkpoints as u64);
+            if appended.records > 0 {
+                tracing::debug!(
+                    host = %host_id,
+                    records = appended.records,
+                    checkpoints = appended.checkpoints,
+                    durable_seq = appended.head.seq,
+                    "stored"
+                );
+            }
+            if let Some(p) = appended.problem {
+                m.alert(&p.kind);
+                tracing::error!(host = %host_id, kind = %p.kind, "tamper alert: {}", p.detail);
+                return Err(Status::failed_precondition(format!(
+                    "refused: {} (a tamper alert was stored)",
+                    p.detail
+                )));
+            }
+            // The decoded records of the batch are freed here, on this stream's task, not
+            // on the writer's path.
+            drop(appended.spent);
+            Ok(appended.head.seq)
+        });
         // Stored records or an alert (a refused batch may have stored both).
         self.wake.notify();
-        let m = &self.metrics;
         m.ingest_micros.add(started.elapsed().as_micros() as u64);
         match &result {
             Ok(_) => m.batches.inc(),
@@ -201,64 +307,48 @@ impl IngestService {
         }
         result
     }
+}
 
-    async fn ingest_batch(&self, host_id: String, batch: Batch) -> Result<u64, Status> {
-        let limits = self.limits;
-        let metrics = Arc::clone(&self.metrics);
-        if batch.records.len() + batch.checkpoints.len() > limits.max_batch {
-            return Err(Status::resource_exhausted(format!(
-                "a batch holds at most {} records and checkpoints",
-                limits.max_batch
-            )));
-        }
-        if let Some(big) = batch
-            .records
-            .iter()
-            .find(|r| r.body.len() > limits.max_record_bytes)
-        {
-            return Err(Status::resource_exhausted(format!(
-                "record {} is {} bytes; the limit is {}",
-                big.seq,
-                big.body.len(),
-                limits.max_record_bytes
-            )));
-        }
-        // Decoding and hashing happen here, on this stream's own thread, while other
-        // streams' batches are being written.
-        let batch = tokio::task::spawn_blocking(move || prepare(batch))
-            .await
-            .map_err(internal)?;
-        let appended = match &self.group {
-            Some(group) => group.append(&self.pool, host_id.clone(), batch).await,
-            None => {
-                let host = host_id.clone();
-                self.pool
-                    .run(move |s| s.append_prepared(&host, batch))
-                    .await
-            }
-        }
-        .map_err(internal)?;
-        metrics.records.add(appended.records as u64);
-        metrics.checkpoints.add(appended.checkpoints as u64);
-        if appended.records > 0 {
-            tracing::debug!(
-                host = %host_id,
-                records = appended.records,
-                checkpoints = appended.checkpoints,
-                durable_seq = appended.head.seq,
-                "stored"
-            );
-        }
-        if let Some(p) = appended.problem {
-            metrics.alert(&p.kind);
-            tracing::error!(host = %host_id, kind = %p.kind, "tamper alert: {}", p.detail);
-            return Err(Status::failed_precondition(format!(
-                "refused: {} (a tamper alert was stored)",
-                p.detail
-            )));
-        }
-        Ok(appended.head.seq)
+/// The status for a batch the store did not take.
+fn store_status(e: StoreError) -> Status {
+    match e {
+        // The stream already ended with the refusal before it.
+        StoreError::Invalid(m) if m == AFTER_REFUSAL => Status::aborted(m),
+        e => internal(e),
     }
+}
+
+/// A batch handed to the store (see [`IngestService::submit`]).
+enum Stored {
+    Pending(tokio::task::JoinHandle<Result<u64, Status>>),
+    Done(Result<u64, Status>),
+}
+
+/// Batches a stream hands to the store before the oldest of them is acknowledged (beyond
+/// that one). One is enough for a batch to be queued whenever a commit ends.
+const STORE_AHEAD: usize = 1;
+
+/// Batches read from all streams and not yet answered: each stream reads, decodes and queues
+/// a few batches ahead of the one being stored, and this bounds the memory that takes when
+/// many agents send their backlogs at once (a batch of 512 records is about 1 MB decoded).
+const BATCHES_IN_HAND: usize = 32;
+
+/// Batches a stream decodes ahead of the one being stored. The agent sends without waiting
+/// for acknowledgements: while one batch waits for its commit, the next is decoded and
+/// hashed on another core.
+const DECODE_AHEAD: usize = 2;
+
+/// What the reader of a stream hands to its writer, in the order the agent sent it.
+enum Ahead {
+    /// A batch, decoding (or refused by the limits).
+    Batch {
+        started: std::time::Instant,
+        prepared: Result<tokio::task::JoinHandle<Prepared>, Status>,
+        /// Its place among [`BATCHES_IN_HAND`], given back once it is answered.
+        permit: OwnedSemaphorePermit,
+    },
+    /// The stream failed: answered after everything before it.
+    Fail(Status),
 }
 
 #[tonic::async_trait]
@@ -308,39 +398,93 @@ impl Ingest for IngestService {
         tracing::info!(host = %host_id, durable_seq = state.head.seq, "agent connected");
         let service = self.clone();
         let guard = StreamGuard::new(&self.metrics);
+        let (ahead, mut ready) = mpsc::channel::<Ahead>(DECODE_AHEAD);
+        let reader = self.clone();
+        let reader_host = host_id.clone();
         tokio::spawn(async move {
-            let _guard = guard;
             loop {
-                let msg = match tokio::time::timeout(limits.idle, inbound.message()).await {
-                    Err(_) => {
-                        let _ = tx
-                            .send(Err(Status::deadline_exceeded(format!(
-                                "no message for {:?}",
-                                limits.idle
-                            ))))
-                            .await;
-                        break;
-                    }
+                let next = tokio::select! {
+                    // The writer stopped (a refusal, or the agent went away).
+                    () = ahead.closed() => break,
+                    next = tokio::time::timeout(limits.idle, inbound.message()) => next,
+                };
+                let item = match next {
+                    Err(_) => Ahead::Fail(Status::deadline_exceeded(format!(
+                        "no message for {:?}",
+                        limits.idle
+                    ))),
                     Ok(Ok(None)) => break,
                     Ok(Err(status)) => {
-                        tracing::warn!(host = %host_id, "stream error: {}", status.message());
-                        let _ = tx.send(Err(status)).await;
-                        break;
+                        tracing::warn!(host = %reader_host, "stream error: {}", status.message());
+                        Ahead::Fail(status)
                     }
-                    Ok(Ok(Some(m))) => m,
+                    Ok(Ok(Some(m))) => match m.msg {
+                        Some(agent_message::Msg::Batch(batch)) => {
+                            // Acquired in each stream's order, and given back by batches that
+                            // are stored without waiting for any: this cannot deadlock.
+                            let permit = tokio::select! {
+                                () = ahead.closed() => break,
+                                permit = Arc::clone(&reader.in_hand).acquire_owned() => permit,
+                            };
+                            let Ok(permit) = permit else { break };
+                            reader.start(batch, permit)
+                        }
+                        Some(agent_message::Msg::Hello(_)) => {
+                            Ahead::Fail(Status::invalid_argument("Hello may only be sent once"))
+                        }
+                        None => Ahead::Fail(Status::invalid_argument("empty message")),
+                    },
                 };
-                let reply = match msg.msg {
-                    Some(agent_message::Msg::Batch(batch)) => service
-                        .ingest(host_id.clone(), batch)
-                        .await
-                        .map(|seq| CollectorMessage {
-                            msg: Some(collector_message::Msg::Ack(Ack { durable_seq: seq })),
-                        }),
-                    Some(agent_message::Msg::Hello(_)) => {
-                        Err(Status::invalid_argument("Hello may only be sent once"))
-                    }
-                    None => Err(Status::invalid_argument("empty message")),
+                let last = matches!(item, Ahead::Fail(_));
+                if ahead.send(item).await.is_err() || last {
+                    break;
+                }
+            }
+        });
+        // In the stream's order: the submitter hands each decoded batch to the store, the
+        // acknowledger answers each once it is durable.
+        let (stored_tx, mut stored_rx) = mpsc::channel::<Result<Stored, Status>>(STORE_AHEAD);
+        let submitter_host = host_id.clone();
+        tokio::spawn(async move {
+            let lane = Arc::new(Lane::default());
+            loop {
+                let item = tokio::select! {
+                    // The acknowledger stopped (a refusal, or the agent went away).
+                    () = stored_tx.closed() => break,
+                    item = ready.recv() => match item {
+                        Some(item) => item,
+                        None => break,
+                    },
                 };
+                let (next, last) = match item {
+                    Ahead::Batch {
+                        started,
+                        prepared,
+                        permit,
+                    } => (
+                        Ok(service
+                            .submit(&lane, submitter_host.clone(), started, prepared, permit)
+                            .await),
+                        false,
+                    ),
+                    Ahead::Fail(status) => (Err(status), true),
+                };
+                if stored_tx.send(next).await.is_err() || last {
+                    break;
+                }
+            }
+        });
+        tokio::spawn(async move {
+            let _guard = guard;
+            while let Some(next) = stored_rx.recv().await {
+                let reply = match next {
+                    Ok(Stored::Pending(task)) => task.await.unwrap_or_else(|e| Err(internal(e))),
+                    Ok(Stored::Done(result)) => result,
+                    Err(status) => Err(status),
+                }
+                .map(|seq| CollectorMessage {
+                    msg: Some(collector_message::Msg::Ack(Ack { durable_seq: seq })),
+                });
                 let failed = reply.is_err();
                 if tx.send(reply).await.is_err() || failed {
                     break;

@@ -169,3 +169,92 @@ fn every_bound_answers_with_a_clear_status_and_the_collector_survives() {
     );
     assert_eq!(collector.records(HOST).len(), 3);
 }
+
+/// Sends `messages` at once and returns every reply until the stream ends or fails.
+async fn exchange_all(
+    pki: &Pki,
+    collector: &Collector,
+    messages: Vec<AgentMessage>,
+    acks_wanted: usize,
+) -> (Vec<CollectorMessage>, Option<tonic::Status>) {
+    let mut client = raw_client(pki, collector, HOST).await;
+    let (tx, rx) = mpsc::channel(messages.len().max(1));
+    for m in messages {
+        tx.send(m).await.expect("queue");
+    }
+    let mut inbound = client
+        .stream(ReceiverStream::new(rx))
+        .await
+        .expect("stream")
+        .into_inner();
+    let mut replies = Vec::new();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(20), inbound.message()).await {
+            Err(_) | Ok(Ok(None)) => return (replies, None),
+            Ok(Ok(Some(m))) => {
+                replies.push(m);
+                let acks = replies
+                    .iter()
+                    .filter(|m| matches!(m.msg, Some(collector_message::Msg::Ack(_))))
+                    .count();
+                if acks == acks_wanted {
+                    return (replies, None);
+                }
+            }
+            Ok(Err(status)) => return (replies, Some(status)),
+        }
+    }
+}
+
+fn acks(replies: &[CollectorMessage]) -> Vec<u64> {
+    replies
+        .iter()
+        .filter_map(|m| match &m.msg {
+            Some(collector_message::Msg::Ack(a)) => Some(a.durable_seq),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn batches_sent_ahead_of_a_refused_one_are_acknowledged_and_those_behind_it_are_not_stored() {
+    integration_tests::require_root();
+    let pki = Pki::new(&[HOST]);
+    let collector = Collector::start_with(&pki, &[]);
+    let key = HostKey::from_secret([6; 32]);
+    let good = heartbeats(80);
+    let mut sent = good.clone();
+    // Record 37 was edited after it was sealed.
+    sent[36].body.push(0);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        // Eight batches of ten, all sent before the first answer: the collector decodes and
+        // queues batches behind the one it is storing.
+        let mut messages = vec![hello(&key)];
+        messages.extend(sent.chunks(10).map(|c| batch(c.to_vec())));
+        let (replies, st) = exchange_all(&pki, &collector, messages, usize::MAX).await;
+        assert_eq!(acks(&replies), vec![10, 20, 30], "{replies:?}");
+        assert_eq!(code(&st), Some(Code::FailedPrecondition), "{st:?}");
+        // The agent reconnects and sends again from the durable head.
+        let mut messages = vec![hello(&key)];
+        messages.extend(good[36..].chunks(10).map(|c| batch(c.to_vec())));
+        let (replies, st) = exchange_all(&pki, &collector, messages, 5).await;
+        assert!(st.is_none(), "{st:?}");
+        assert!(matches!(
+            replies.first().and_then(|m| m.msg.as_ref()),
+            Some(collector_message::Msg::Welcome(w)) if w.durable_seq == 36
+        ));
+        assert_eq!(acks(&replies), vec![46, 56, 66, 76, 80]);
+    });
+    // One alert, for the edited record: the batches queued behind it were not verified
+    // against a head that stops before it (each would have been a second, false alert).
+    let alerts = collector.alerts();
+    assert_eq!(alerts.len(), 1, "{alerts:?}");
+    assert_eq!(alerts[0].0, "chain-break");
+    let seqs: Vec<u64> = collector
+        .records(HOST)
+        .iter()
+        .map(|r| r.sealed.seq)
+        .collect();
+    assert_eq!(seqs, (1..=80).collect::<Vec<u64>>());
+}

@@ -4,8 +4,19 @@
 //! the write lock in turn and each pays a sync of its own (and rewrites the same index
 //! pages). Every caller still gets its own outcome only after the transaction holding its
 //! batch is durable.
+//!
+//! A stream may submit its next batch before the one before it is stored ([`Lane`]): then a
+//! batch is waiting whenever a commit ends, and the writer never idles between groups while
+//! the streams collect their acknowledgements. A group takes at most one batch per lane, in
+//! the order they were submitted, and once a lane's batch is refused (a tamper alert) the
+//! lane's later batches are answered without being written: they could only be verified
+//! against a head that stopped before the refused records, and would raise a second, false
+//! alert.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{
+    Arc, Mutex,
+    atomic::{AtomicBool, Ordering},
+};
 
 use tokio::sync::oneshot;
 
@@ -14,12 +25,33 @@ use crate::verify::Prepared;
 
 type Reply = oneshot::Sender<Result<Appended, String>>;
 
+/// One stream's batches, in order. Refused once one of them was refused.
+#[derive(Default)]
+pub struct Lane {
+    refused: AtomicBool,
+}
+
+struct Waiting {
+    lane: Arc<Lane>,
+    host_id: String,
+    batch: Prepared,
+    reply: Reply,
+}
+
 /// Batches waiting for a commit, and the right to commit.
 #[derive(Default)]
 pub struct GroupCommit {
-    waiting: Mutex<Vec<(String, Prepared, Reply)>>,
+    waiting: Mutex<Vec<Waiting>>,
     writer: tokio::sync::Mutex<()>,
 }
+
+/// A submitted batch: [`GroupCommit::wait`] for its outcome.
+pub struct Pending {
+    outcome: oneshot::Receiver<Result<Appended, String>>,
+}
+
+/// Said of the batches a lane submitted after one of its batches was refused.
+pub const AFTER_REFUSAL: &str = "not stored: an earlier batch of this stream was refused";
 
 impl GroupCommit {
     /// Verifies and durably appends `batch` for `host_id`, together with whatever else is
@@ -30,48 +62,91 @@ impl GroupCommit {
         host_id: String,
         batch: Prepared,
     ) -> Result<Appended, StoreError> {
-        let (reply, mut outcome) = oneshot::channel();
-        self.lock_waiting().push((host_id, batch, reply));
-        // Either the commit running now (or the next one) takes this batch along, or this
-        // caller gets to write and takes whatever is waiting, this batch included.
-        let writer = tokio::select! {
-            biased;
-            done = &mut outcome => return finish(done.ok()),
-            writer = self.writer.lock() => writer,
-        };
-        // The writer before may have taken this batch: it answers before it lets go.
-        match outcome.try_recv() {
-            Ok(done) => return finish(Some(done)),
-            Err(oneshot::error::TryRecvError::Closed) => return finish(None),
-            Err(oneshot::error::TryRecvError::Empty) => {}
+        let pending = self.submit(&Arc::new(Lane::default()), host_id, batch);
+        self.wait(pool, pending).await
+    }
+
+    /// Queues `batch` behind the batches `lane` submitted before it. Returns at once.
+    pub fn submit(&self, lane: &Arc<Lane>, host_id: String, batch: Prepared) -> Pending {
+        let (reply, outcome) = oneshot::channel();
+        self.lock_waiting().push(Waiting {
+            lane: Arc::clone(lane),
+            host_id,
+            batch,
+            reply,
+        });
+        Pending { outcome }
+    }
+
+    /// The outcome of a submitted batch, once the transaction holding it is durable. Writes
+    /// groups (its own or others') whenever the write lock is free and it is not answered.
+    pub async fn wait(&self, pool: &Arc<Pool>, pending: Pending) -> Result<Appended, StoreError> {
+        let mut outcome = pending.outcome;
+        loop {
+            // Either a commit takes this batch along, or this caller gets to write and takes
+            // whatever is waiting.
+            let writer = tokio::select! {
+                biased;
+                done = &mut outcome => return finish(done.ok()),
+                writer = self.writer.lock() => writer,
+            };
+            // The writer before may have taken this batch: it answers before it lets go.
+            match outcome.try_recv() {
+                Ok(done) => return finish(Some(done)),
+                Err(oneshot::error::TryRecvError::Closed) => return finish(None),
+                Err(oneshot::error::TryRecvError::Empty) => {}
+            }
+            self.write_group(pool).await;
+            drop(writer);
         }
-        let group = std::mem::take(&mut *self.lock_waiting());
-        let mut replies = Vec::with_capacity(group.len());
-        let batches: Vec<(String, Prepared)> = group
-            .into_iter()
-            .map(|(host, batch, reply)| {
-                replies.push(reply);
-                (host, batch)
-            })
-            .collect();
+    }
+
+    /// Writes one group: the first waiting batch of every lane. Called with the write lock.
+    async fn write_group(&self, pool: &Arc<Pool>) {
+        let mut lanes: Vec<Arc<Lane>> = Vec::new();
+        let mut replies = Vec::new();
+        let mut batches: Vec<(String, Prepared)> = Vec::new();
+        {
+            let mut waiting = self.lock_waiting();
+            let mut later = Vec::new();
+            for w in std::mem::take(&mut *waiting) {
+                if w.lane.refused.load(Ordering::Acquire) {
+                    let _ = w.reply.send(Err(AFTER_REFUSAL.to_owned()));
+                } else if lanes.iter().any(|l| Arc::ptr_eq(l, &w.lane)) {
+                    later.push(w);
+                } else {
+                    lanes.push(w.lane);
+                    replies.push(w.reply);
+                    batches.push((w.host_id, w.batch));
+                }
+            }
+            *waiting = later;
+        }
+        if batches.is_empty() {
+            return;
+        }
         match pool.run(move |s| s.append_group(batches)).await {
             Ok(appended) => {
-                for (reply, a) in replies.into_iter().zip(appended) {
+                for ((reply, lane), a) in replies.into_iter().zip(lanes).zip(appended) {
+                    if a.problem.is_some() {
+                        lane.refused.store(true, Ordering::Release);
+                    }
                     let _ = reply.send(Ok(a));
                 }
             }
             Err(e) => {
+                // Nothing of the group was stored; a lane's later batches would not continue
+                // its head.
                 let e = e.to_string();
-                for reply in replies {
+                for (reply, lane) in replies.into_iter().zip(lanes) {
+                    lane.refused.store(true, Ordering::Release);
                     let _ = reply.send(Err(e.clone()));
                 }
             }
         }
-        drop(writer);
-        finish(outcome.await.ok())
     }
 
-    fn lock_waiting(&self) -> std::sync::MutexGuard<'_, Vec<(String, Prepared, Reply)>> {
+    fn lock_waiting(&self) -> std::sync::MutexGuard<'_, Vec<Waiting>> {
         // A panic while holding this lock leaves a plain Vec behind: still usable.
         self.waiting
             .lock()
@@ -174,5 +249,82 @@ mod tests {
                 .collect();
             assert_eq!(heads, want, "{h}");
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lane_is_written_in_order_and_nothing_after_a_refused_batch() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite:{}", dir.path().join("l.db").display());
+        let pool = Pool::open_async(&url, 4).await.expect("pool");
+        let key = HostKey::from_secret([9; 32]).public_key();
+        pool.run(move |s| s.pin_host("h", &key)).await.expect("pin");
+        let group = GroupCommit::default();
+        let lane = Arc::new(Lane::default());
+        let mut all = batches("h", 6, 10);
+        // Batch 3 (records 31..40) has a record whose body was edited after sealing.
+        all[3][4].body.push(0);
+        // Everything is submitted before anything is written: groups take one batch of the
+        // lane at a time, in order.
+        let pending: Vec<Pending> = all
+            .into_iter()
+            .map(|records| {
+                let batch = prepare(Batch {
+                    records,
+                    checkpoints: vec![],
+                });
+                group.submit(&lane, "h".to_owned(), batch)
+            })
+            .collect();
+        let mut outcomes = Vec::new();
+        for p in pending {
+            outcomes.push(match group.wait(&pool, p).await {
+                Ok(a) => Ok((a.head.seq, a.records, a.problem.map(|p| p.kind))),
+                Err(e) => Err(e.to_string()),
+            });
+        }
+        assert_eq!(
+            outcomes,
+            vec![
+                Ok((10, 10, None)),
+                Ok((20, 10, None)),
+                Ok((30, 10, None)),
+                Ok((34, 4, Some("chain-break".to_owned()))),
+                Err(AFTER_REFUSAL.to_owned()),
+                Err(AFTER_REFUSAL.to_owned()),
+            ]
+        );
+        // One alert, for the edited record; the batches after it were not verified against
+        // a head that stops before it (which would have raised a second, false alert).
+        let alerts = pool.run(|s| s.alerts(Some("h"))).await.expect("alerts");
+        assert_eq!(alerts.len(), 1, "{alerts:?}");
+        assert_eq!(alerts[0].alert.seq, Some(35));
+        let head = pool
+            .run(|s| s.host("h"))
+            .await
+            .expect("host")
+            .expect("pinned")
+            .head;
+        assert_eq!(head.seq, 34);
+        // Another lane (the agent's next connection) continues from the stored head.
+        let lane = Arc::new(Lane::default());
+        let rest = batches("h", 6, 10);
+        let mut resent: Vec<SealedRecord> = rest.into_iter().flatten().skip(34).collect();
+        let tail = resent.split_off(16);
+        for records in [resent, tail] {
+            let batch = prepare(Batch {
+                records,
+                checkpoints: vec![],
+            });
+            let p = group.submit(&lane, "h".to_owned(), batch);
+            let a = group.wait(&pool, p).await.expect("stored");
+            assert!(a.problem.is_none(), "{:?}", a.problem);
+        }
+        let head = pool
+            .run(|s| s.host("h"))
+            .await
+            .expect("host")
+            .expect("pinned")
+            .head;
+        assert_eq!(head.seq, 60);
     }
 }

@@ -98,6 +98,20 @@ pub struct Appended {
     pub checkpoints: usize,
     /// The first part of the batch that was refused (stored as an alert).
     pub problem: Option<Alert>,
+    /// The batch's decoded records, handed back so that the caller frees them after the
+    /// write lock is let go (freeing a batch's decoded records costs about as much as
+    /// writing its query columns).
+    pub spent: Spent,
+}
+
+/// The decoded records of an appended batch (see [`Appended::spent`]).
+#[derive(Default)]
+pub struct Spent(pub(crate) Vec<crate::verify::Accepted>);
+
+impl std::fmt::Debug for Spent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Spent({} records)", self.0.len())
+    }
 }
 
 /// One stored record, as read back.

@@ -10,7 +10,7 @@ use prost::Message as _;
 
 use super::{
     Alert, Appended, Cursor, Filter, Hold, HostHead, HostInfo, HostState, Principal, PruneOutcome,
-    Role, Row, Session, SessionFilter, Store, StoreError, StoredAlert, checkpoint_time_ns,
+    Role, Row, Session, SessionFilter, Spent, Store, StoreError, StoredAlert, checkpoint_time_ns,
     head_from,
     index::SessionDeltas,
     now_ns,
@@ -575,6 +575,7 @@ impl Store for PgStore {
             records: verified.records.len(),
             checkpoints: verified.checkpoints.len(),
             problem: verified.problem,
+            spent: Spent(verified.records),
         })
     }
 

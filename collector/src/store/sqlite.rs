@@ -13,7 +13,7 @@ use rusqlite::{
 
 use super::{
     Alert, Appended, Cursor, Filter, Hold, HostHead, HostInfo, HostState, Principal, PruneOutcome,
-    Role, Row, Session, SessionFilter, Store, StoreError, StoredAlert, checkpoint_time_ns,
+    Role, Row, Session, SessionFilter, Spent, Store, StoreError, StoredAlert, checkpoint_time_ns,
     head_from,
     index::{self, SessionDeltas},
     now_ns,
@@ -550,6 +550,7 @@ fn append_in(
         records: verified.records.len(),
         checkpoints: verified.checkpoints.len(),
         problem: verified.problem,
+        spent: Spent(verified.records),
     })
 }
 

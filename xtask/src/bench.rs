@@ -738,33 +738,42 @@ fn collector_benchmarks(p: &Paths, root: &Path, quick: bool) -> anyhow::Result<V
     let db_dir = p.dir.join("collector");
     std::fs::create_dir_all(&db_dir)?;
     let mut out = Vec::new();
-    for (backend, label) in [("sqlite", "SQLite"), ("postgres", "PostgreSQL")] {
-        for mode in ["store", "wire"] {
-            step(format!("collector ingest into {label} ({mode})"));
-            let db = if backend == "sqlite" {
-                format!(
-                    "sqlite:{}",
-                    db_dir.join(format!("ingest-{mode}.db")).display()
-                )
-            } else {
-                // A throwaway local cluster per run (started by phi-bench; needs the
-                // Debian package `postgresql`, installed when missing).
-                "postgres:temp".to_owned()
-            };
-            let mut a = vec!["ingest", "--db", &db, "--records", records, "--mode", mode];
-            if quick {
-                a.extend(["--repeat", "1"]);
-            }
-            // PostgreSQL may be impossible here (no package source): the report says so and
-            // the other measurements stand.
-            let r = phi_bench(p, &a).map_err(|e| format!("{e:#}"));
-            if backend == "sqlite"
-                && let Err(e) = &r
-            {
-                bail!("{e}");
-            }
-            out.push(("ingest", format!("{label}, {mode}"), r));
+    // Four hosts streaming at once, and (SQLite, wire) one host alone: how fast a single
+    // agent's backlog drains.
+    let runs: [(&str, &str, &str, Option<&str>); 5] = [
+        ("sqlite", "SQLite", "store", None),
+        ("sqlite", "SQLite", "wire", None),
+        ("sqlite", "SQLite", "wire", Some("1")),
+        ("postgres", "PostgreSQL", "store", None),
+        ("postgres", "PostgreSQL", "wire", None),
+    ];
+    for (backend, label, mode, hosts) in runs {
+        let one = if hosts.is_some() { ", one stream" } else { "" };
+        step(format!("collector ingest into {label} ({mode}{one})"));
+        let db = if backend == "sqlite" {
+            let name = format!("ingest-{mode}{}.db", hosts.map_or("", |_| "-1"));
+            format!("sqlite:{}", db_dir.join(name).display())
+        } else {
+            // A throwaway local cluster per run (started by phi-bench; needs the Debian
+            // package `postgresql`, installed when missing).
+            "postgres:temp".to_owned()
+        };
+        let mut a = vec!["ingest", "--db", &db, "--records", records, "--mode", mode];
+        if let Some(h) = hosts {
+            a.extend(["--hosts", h]);
         }
+        if quick {
+            a.extend(["--repeat", "1"]);
+        }
+        // PostgreSQL may be impossible here (no package source): the report says so and the
+        // other measurements stand.
+        let r = phi_bench(p, &a).map_err(|e| format!("{e:#}"));
+        if backend == "sqlite"
+            && let Err(e) = &r
+        {
+            bail!("{e}");
+        }
+        out.push(("ingest", format!("{label}, {mode}"), r));
     }
     // The query datasets are kept between runs (they take a while to load).
     let keep = root.join("target/bench-data");

@@ -54,18 +54,6 @@ pub struct Pending {
 pub const AFTER_REFUSAL: &str = "not stored: an earlier batch of this stream was refused";
 
 impl GroupCommit {
-    /// Verifies and durably appends `batch` for `host_id`, together with whatever else is
-    /// waiting when the write lock comes free.
-    pub async fn append(
-        &self,
-        pool: &Arc<Pool>,
-        host_id: String,
-        batch: Prepared,
-    ) -> Result<Appended, StoreError> {
-        let pending = self.submit(&Arc::new(Lane::default()), host_id, batch);
-        self.wait(pool, pending).await
-    }
-
     /// Queues `batch` behind the batches `lane` submitted before it. Returns at once.
     pub fn submit(&self, lane: &Arc<Lane>, host_id: String, batch: Prepared) -> Pending {
         let (reply, outcome) = oneshot::channel();
@@ -175,6 +163,16 @@ mod tests {
     use super::*;
     use crate::verify::prepare;
 
+    /// The head `pool`'s store holds for `host`.
+    async fn stored_head(pool: &Arc<Pool>, host: &str) -> Head {
+        let host = host.to_owned();
+        pool.run(move |s| s.host(&host))
+            .await
+            .expect("host")
+            .expect("pinned")
+            .head
+    }
+
     fn batches(host: &str, n: usize, per: usize) -> Vec<Vec<SealedRecord>> {
         let mut sealer = Sealer::new(Head::EMPTY);
         (0..n)
@@ -208,6 +206,7 @@ mod tests {
         for h in hosts {
             let (group, pool) = (Arc::clone(&group), Arc::clone(&pool));
             streams.push(tokio::spawn(async move {
+                let lane = Arc::new(Lane::default());
                 let mut heads = Vec::new();
                 let mut all = batches(h, 20, 50);
                 if h == "h5" {
@@ -219,18 +218,10 @@ mod tests {
                         records,
                         checkpoints: vec![],
                     });
-                    let a = group
-                        .append(&pool, h.to_owned(), batch)
-                        .await
-                        .expect("stored");
+                    let pending = group.submit(&lane, h.to_owned(), batch);
+                    let a = group.wait(&pool, pending).await.expect("stored");
                     // Answered only once stored: the store already holds this head.
-                    let name = h.to_owned();
-                    let stored = pool
-                        .run(move |s| s.host(&name))
-                        .await
-                        .expect("host")
-                        .expect("pinned");
-                    assert_eq!(stored.head, a.head);
+                    assert_eq!(stored_head(&pool, h).await, a.head);
                     heads.push((a.head.seq, a.problem.map(|p| p.kind)));
                 }
                 heads
@@ -298,13 +289,7 @@ mod tests {
         let alerts = pool.run(|s| s.alerts(Some("h"))).await.expect("alerts");
         assert_eq!(alerts.len(), 1, "{alerts:?}");
         assert_eq!(alerts[0].alert.seq, Some(35));
-        let head = pool
-            .run(|s| s.host("h"))
-            .await
-            .expect("host")
-            .expect("pinned")
-            .head;
-        assert_eq!(head.seq, 34);
+        assert_eq!(stored_head(&pool, "h").await.seq, 34);
         // Another lane (the agent's next connection) continues from the stored head.
         let lane = Arc::new(Lane::default());
         let rest = batches("h", 6, 10);
@@ -319,12 +304,6 @@ mod tests {
             let a = group.wait(&pool, p).await.expect("stored");
             assert!(a.problem.is_none(), "{:?}", a.problem);
         }
-        let head = pool
-            .run(|s| s.host("h"))
-            .await
-            .expect("host")
-            .expect("pinned")
-            .head;
-        assert_eq!(head.seq, 60);
+        assert_eq!(stored_head(&pool, "h").await.seq, 60);
     }
 }

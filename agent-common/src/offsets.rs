@@ -20,7 +20,16 @@ pub mod features {
     pub const SK_TYPE: u32 = 1 << 4;
     /// `sock_common.skc_v6_daddr` exists (`CONFIG_IPV6`).
     pub const IPV6: u32 = 1 << 5;
+    /// The kernel has the `bpf_rdonly_cast` kfunc (6.2 and later): the programs follow
+    /// kernel pointers with plain loads checked against BTF instead of
+    /// `bpf_probe_read_kernel` calls.
+    pub const DIRECT_LOADS: u32 = 1 << 6;
 }
+
+/// The helper number the programs call where they mean the `bpf_rdonly_cast` kfunc. No
+/// helper has this number: the agent rewrites every such call before loading, into the
+/// kfunc call (with the kfunc's BTF id) or, on kernels without it, into `r0 = r1`.
+pub const RDONLY_CAST_PLACEHOLDER: i32 = 0x7ead_ca57;
 
 /// Byte offsets of every kernel field the programs read.
 #[repr(C)]
@@ -142,6 +151,25 @@ pub struct KernelOffsets {
     pub sk_v6_rcv_saddr: u32,
     pub sk_type: u32,
     pub sk_protocol: u32,
+
+    // BTF type ids of the structs the programs read with direct loads
+    // ([`features::DIRECT_LOADS`]).
+    pub btf_task_struct: u32,
+    pub btf_file: u32,
+    pub btf_dentry: u32,
+    pub btf_inode: u32,
+    pub btf_super_block: u32,
+    pub btf_mount: u32,
+    pub btf_fs_struct: u32,
+    pub btf_cred: u32,
+    pub btf_linux_binprm: u32,
+    pub btf_mm_struct: u32,
+    pub btf_signal_struct: u32,
+    pub btf_socket: u32,
+    pub btf_sock: u32,
+    /// `struct list_head`, whose first member is a pointer: the type through which one
+    /// pointer-sized slot of an array (the file table) is loaded.
+    pub btf_slot: u32,
 }
 
 impl KernelOffsets {
@@ -219,6 +247,20 @@ impl KernelOffsets {
         sk_v6_rcv_saddr: 0,
         sk_type: 0,
         sk_protocol: 0,
+        btf_task_struct: 0,
+        btf_file: 0,
+        btf_dentry: 0,
+        btf_inode: 0,
+        btf_super_block: 0,
+        btf_mount: 0,
+        btf_fs_struct: 0,
+        btf_cred: 0,
+        btf_linux_binprm: 0,
+        btf_mm_struct: 0,
+        btf_signal_struct: 0,
+        btf_socket: 0,
+        btf_sock: 0,
+        btf_slot: 0,
     };
 }
 

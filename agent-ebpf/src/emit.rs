@@ -16,7 +16,7 @@ use aya_ebpf::{
 
 use crate::{
     error::{Error, Result},
-    kernel::{has, off, read, setting},
+    kernel::{Kind, has, load_ptr, load_u32, off, setting},
     maps::{DROPS, EVENTS, SCRATCH},
 };
 
@@ -44,16 +44,16 @@ pub fn fill_header(buf: *mut u8, kind: EventKind, task: u64) -> Result<()> {
     let hdr = buf.cast::<EventHeader>();
     let pid_tgid = bpf_get_current_pid_tgid();
     let uid_gid = bpf_get_current_uid_gid();
-    let cred: u64 = read(task, off!(task_cred))?;
-    let euid: u32 = read(cred, off!(cred_euid))?;
-    let egid: u32 = read(cred, off!(cred_egid))?;
-    let loginuid: u32 = if has(features::LOGINUID) {
-        read(task, off!(task_loginuid))?
+    let cred = load_ptr(task, Kind::Task, off!(task_cred))?;
+    let euid = load_u32(cred, Kind::Cred, off!(cred_euid))?;
+    let egid = load_u32(cred, Kind::Cred, off!(cred_egid))?;
+    let loginuid = if has(features::LOGINUID) {
+        load_u32(task, Kind::Task, off!(task_loginuid))?
     } else {
         u32::MAX
     };
-    let sessionid: u32 = if has(features::SESSIONID) {
-        read(task, off!(task_sessionid))?
+    let sessionid = if has(features::SESSIONID) {
+        load_u32(task, Kind::Task, off!(task_sessionid))?
     } else {
         u32::MAX
     };

@@ -1,6 +1,6 @@
 //! Reading kernel structures at offsets taken from the running kernel's BTF.
 
-use agent_common::offsets::{KernelOffsets, ProbeSettings};
+use agent_common::offsets::{KernelOffsets, ProbeSettings, RDONLY_CAST_PLACEHOLDER, features};
 use aya_ebpf::helpers::{
     bpf_probe_read_kernel, bpf_probe_read_user,
     generated::{bpf_get_current_task, bpf_get_current_task_btf},
@@ -52,7 +52,7 @@ const PF_KTHREAD: u32 = 0x0020_0000;
 /// True for kernel threads, whose fork and exit are not process-table events.
 #[inline(always)]
 pub fn is_kernel_thread(task: u64) -> Result<bool> {
-    Ok(read::<u32>(task, off!(task_flags))? & PF_KTHREAD != 0)
+    Ok(load_u32(task, Kind::Task, off!(task_flags))? & PF_KTHREAD != 0)
 }
 
 /// Reads a `T` from kernel memory at `base + off`.
@@ -68,6 +68,142 @@ pub fn read<T>(base: u64, off: u64) -> Result<T> {
 pub fn read_user<T>(addr: u64) -> Result<T> {
     // SAFETY: as for `read`, for user memory.
     unsafe { bpf_probe_read_user(addr as *const T) }.map_err(|_| Error::Read)
+}
+
+/// The kernel structs read with [`load_u64`] and friends, each checked against its BTF type.
+#[derive(Clone, Copy)]
+pub enum Kind {
+    Task,
+    File,
+    Dentry,
+    Inode,
+    SuperBlock,
+    Mount,
+    FsStruct,
+    Cred,
+    Binprm,
+    Mm,
+    Signal,
+    Socket,
+    Sock,
+    /// One pointer-sized array slot, read at offset 0 (as the first pointer of a
+    /// `struct list_head`): the verifier accepts only constant offsets into a typed object,
+    /// so an array element is cast on its own.
+    Slot,
+}
+
+impl Kind {
+    /// The struct's BTF type id (set at load; a constant to the verifier).
+    #[inline(always)]
+    fn type_id(self) -> u64 {
+        match self {
+            Kind::Task => off!(btf_task_struct),
+            Kind::File => off!(btf_file),
+            Kind::Dentry => off!(btf_dentry),
+            Kind::Inode => off!(btf_inode),
+            Kind::SuperBlock => off!(btf_super_block),
+            Kind::Mount => off!(btf_mount),
+            Kind::FsStruct => off!(btf_fs_struct),
+            Kind::Cred => off!(btf_cred),
+            Kind::Binprm => off!(btf_linux_binprm),
+            Kind::Mm => off!(btf_mm_struct),
+            Kind::Signal => off!(btf_signal_struct),
+            Kind::Socket => off!(btf_socket),
+            Kind::Sock => off!(btf_sock),
+            Kind::Slot => off!(btf_slot),
+        }
+    }
+}
+
+/// `bpf_rdonly_cast(addr, type_id)`: the address as a read-only pointer to the struct with
+/// that BTF id, which plain loads can follow (the verifier checks each load against the
+/// struct's layout and makes it fault-safe). Written as a call of
+/// [`RDONLY_CAST_PLACEHOLDER`], which the agent rewrites before loading (aya cannot relocate
+/// kfunc calls); the kernel then turns the kfunc call into a register move.
+#[inline(always)]
+fn rdonly_cast(addr: u64, type_id: u64) -> u64 {
+    let out: u64;
+    // SAFETY: the call becomes a register move; r1-r5 are declared clobbered, as for any call.
+    unsafe {
+        core::arch::asm!(
+            "call {n}",
+            n = const RDONLY_CAST_PLACEHOLDER,
+            inlateout("r1") addr => _,
+            inlateout("r2") type_id => _,
+            lateout("r0") out,
+            lateout("r3") _,
+            lateout("r4") _,
+            lateout("r5") _,
+            options(pure, nomem, nostack),
+        );
+    }
+    out
+}
+
+/// A value loaded through a cast pointer, as a plain number: a pointer member loads as a
+/// typed pointer, which may not be hashed, stored as a number or passed to a global
+/// subprogram. Negating twice leaves the value and makes the verifier forget the type.
+#[inline(always)]
+fn number(v: u64) -> u64 {
+    let mut v = v;
+    // SAFETY: two register instructions, no memory.
+    unsafe {
+        core::arch::asm!(
+            "{v} = -{v}",
+            "{v} = -{v}",
+            v = inout(reg) v,
+            options(pure, nomem, nostack),
+        );
+    }
+    v
+}
+
+/// Reads the `u64` at byte `at` of the `kind` struct at `base`: a direct load where the
+/// kernel allows ([`features::DIRECT_LOADS`]), else `bpf_probe_read_kernel`.
+#[inline(always)]
+pub fn load_u64(base: u64, kind: Kind, at: u64) -> Result<u64> {
+    if has(features::DIRECT_LOADS) {
+        let p = rdonly_cast(base, kind.type_id());
+        // SAFETY: `p` is a BTF pointer; the verifier checks the offset and makes the load
+        // fault-safe (a fault reads 0).
+        Ok(number(unsafe { *((p + at) as *const u64) }))
+    } else {
+        read(base, at)
+    }
+}
+
+/// [`load_u64`] for a `u32` member.
+#[inline(always)]
+pub fn load_u32(base: u64, kind: Kind, at: u64) -> Result<u32> {
+    if has(features::DIRECT_LOADS) {
+        let p = rdonly_cast(base, kind.type_id());
+        // SAFETY: as in `load_u64`.
+        Ok(unsafe { *((p + at) as *const u32) })
+    } else {
+        read(base, at)
+    }
+}
+
+/// [`load_u64`] for a `u16` member.
+#[inline(always)]
+pub fn load_u16(base: u64, kind: Kind, at: u64) -> Result<u16> {
+    if has(features::DIRECT_LOADS) {
+        let p = rdonly_cast(base, kind.type_id());
+        // SAFETY: as in `load_u64`.
+        Ok(unsafe { *((p + at) as *const u16) })
+    } else {
+        read(base, at)
+    }
+}
+
+/// [`load_u64`] for a pointer member that is never NULL in a live object: NULL (also what
+/// a faulting direct load reads) is a read failure.
+#[inline(always)]
+pub fn load_ptr(base: u64, kind: Kind, at: u64) -> Result<u64> {
+    match load_u64(base, kind, at)? {
+        0 => Err(Error::Read),
+        v => Ok(v),
+    }
 }
 
 /// The current task (`struct task_struct *`) as an address.
@@ -117,7 +253,7 @@ pub fn fd_file(fd: i64) -> Result<u64> {
         return Err(Error::Read);
     }
     let fds = btf_load!(u64, fdt, fdt_fd);
-    let file: u64 = read(fds, (fd as u64) * 8)?;
+    let file = load_u64(fds + (fd as u64) * 8, Kind::Slot, 0)?;
     if file == 0 {
         return Err(Error::Read);
     }
@@ -135,6 +271,12 @@ impl PathRef {
     /// `file->f_path` in one read (`struct path` is `{ mnt, dentry }`, checked at load).
     #[inline(always)]
     pub fn of_file(file: u64) -> Result<Self> {
+        if has(features::DIRECT_LOADS) {
+            return Ok(PathRef {
+                dentry: load_ptr(file, Kind::File, off!(file_dentry))?,
+                vfsmnt: load_ptr(file, Kind::File, off!(file_vfsmnt))?,
+            });
+        }
         let [vfsmnt, dentry] = read::<[u64; 2]>(file, off!(file_vfsmnt))?;
         Ok(PathRef { dentry, vfsmnt })
     }
@@ -142,20 +284,20 @@ impl PathRef {
     /// The task's root directory (`fs->root`), where absolute paths stop.
     #[inline(always)]
     pub fn root_of(task: u64) -> Result<Self> {
-        let fs: u64 = read(task, off!(task_fs))?;
+        let fs = load_ptr(task, Kind::Task, off!(task_fs))?;
         Ok(PathRef {
-            dentry: read(fs, off!(fs_root_dentry))?,
-            vfsmnt: read(fs, off!(fs_root_vfsmnt))?,
+            dentry: load_ptr(fs, Kind::FsStruct, off!(fs_root_dentry))?,
+            vfsmnt: load_ptr(fs, Kind::FsStruct, off!(fs_root_vfsmnt))?,
         })
     }
 
     /// The task's working directory (`fs->pwd`).
     #[inline(always)]
     pub fn cwd_of(task: u64) -> Result<Self> {
-        let fs: u64 = read(task, off!(task_fs))?;
+        let fs = load_ptr(task, Kind::Task, off!(task_fs))?;
         Ok(PathRef {
-            dentry: read(fs, off!(fs_pwd_dentry))?,
-            vfsmnt: read(fs, off!(fs_pwd_vfsmnt))?,
+            dentry: load_ptr(fs, Kind::FsStruct, off!(fs_pwd_dentry))?,
+            vfsmnt: load_ptr(fs, Kind::FsStruct, off!(fs_pwd_vfsmnt))?,
         })
     }
 }
@@ -164,6 +306,12 @@ impl PathRef {
 /// puts them within 32 bytes (`inode_sb_ino_words`, set at load), else in two.
 #[inline(always)]
 pub fn inode_sb_ino(inode: u64) -> Result<(u64, u64)> {
+    if has(features::DIRECT_LOADS) {
+        return Ok((
+            load_ptr(inode, Kind::Inode, off!(inode_sb))?,
+            load_u64(inode, Kind::Inode, off!(inode_ino))?,
+        ));
+    }
     let w = read::<[u64; 4]>(inode, off!(inode_sb))?;
     // SAFETY: reading a field of a static.
     let gap = unsafe { core::ptr::read_volatile(&OFFSETS.inode_sb_ino_words) };
@@ -179,6 +327,12 @@ pub fn inode_sb_ino(inode: u64) -> Result<(u64, u64)> {
 /// `d_flags` and `d_parent` of a dentry, in one read where the layout allows.
 #[inline(always)]
 pub fn dentry_flags_parent(dentry: u64) -> Result<(u32, u64)> {
+    if has(features::DIRECT_LOADS) {
+        return Ok((
+            load_u32(dentry, Kind::Dentry, off!(dentry_flags))?,
+            load_ptr(dentry, Kind::Dentry, off!(dentry_parent))?,
+        ));
+    }
     // SAFETY: reading a field of a static.
     let gap = unsafe { core::ptr::read_volatile(&OFFSETS.dentry_flags_parent_words) };
     if gap == 0 {
@@ -199,14 +353,14 @@ pub fn dentry_flags_parent(dentry: u64) -> Result<(u32, u64)> {
 /// Inode number and kernel device number of a dentry.
 #[inline(always)]
 pub fn dentry_ino_dev(dentry: u64) -> Result<(u64, u32)> {
-    let inode: u64 = read(dentry, off!(dentry_inode))?;
+    let inode = load_u64(dentry, Kind::Dentry, off!(dentry_inode))?;
     let ino = if inode == 0 {
         0
     } else {
-        read(inode, off!(inode_ino))?
+        load_u64(inode, Kind::Inode, off!(inode_ino))?
     };
-    let sb: u64 = read(dentry, off!(dentry_sb))?;
-    let dev: u32 = read(sb, off!(sb_dev))?;
+    let sb = load_ptr(dentry, Kind::Dentry, off!(dentry_sb))?;
+    let dev = load_u32(sb, Kind::SuperBlock, off!(sb_dev))?;
     Ok((ino, dev))
 }
 

@@ -14,7 +14,7 @@ use aya_ebpf::{
 
 use crate::{
     emit::scratch,
-    kernel::{PathRef, off, read},
+    kernel::{Kind, PathRef, load_ptr, load_u32, off},
     maps::{CURSOR_OFFSET, PREFIX_KEY, WATCH_PREFIXES},
 };
 
@@ -83,7 +83,8 @@ pub extern "C" fn phi_write_path(slot: u32, tail: u32, dentry: u64, vfsmnt: u64)
     let mut dentry = path.dentry;
     let mut vfsmnt = path.vfsmnt;
     let mut mnt = vfsmnt - off!(mount_vfsmnt);
-    let Ok(mut mnt_root) = read::<u64>(vfsmnt, off!(vfsmnt_root)) else {
+    let Ok(mut mnt_root) = load_ptr(mnt, Kind::Mount, off!(mount_vfsmnt) + off!(vfsmnt_root))
+    else {
         return u32::from(path_flags::READ_FAILED) << 16;
     };
     let mut finished = false;
@@ -93,7 +94,7 @@ pub extern "C" fn phi_write_path(slot: u32, tail: u32, dentry: u64, vfsmnt: u64)
             break;
         }
         if dentry == mnt_root {
-            let Ok(parent_mnt) = read::<u64>(mnt, off!(mount_parent)) else {
+            let Ok(parent_mnt) = load_ptr(mnt, Kind::Mount, off!(mount_parent)) else {
                 add_flag(path_flags::READ_FAILED);
                 break;
             };
@@ -102,8 +103,12 @@ pub extern "C" fn phi_write_path(slot: u32, tail: u32, dentry: u64, vfsmnt: u64)
                 break;
             }
             let (Ok(mountpoint), Ok(root_of_parent)) = (
-                read::<u64>(mnt, off!(mount_mountpoint)),
-                read::<u64>(parent_mnt + off!(mount_vfsmnt), off!(vfsmnt_root)),
+                load_ptr(mnt, Kind::Mount, off!(mount_mountpoint)),
+                load_ptr(
+                    parent_mnt,
+                    Kind::Mount,
+                    off!(mount_vfsmnt) + off!(vfsmnt_root),
+                ),
             ) else {
                 add_flag(path_flags::READ_FAILED);
                 break;
@@ -115,9 +120,9 @@ pub extern "C" fn phi_write_path(slot: u32, tail: u32, dentry: u64, vfsmnt: u64)
             continue;
         }
         let (Ok(parent), Ok(name_len), Ok(name)) = (
-            read::<u64>(dentry, off!(dentry_parent)),
-            read::<u32>(dentry, off!(dentry_name_len)),
-            read::<u64>(dentry, off!(dentry_name_ptr)),
+            load_ptr(dentry, Kind::Dentry, off!(dentry_parent)),
+            load_u32(dentry, Kind::Dentry, off!(dentry_name_len)),
+            load_ptr(dentry, Kind::Dentry, off!(dentry_name_ptr)),
         ) else {
             add_flag(path_flags::READ_FAILED);
             break;

@@ -15,7 +15,7 @@ use agent_common::{
 
 use crate::{
     error::{Error, Result},
-    kernel::{PathRef, dentry_flags_parent, inode_sb_ino, off, read},
+    kernel::{Kind, PathRef, dentry_flags_parent, inode_sb_ino, load_ptr, load_u32, load_u64, off},
     maps::{GENERATION, VERDICTS, WATCH_DENTRIES, WATCH_DEVS},
 };
 
@@ -115,7 +115,7 @@ pub extern "C" fn phi_decide_dir(dentry: u64, vfsmnt: u64) -> i64 {
 fn decide_dir_inner(dir: PathRef) -> Result<Verdict> {
     let kernel_generation = generation(generation::KERNEL);
     let agent_generation = generation(generation::AGENT);
-    let inode: u64 = read(dir.dentry, off!(dentry_inode))?;
+    let inode = load_u64(dir.dentry, Kind::Dentry, off!(dentry_inode))?;
     if inode == 0 {
         return walk(dir);
     }
@@ -168,8 +168,8 @@ fn cache_slot(dir: PathRef) -> u32 {
 
 #[inline(always)]
 fn sb_watched(dentry: u64) -> Result<bool> {
-    let sb: u64 = read(dentry, off!(dentry_sb))?;
-    let dev: u32 = read(sb, off!(sb_dev))?;
+    let sb = load_ptr(dentry, Kind::Dentry, off!(dentry_sb))?;
+    let dev = load_u32(sb, Kind::SuperBlock, off!(sb_dev))?;
     Ok(WATCH_DEVS.get_ptr(dev).is_some())
 }
 
@@ -186,7 +186,7 @@ fn walk(dir: PathRef) -> Result<Verdict> {
             if let Some(id) = watched_dentry(dentry) {
                 return Ok(Verdict::Watched(id));
             }
-            let parent: u64 = read(dentry, off!(dentry_parent))?;
+            let parent = load_ptr(dentry, Kind::Dentry, off!(dentry_parent))?;
             if parent != dentry {
                 dentry = parent;
                 continue;
@@ -194,11 +194,11 @@ fn walk(dir: PathRef) -> Result<Verdict> {
         }
         // At the root of this filesystem, or nothing on it is watched: go on from the mount
         // point in the parent mount.
-        let parent_mnt: u64 = read(mnt, off!(mount_parent))?;
+        let parent_mnt = load_ptr(mnt, Kind::Mount, off!(mount_parent))?;
         if parent_mnt == mnt {
             return Ok(Verdict::Unwatched);
         }
-        dentry = read(mnt, off!(mount_mountpoint))?;
+        dentry = load_ptr(mnt, Kind::Mount, off!(mount_mountpoint))?;
         mnt = parent_mnt;
         watched_sb = sb_watched(dentry)?;
     }

@@ -14,7 +14,9 @@ use aya_ebpf::helpers::generated::bpf_probe_read_user;
 use crate::{
     emit::{fill_header, scratch, submit},
     error::{Error, Result},
-    kernel::{fd_file, has, off, read, read_user, setting},
+    kernel::{
+        Kind, cap, fd_file, has, load_ptr, load_u16, load_u32, load_u64, off, read_user, setting,
+    },
     maps::slot,
 };
 
@@ -88,12 +90,7 @@ pub fn handle(
             }
         }
         _ => {
-            let len = (addrlen as usize).saturating_sub(2);
-            let len = if len > UNIX_PATH_MAX {
-                UNIX_PATH_MAX
-            } else {
-                len
-            };
+            let len = cap((addrlen as usize).saturating_sub(2), UNIX_PATH_MAX);
             // SAFETY: at most `UNIX_PATH_MAX` bytes into `unix_path`.
             let r = unsafe {
                 bpf_probe_read_user(
@@ -130,26 +127,24 @@ pub fn handle(
 #[inline(always)]
 fn from_socket(fd: i32, body: &mut ConnectEvent) -> Result<()> {
     let file = fd_file(i64::from(fd))?;
-    let sock: u64 = read(file, off!(file_private_data))?;
-    let sk: u64 = read(sock, off!(socket_sk))?;
-    if sk == 0 {
-        return Err(Error::Read);
-    }
-    let family: u16 = read(sk, off!(sk_family))?;
-    let dport: u16 = read(sk, off!(sk_dport))?;
-    let lport: u16 = read(sk, off!(sk_num))?;
+    let sock = load_ptr(file, Kind::File, off!(file_private_data))?;
+    let sk = load_ptr(sock, Kind::Socket, off!(socket_sk))?;
+    let family = load_u16(sk, Kind::Sock, off!(sk_family))?;
+    let dport = load_u16(sk, Kind::Sock, off!(sk_dport))?;
+    let lport = load_u16(sk, Kind::Sock, off!(sk_num))?;
     match family {
         AF_INET => {
-            let daddr: [u8; 4] = read(sk, off!(sk_daddr))?;
-            let laddr: [u8; 4] = read(sk, off!(sk_rcv_saddr))?;
+            // Network byte order as stored: the bytes in memory order.
+            let daddr = load_u32(sk, Kind::Sock, off!(sk_daddr))?.to_ne_bytes();
+            let laddr = load_u32(sk, Kind::Sock, off!(sk_rcv_saddr))?.to_ne_bytes();
             body.daddr = [0; 16];
             body.laddr = [0; 16];
             body.daddr[..4].copy_from_slice(&daddr);
             body.laddr[..4].copy_from_slice(&laddr);
         }
         AF_INET6 if has(features::IPV6) => {
-            body.daddr = read(sk, off!(sk_v6_daddr))?;
-            body.laddr = read(sk, off!(sk_v6_rcv_saddr))?;
+            body.daddr = load_in6(sk, off!(sk_v6_daddr))?;
+            body.laddr = load_in6(sk, off!(sk_v6_rcv_saddr))?;
         }
         _ => return Err(Error::Read),
     }
@@ -157,10 +152,21 @@ fn from_socket(fd: i32, body: &mut ConnectEvent) -> Result<()> {
     body.dport = u16::from_be(dport);
     body.lport = lport;
     if has(features::SK_TYPE) {
-        body.sock_type = read(sk, off!(sk_type))?;
-        body.protocol = read(sk, off!(sk_protocol))?;
+        body.sock_type = load_u16(sk, Kind::Sock, off!(sk_type))?;
+        body.protocol = load_u16(sk, Kind::Sock, off!(sk_protocol))?;
     }
     Ok(())
+}
+
+/// An IPv6 address (`struct in6_addr`) of the socket, in memory order.
+#[inline(always)]
+fn load_in6(sk: u64, at: u64) -> Result<[u8; 16]> {
+    let hi = load_u64(sk, Kind::Sock, at)?.to_ne_bytes();
+    let lo = load_u64(sk, Kind::Sock, at + 8)?.to_ne_bytes();
+    let mut a = [0u8; 16];
+    a[..8].copy_from_slice(&hi);
+    a[8..].copy_from_slice(&lo);
+    Ok(a)
 }
 
 /// Clears the body (the scratch slot holds the previous event), with volatile stores so the

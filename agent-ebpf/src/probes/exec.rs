@@ -16,7 +16,7 @@ use aya_ebpf::{
 use crate::{
     emit::{account, count_drop, fill_header, scratch, submit},
     error::Result,
-    kernel::{PathRef, cap, current_task, has, off, read},
+    kernel::{Kind, PathRef, cap, current_task, has, load_ptr, load_u32, load_u64, off},
     maps::slot,
     path::write_path,
 };
@@ -42,11 +42,11 @@ fn try_exec(old_pid: u32, bprm: u64) -> Result<()> {
     fill_header(buf, EventKind::Exec, task)?;
     // SAFETY: the body follows the header in the scratch slot.
     let body = unsafe { &mut *buf.add(tail_offset::<()>()).cast::<ExecEvent>() };
-    let parent: u64 = read(task, off!(task_real_parent))?;
-    body.ppid = read(parent, off!(task_tgid))?;
+    let parent = load_ptr(task, Kind::Task, off!(task_real_parent))?;
+    body.ppid = load_u32(parent, Kind::Task, off!(task_tgid))?;
     body.old_pid = old_pid;
     body.start_ns = if has(features::START_BOOTTIME) {
-        read(task, off!(task_start_boottime))?
+        load_u64(task, Kind::Task, off!(task_start_boottime))?
     } else {
         0
     };
@@ -56,7 +56,7 @@ fn try_exec(old_pid: u32, bprm: u64) -> Result<()> {
     body.env_total = 0;
 
     // The executed file (after binfmt handling: the interpreter for scripts).
-    let file: u64 = read(bprm, off!(bprm_file))?;
+    let file = load_ptr(bprm, Kind::Binprm, off!(bprm_file))?;
     let root = PathRef::root_of(task)?;
     // SAFETY: the tail region of the scratch slot is larger than `PATH_REGION`.
     let packed = write_path(slot::EXEC, TAIL, PathRef::of_file(file)?, root);
@@ -74,7 +74,7 @@ fn try_exec(old_pid: u32, bprm: u64) -> Result<()> {
     body.exe_flags = exe_flags;
 
     // The name as given to execve (may be relative, or the script for an interpreter).
-    let filename: u64 = read(bprm, off!(bprm_filename))?;
+    let filename = load_ptr(bprm, Kind::Binprm, off!(bprm_filename))?;
     // SAFETY: at most `EXEC_FILENAME_MAX` bytes after the path, inside the slot.
     let n = unsafe {
         bpf_probe_read_kernel_str(
@@ -95,9 +95,9 @@ fn try_exec(old_pid: u32, bprm: u64) -> Result<()> {
     body.filename_len = filename_len as u16;
 
     // The argument area of the new image.
-    let mm: u64 = read(task, off!(task_mm))?;
-    let arg_start: u64 = read(mm, off!(mm_arg_start))?;
-    let arg_end: u64 = read(mm, off!(mm_arg_end))?;
+    let mm = load_ptr(task, Kind::Task, off!(task_mm))?;
+    let arg_start = load_u64(mm, Kind::Mm, off!(mm_arg_start))?;
+    let arg_end = load_u64(mm, Kind::Mm, off!(mm_arg_end))?;
     let total = arg_end.saturating_sub(arg_start);
     body.argv_total = total as u32;
     let argv_len = cap(total as usize, ARGV_MAX);
@@ -122,8 +122,8 @@ fn try_exec(old_pid: u32, bprm: u64) -> Result<()> {
     body.argv_len = argv_len as u16;
 
     // The environment of the new image (redacted in user space like argv).
-    let env_start: u64 = read(mm, off!(mm_env_start))?;
-    let env_end: u64 = read(mm, off!(mm_env_end))?;
+    let env_start = load_u64(mm, Kind::Mm, off!(mm_env_start))?;
+    let env_end = load_u64(mm, Kind::Mm, off!(mm_env_end))?;
     let env_total = env_end.saturating_sub(env_start);
     body.env_total = env_total as u32;
     let env_len = cap(env_total as usize, ENV_MAX);

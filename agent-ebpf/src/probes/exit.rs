@@ -10,7 +10,7 @@ use super::fork::EMPTY_HEADER;
 use crate::{
     emit::{account, fill_header, submit_record},
     error::Result,
-    kernel::{has, is_kernel_thread, off, read},
+    kernel::{Kind, has, is_kernel_thread, load_ptr, load_u32, load_u64, off},
 };
 
 #[repr(C)]
@@ -33,19 +33,19 @@ fn try_exit(task: u64) -> Result<()> {
     if is_kernel_thread(task)? {
         return Ok(());
     }
-    let signal: u64 = read(task, off!(task_signal))?;
-    let live: i32 = read(signal, off!(signal_live))?;
+    let signal = load_ptr(task, Kind::Task, off!(task_signal))?;
+    let live = load_u32(signal, Kind::Signal, off!(signal_live))?;
     if live != 0 {
         return Ok(());
     }
-    let leader: u64 = read(task, off!(task_group_leader))?;
+    let leader = load_ptr(task, Kind::Task, off!(task_group_leader))?;
     let mut record = ExitRecord {
         header: EMPTY_HEADER,
         body: ExitEvent {
-            exit_code: read(task, off!(task_exit_code))?,
+            exit_code: load_u32(task, Kind::Task, off!(task_exit_code))?,
             _pad: 0,
             start_ns: if has(features::START_BOOTTIME) {
-                read(leader, off!(task_start_boottime))?
+                load_u64(leader, Kind::Task, off!(task_start_boottime))?
             } else {
                 0
             },

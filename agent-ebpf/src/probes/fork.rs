@@ -10,7 +10,7 @@ use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
 use crate::{
     emit::{account, fill_header, submit_record},
     error::Result,
-    kernel::{current_task, has, is_kernel_thread, off, read},
+    kernel::{Kind, current_task, has, is_kernel_thread, load_ptr, load_u32, load_u64, off},
 };
 
 #[repr(C)]
@@ -28,19 +28,19 @@ pub fn sched_process_fork(ctx: BtfTracePointContext) -> i32 {
 
 #[inline(always)]
 fn try_fork(child: u64) -> Result<()> {
-    let tgid: u32 = read(child, off!(task_tgid))?;
-    let pid: u32 = read(child, off!(task_pid))?;
+    let tgid = load_u32(child, Kind::Task, off!(task_tgid))?;
+    let pid = load_u32(child, Kind::Task, off!(task_pid))?;
     if tgid != pid || is_kernel_thread(child)? {
         return Ok(());
     }
-    let parent: u64 = read(child, off!(task_real_parent))?;
+    let parent = load_ptr(child, Kind::Task, off!(task_real_parent))?;
     let mut record = ForkRecord {
         header: EMPTY_HEADER,
         body: ForkEvent {
             child_tgid: tgid,
-            parent_tgid: read(parent, off!(task_tgid))?,
+            parent_tgid: load_u32(parent, Kind::Task, off!(task_tgid))?,
             child_start_ns: if has(features::START_BOOTTIME) {
-                read(child, off!(task_start_boottime))?
+                load_u64(child, Kind::Task, off!(task_start_boottime))?
             } else {
                 0
             },

@@ -326,6 +326,22 @@ impl Btf {
         })
     }
 
+    /// The type id of the struct `name`.
+    pub fn struct_id(&self, name: &str) -> Result<u32, BtfError> {
+        self.structs_by_name
+            .get(name)
+            .copied()
+            .ok_or_else(|| BtfError::NoStruct(name.to_owned()))
+    }
+
+    /// The type id of the kernel function `name` (a `FUNC` entry), if BTF describes it.
+    pub fn function_id(&self, name: &str) -> Option<u32> {
+        self.types
+            .iter()
+            .position(|t| t.kind == KIND_FUNC && self.name(t.name_off) == name)
+            .map(|id| id as u32)
+    }
+
     /// Value of the enumerator `name`, when the kernel defines it in an enum (not a macro).
     pub fn enum_value(&self, name: &str) -> Option<i64> {
         self.enumerators.get(name).copied()

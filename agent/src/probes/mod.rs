@@ -26,6 +26,96 @@ use self::{
 /// The compiled kernel programs, built by `build.rs` and embedded in the binary.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf"));
 
+/// A copy of the kernel programs' object, 8-byte aligned as the ELF reader needs.
+struct Object(Vec<u64>);
+
+impl Object {
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: a `u64` slice viewed as its bytes, same lifetime.
+        unsafe { std::slice::from_raw_parts(self.0.as_ptr().cast(), self.0.len() * 8) }
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `bytes`, exclusively borrowed.
+        unsafe { std::slice::from_raw_parts_mut(self.0.as_mut_ptr().cast(), self.0.len() * 8) }
+    }
+}
+
+/// Rewrites the programs' calls of [`RDONLY_CAST_PLACEHOLDER`] into calls of the
+/// `bpf_rdonly_cast` kfunc with BTF id `kfunc` (aya cannot relocate kfunc calls itself), or,
+/// without it, into `r0 = r1`: the code that uses them is then dead, and the verifier drops it
+/// (it depends on `features::DIRECT_LOADS`).
+///
+/// [`RDONLY_CAST_PLACEHOLDER`]: agent_common::offsets::RDONLY_CAST_PLACEHOLDER
+fn patch_rdonly_casts(elf: &[u8], kfunc: Option<u32>) -> Result<Object, ProbeError> {
+    const BPF_CALL: u8 = 0x85;
+    const MOV64_REG: u8 = 0xbf;
+    const PSEUDO_KFUNC_CALL: u8 = 2;
+    const SHF_EXECINSTR: u64 = 0x4;
+    let bad = |what: &'static str| ProbeError::Object(what);
+    let mut object = Object(vec![0u64; elf.len().div_ceil(8)]);
+    object.bytes_mut()[..elf.len()].copy_from_slice(elf);
+    let bytes = object.bytes_mut();
+    let u16_at = |b: &[u8], at: usize| -> Result<u16, ProbeError> {
+        Ok(u16::from_le_bytes(
+            b.get(at..at + 2)
+                .ok_or(bad("truncated ELF header"))?
+                .try_into()
+                .map_err(|_| bad("ELF"))?,
+        ))
+    };
+    let u64_at = |b: &[u8], at: usize| -> Result<u64, ProbeError> {
+        Ok(u64::from_le_bytes(
+            b.get(at..at + 8)
+                .ok_or(bad("truncated ELF header"))?
+                .try_into()
+                .map_err(|_| bad("ELF"))?,
+        ))
+    };
+    if bytes.get(..4) != Some(b"\x7fELF") || bytes.get(4) != Some(&2) || bytes.get(5) != Some(&1) {
+        return Err(bad("not a little-endian 64-bit ELF object"));
+    }
+    let shoff = u64_at(bytes, 0x28)? as usize;
+    let shentsize = usize::from(u16_at(bytes, 0x3a)?);
+    let shnum = usize::from(u16_at(bytes, 0x3c)?);
+    let placeholder = agent_common::offsets::RDONLY_CAST_PLACEHOLDER.to_le_bytes();
+    for i in 0..shnum {
+        let sh = shoff + i * shentsize;
+        let flags = u64_at(bytes, sh + 8)?;
+        if flags & SHF_EXECINSTR == 0 {
+            continue;
+        }
+        let offset = u64_at(bytes, sh + 0x18)? as usize;
+        let size = u64_at(bytes, sh + 0x20)? as usize;
+        let code = bytes
+            .get_mut(offset..offset + size)
+            .ok_or(bad("a code section lies outside the file"))?;
+        for insn in code.chunks_exact_mut(8) {
+            // code, dst|src registers, 16-bit offset, 32-bit immediate.
+            if insn[0] != BPF_CALL
+                || insn[1] != 0
+                || insn[2..4] != [0, 0]
+                || insn[4..] != placeholder
+            {
+                continue;
+            }
+            match kfunc {
+                Some(id) => {
+                    insn[1] = PSEUDO_KFUNC_CALL << 4;
+                    insn[4..].copy_from_slice(&id.to_le_bytes());
+                }
+                None => {
+                    // r0 = r1: dst 0, src 1.
+                    insn[0] = MOV64_REG;
+                    insn[1] = 1 << 4;
+                    insn[4..].copy_from_slice(&[0; 4]);
+                }
+            }
+        }
+    }
+    Ok(object)
+}
+
 /// Where the kernel's BTF is read from.
 pub const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
 
@@ -93,6 +183,8 @@ pub enum ProbeError {
          CONFIG_DEBUG_INFO_BTF)"
     )]
     NoTracepoint(&'static str),
+    #[error("the embedded kernel object is malformed: {0} (a broken build of phi-agent)")]
+    Object(&'static str),
     #[error("the kernel object has no map {0} (build mismatch between agent and programs)")]
     MissingMap(&'static str),
     #[error("map {map}: {source}")]
@@ -172,7 +264,16 @@ fn explain_program_error(err: &ProgramError) -> String {
             }
             ProgramError::LoadError { verifier_log, .. } => {
                 let log = verifier_log.to_string();
-                let tail: Vec<&str> = log.lines().rev().take(3).collect();
+                // The verifier's last words, without the statistics it prints after them.
+                let statistics = ["verification time", "stack depth", "processed "];
+                let tail: Vec<&str> = log
+                    .lines()
+                    .rev()
+                    .filter(|l| {
+                        !l.trim().is_empty() && !statistics.iter().any(|s| l.starts_with(s))
+                    })
+                    .take(3)
+                    .collect();
                 format!(
                     "the verifier rejected it (this kernel lacks a BPF feature the program \
                      uses): {}",
@@ -215,6 +316,43 @@ impl Probes {
                 return Err(ProbeError::NoTracepoint(hook.tracepoint));
             }
         }
+        match Self::load_resolved(opts, &kernel_btf, &resolved, capabilities) {
+            Err(e @ ProbeError::Program { .. }) if resolved.rdonly_cast.is_some() => {
+                tracing::warn!(
+                    "the kernel refused the programs' direct loads of kernel structs through \
+                     {} ({e}); loading them with bpf_probe_read_kernel instead, which costs \
+                     more per event",
+                    offsets::RDONLY_CAST
+                );
+                let mut missing = resolved.missing.clone();
+                missing.push(offsets::MissingFeature {
+                    field: format!("kfunc {} (refused by the verifier)", offsets::RDONLY_CAST),
+                    consequence: offsets::SLOW_READS,
+                });
+                let mut fallback = offsets::Resolved {
+                    offsets: resolved.offsets,
+                    missing,
+                    rdonly_cast: None,
+                };
+                fallback.offsets.features &= !agent_common::offsets::features::DIRECT_LOADS;
+                Self::load_resolved(opts, &kernel_btf, &fallback, capabilities)
+            }
+            other => other,
+        }
+    }
+
+    /// Loads and attaches every program with these offsets.
+    fn load_resolved(
+        opts: &ProbeOptions,
+        kernel_btf: &Btf,
+        resolved: &offsets::Resolved,
+        capabilities: Capabilities,
+    ) -> Result<Self, ProbeError> {
+        tracing::debug!(
+            direct_loads = resolved.rdonly_cast.is_some(),
+            "loading the kernel programs"
+        );
+        let object = patch_rdonly_casts(EBPF_OBJECT, resolved.rdonly_cast)?;
         let settings = ProbeSettings {
             self_tgid: std::process::id(),
             connect_enabled: u32::from(opts.connect),
@@ -232,7 +370,7 @@ impl Probes {
             .override_global("OFFSETS", &resolved.offsets, true)
             .override_global("SETTINGS", &settings, true)
             .map_max_entries("EVENTS", opts.ring_buffer_bytes)
-            .load(EBPF_OBJECT)
+            .load(object.bytes())
             .map_err(|source| ProbeError::Load {
                 reason: explain_load_error(&source),
                 source: Box::new(source),
@@ -328,7 +466,7 @@ impl Probes {
             drops,
             stats: stats::ProgramStats::new(program_ids),
             capabilities,
-            missing: resolved.missing,
+            missing: resolved.missing.clone(),
             selection,
         })
     }
@@ -444,9 +582,11 @@ pub fn attach_floor() -> Result<aya::Ebpf, ProbeError> {
             source: io::Error::other(e.to_string()),
         })
     })?;
+    // The empty programs make no kfunc calls; the rewrite keeps the object valid as a whole.
+    let object = patch_rdonly_casts(EBPF_OBJECT, None)?;
     let mut ebpf = EbpfLoader::new()
         .btf(Some(&aya_btf))
-        .load(EBPF_OBJECT)
+        .load(object.bytes())
         .map_err(|source| ProbeError::Load {
             reason: explain_load_error(&source),
             source: Box::new(source),
@@ -527,4 +667,80 @@ pub fn validate_ring_buffer_bytes(bytes: u64) -> Result<u32, String> {
         ));
     }
     Ok(bytes as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The instructions of the object's code sections matching `want` (8 bytes).
+    fn count(elf: &[u8], want: impl Fn(&[u8]) -> bool) -> usize {
+        let u64_at = |at: usize| u64::from_le_bytes(elf[at..at + 8].try_into().expect("8 bytes"));
+        let u16_at =
+            |at: usize| usize::from(u16::from_le_bytes(elf[at..at + 2].try_into().expect("2 bytes")));
+        let (shoff, entsize, n) = (u64_at(0x28) as usize, u16_at(0x3a), u16_at(0x3c));
+        (0..n)
+            .map(|i| shoff + i * entsize)
+            .filter(|sh| u64_at(sh + 8) & 0x4 != 0)
+            .map(|sh| {
+                let (off, size) = (u64_at(sh + 0x18) as usize, u64_at(sh + 0x20) as usize);
+                elf[off..off + size]
+                    .chunks_exact(8)
+                    .filter(|i| want(i))
+                    .count()
+            })
+            .sum()
+    }
+
+    fn placeholder(i: &[u8]) -> bool {
+        i[0] == 0x85
+            && i[1] == 0
+            && i[4..] == agent_common::offsets::RDONLY_CAST_PLACEHOLDER.to_le_bytes()
+    }
+
+    #[test]
+    fn placeholder_calls_become_kfunc_calls_or_register_moves() {
+        let calls = count(EBPF_OBJECT, placeholder);
+        assert!(
+            calls >= 10,
+            "the programs read kernel structs through casts ({calls} calls)"
+        );
+
+        let object = patch_rdonly_casts(EBPF_OBJECT, Some(0x0001_2345)).expect("patched");
+        let bytes = &object.bytes()[..EBPF_OBJECT.len()];
+        assert_eq!(count(bytes, placeholder), 0);
+        let kfunc =
+            |i: &[u8]| i[0] == 0x85 && i[1] == 0x20 && i[4..] == 0x0001_2345u32.to_le_bytes();
+        assert_eq!(count(bytes, kfunc), calls);
+        // Nothing else changed.
+        let changed = EBPF_OBJECT
+            .iter()
+            .zip(bytes)
+            .filter(|(a, b)| a != b)
+            .count();
+        assert!(
+            changed <= calls * 5,
+            "{changed} bytes changed for {calls} calls"
+        );
+
+        let object = patch_rdonly_casts(EBPF_OBJECT, None).expect("patched");
+        let bytes = &object.bytes()[..EBPF_OBJECT.len()];
+        assert_eq!(count(bytes, placeholder), 0);
+        let mov = |i: &[u8]| i == [0xbf, 0x10, 0, 0, 0, 0, 0, 0];
+        assert!(count(bytes, mov) >= calls);
+    }
+
+    #[test]
+    fn a_malformed_object_is_refused() {
+        assert!(matches!(
+            patch_rdonly_casts(b"not an object", None),
+            Err(ProbeError::Object(_))
+        ));
+        let mut truncated = EBPF_OBJECT[..64].to_vec();
+        truncated[0x28..0x30].copy_from_slice(&1_000_000u64.to_le_bytes());
+        assert!(matches!(
+            patch_rdonly_casts(&truncated, None),
+            Err(ProbeError::Object(_))
+        ));
+    }
 }

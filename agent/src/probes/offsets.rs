@@ -15,7 +15,17 @@ pub struct MissingFeature {
 pub struct Resolved {
     pub offsets: KernelOffsets,
     pub missing: Vec<MissingFeature>,
+    /// The BTF id of the `bpf_rdonly_cast` kfunc, when the kernel has it (then
+    /// `features::DIRECT_LOADS` is set).
+    pub rdonly_cast: Option<u32>,
 }
+
+/// The kfunc behind direct loads of kernel structs (Linux 6.2 and later).
+pub const RDONLY_CAST: &str = "bpf_rdonly_cast";
+
+/// What is lost without direct loads.
+pub const SLOW_READS: &str = "kernel structs are read with bpf_probe_read_kernel, which costs \
+    more per event (Linux 6.2 and later read them with direct loads)";
 
 #[derive(Debug, thiserror::Error)]
 #[error(
@@ -146,6 +156,19 @@ pub fn resolve(btf: &Btf) -> Result<Resolved, OffsetsError> {
             source: BtfError::Malformed("struct path is not { mnt, dentry }"),
         });
     }
+    let rdonly_cast = btf.function_id(RDONLY_CAST);
+    if rdonly_cast.is_some() {
+        features |= features::DIRECT_LOADS;
+    } else {
+        missing.push(MissingFeature {
+            field: format!("kfunc {RDONLY_CAST}"),
+            consequence: SLOW_READS,
+        });
+    }
+    let type_id = |name: &str| {
+        btf.struct_id(name)
+            .map_err(|source| OffsetsError { source })
+    };
     let offsets = KernelOffsets {
         features,
         regs_orig_ax: req("pt_regs", &["orig_ax"])?,
@@ -219,8 +242,26 @@ pub fn resolve(btf: &Btf) -> Result<Resolved, OffsetsError> {
         sk_v6_rcv_saddr: sock_common.wrapping_add(sk_v6_rcv_saddr),
         sk_type,
         sk_protocol,
+        btf_task_struct: type_id("task_struct")?,
+        btf_file: type_id("file")?,
+        btf_dentry: type_id("dentry")?,
+        btf_inode: type_id("inode")?,
+        btf_super_block: type_id("super_block")?,
+        btf_mount: type_id("mount")?,
+        btf_fs_struct: type_id("fs_struct")?,
+        btf_cred: type_id("cred")?,
+        btf_linux_binprm: type_id("linux_binprm")?,
+        btf_mm_struct: type_id("mm_struct")?,
+        btf_signal_struct: type_id("signal_struct")?,
+        btf_socket: type_id("socket")?,
+        btf_sock: type_id("sock")?,
+        btf_slot: type_id("list_head")?,
     };
-    Ok(Resolved { offsets, missing })
+    Ok(Resolved {
+        offsets,
+        missing,
+        rdonly_cast,
+    })
 }
 
 #[cfg(test)]
@@ -250,5 +291,9 @@ mod tests {
             "missing on host kernel: {:?}",
             r.missing
         );
+        // This kernel (6.18) has the kfunc: the programs read kernel structs directly.
+        assert!(r.rdonly_cast.is_some());
+        assert_ne!(o.features & features::DIRECT_LOADS, 0);
+        assert!(o.btf_file != 0 && o.btf_dentry != o.btf_file && o.btf_slot != 0);
     }
 }

@@ -65,6 +65,8 @@ pub struct KernelOffsets {
     pub task_start_boottime: u32,
     /// `task_struct.thread_info.status`.
     pub task_ti_status: u32,
+    /// `task_struct.comm` (16 bytes, NUL-terminated and padded).
+    pub task_comm: u32,
 
     // struct cred
     pub cred_uid: u32,
@@ -198,6 +200,7 @@ impl KernelOffsets {
         task_exit_code: 0,
         task_start_boottime: 0,
         task_ti_status: 0,
+        task_comm: 0,
         cred_uid: 0,
         cred_gid: 0,
         cred_euid: 0,

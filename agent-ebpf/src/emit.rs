@@ -8,15 +8,12 @@ use agent_common::{
 };
 use aya_ebpf::{
     EbpfContext,
-    helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
-        generated::{bpf_get_current_cgroup_id, bpf_ktime_get_boot_ns},
-    },
+    helpers::generated::{bpf_get_current_cgroup_id, bpf_ktime_get_boot_ns},
 };
 
 use crate::{
     error::{Error, Result},
-    kernel::{Kind, has, load_ptr, load_u32, off, setting},
+    kernel::{Kind, has, load_ptr, load_u32, load_u64, off, setting},
     maps::{DROPS, EVENTS, SCRATCH},
 };
 
@@ -38,13 +35,22 @@ pub fn scratch(slot: u32) -> Result<*mut u8> {
         .ok_or(Error::Scratch)
 }
 
-/// Fills the common header for the current task (`task`) at the start of `buf`.
+/// Fills the common header for the current task (`task`) at the start of `buf`. Every field
+/// is read from the task and its credentials (direct loads where the kernel allows, see
+/// `kernel::load_u64`) rather than through the `bpf_get_current_*` helpers, which cost a call
+/// each; the ids are the kernel's global ones, as those helpers report them.
 #[inline(always)]
 pub fn fill_header(buf: *mut u8, kind: EventKind, task: u64) -> Result<()> {
     let hdr = buf.cast::<EventHeader>();
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let uid_gid = bpf_get_current_uid_gid();
+    let tgid = load_u32(task, Kind::Task, off!(task_tgid))?;
+    let pid = load_u32(task, Kind::Task, off!(task_pid))?;
+    let comm = [
+        load_u64(task, Kind::Task, off!(task_comm))?,
+        load_u64(task, Kind::Task, off!(task_comm) + 8)?,
+    ];
     let cred = load_ptr(task, Kind::Task, off!(task_cred))?;
+    let uid = load_u32(cred, Kind::Cred, off!(cred_uid))?;
+    let gid = load_u32(cred, Kind::Cred, off!(cred_gid))?;
     let euid = load_u32(cred, Kind::Cred, off!(cred_euid))?;
     let egid = load_u32(cred, Kind::Cred, off!(cred_egid))?;
     let loginuid = if has(features::LOGINUID) {
@@ -63,16 +69,16 @@ pub fn fill_header(buf: *mut u8, kind: EventKind, task: u64) -> Result<()> {
         (*hdr).kind = kind as u32;
         (*hdr).len = 0;
         (*hdr).ktime_ns = bpf_ktime_get_boot_ns();
-        (*hdr).tgid = (pid_tgid >> 32) as u32;
-        (*hdr).pid = pid_tgid as u32;
-        (*hdr).uid = uid_gid as u32;
-        (*hdr).gid = (uid_gid >> 32) as u32;
+        (*hdr).tgid = tgid;
+        (*hdr).pid = pid;
+        (*hdr).uid = uid;
+        (*hdr).gid = gid;
         (*hdr).euid = euid;
         (*hdr).egid = egid;
         (*hdr).loginuid = loginuid;
         (*hdr).sessionid = sessionid;
         (*hdr).cgroup_id = bpf_get_current_cgroup_id();
-        (*hdr).comm = bpf_get_current_comm().unwrap_or([0; 16]);
+        (*hdr).comm = core::mem::transmute::<[u64; 2], [u8; 16]>(comm);
     }
     Ok(())
 }

@@ -60,12 +60,7 @@ fn try_exec(old_pid: u32, bprm: u64) -> Result<()> {
     let root = PathRef::root_of(task)?;
     // SAFETY: the tail region of the scratch slot is larger than `PATH_REGION`.
     let packed = write_path(slot::EXEC, TAIL, PathRef::of_file(file)?, root);
-    let exe_len = (packed & 0xffff) as usize;
-    let exe_len = if exe_len > PATH_MAX {
-        PATH_MAX
-    } else {
-        exe_len
-    };
+    let exe_len = cap((packed & 0xffff) as usize, PATH_MAX);
     let exe_flags = (packed >> 16) as u16;
     if exe_flags & (path_flags::TRUNCATED | path_flags::DEPTH_EXCEEDED) != 0 {
         count_drop(DropReason::Truncated);
@@ -92,6 +87,8 @@ fn try_exec(old_pid: u32, bprm: u64) -> Result<()> {
     } else {
         n as usize
     };
+    // Bounded in a shape the 6.1 verifier follows (see `cap`).
+    let filename_len = cap(filename_len, EXEC_FILENAME_MAX);
     body.filename_len = filename_len as u16;
 
     // The argument area of the new image.

@@ -676,8 +676,11 @@ mod tests {
     /// The instructions of the object's code sections matching `want` (8 bytes).
     fn count(elf: &[u8], want: impl Fn(&[u8]) -> bool) -> usize {
         let u64_at = |at: usize| u64::from_le_bytes(elf[at..at + 8].try_into().expect("8 bytes"));
-        let u16_at =
-            |at: usize| usize::from(u16::from_le_bytes(elf[at..at + 2].try_into().expect("2 bytes")));
+        let u16_at = |at: usize| {
+            usize::from(u16::from_le_bytes(
+                elf[at..at + 2].try_into().expect("2 bytes"),
+            ))
+        };
         let (shoff, entsize, n) = (u64_at(0x28) as usize, u16_at(0x3a), u16_at(0x3c));
         (0..n)
             .map(|i| shoff + i * entsize)

@@ -193,6 +193,7 @@ pub fn resolve(btf: &Btf) -> Result<Resolved, OffsetsError> {
         task_exit_code: req("task_struct", &["exit_code"])?,
         task_start_boottime,
         task_ti_status: task_ti.wrapping_add(ti_status),
+        task_comm: req("task_struct", &["comm"])?,
         cred_uid: req("cred", &["uid"])?,
         cred_gid: req("cred", &["gid"])?,
         cred_euid: req("cred", &["euid"])?,

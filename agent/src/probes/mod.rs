@@ -79,17 +79,20 @@ fn patch_rdonly_casts(elf: &[u8], kfunc: Option<u32>) -> Result<Object, ProbeErr
     let shentsize = usize::from(u16_at(bytes, 0x3a)?);
     let shnum = usize::from(u16_at(bytes, 0x3c)?);
     let placeholder = agent_common::offsets::RDONLY_CAST_PLACEHOLDER.to_le_bytes();
+    let outside = || bad("a section lies outside the file");
     for i in 0..shnum {
-        let sh = shoff + i * shentsize;
-        let flags = u64_at(bytes, sh + 8)?;
+        let sh = i
+            .checked_mul(shentsize)
+            .and_then(|o| o.checked_add(shoff))
+            .ok_or_else(outside)?;
+        let flags = u64_at(bytes, sh.checked_add(8).ok_or_else(outside)?)?;
         if flags & SHF_EXECINSTR == 0 {
             continue;
         }
-        let offset = u64_at(bytes, sh + 0x18)? as usize;
-        let size = u64_at(bytes, sh + 0x20)? as usize;
-        let code = bytes
-            .get_mut(offset..offset + size)
-            .ok_or(bad("a code section lies outside the file"))?;
+        let offset = u64_at(bytes, sh.checked_add(0x18).ok_or_else(outside)?)? as usize;
+        let size = u64_at(bytes, sh.checked_add(0x20).ok_or_else(outside)?)? as usize;
+        let end = offset.checked_add(size).ok_or_else(outside)?;
+        let code = bytes.get_mut(offset..end).ok_or_else(outside)?;
         for insn in code.chunks_exact_mut(8) {
             // code, dst|src registers, 16-bit offset, 32-bit immediate.
             if insn[0] != BPF_CALL
@@ -741,6 +744,12 @@ mod tests {
         ));
         let mut truncated = EBPF_OBJECT[..64].to_vec();
         truncated[0x28..0x30].copy_from_slice(&1_000_000u64.to_le_bytes());
+        assert!(matches!(
+            patch_rdonly_casts(&truncated, None),
+            Err(ProbeError::Object(_))
+        ));
+        // Section headers that point past the end of the address space.
+        truncated[0x28..0x30].copy_from_slice(&u64::MAX.to_le_bytes());
         assert!(matches!(
             patch_rdonly_casts(&truncated, None),
             Err(ProbeError::Object(_))

@@ -158,42 +158,37 @@ fn number(v: u64) -> u64 {
     v
 }
 
-/// Reads the `u64` at byte `at` of the `kind` struct at `base`: a direct load where the
-/// kernel allows ([`features::DIRECT_LOADS`]), else `bpf_probe_read_kernel`.
+/// Reads the `T` (a `u64`, `u32` or `u16`: one load instruction) at byte `at` of the `kind`
+/// struct at `base`: a direct load where the kernel allows ([`features::DIRECT_LOADS`]), else
+/// `bpf_probe_read_kernel`.
 #[inline(always)]
-pub fn load_u64(base: u64, kind: Kind, at: u64) -> Result<u64> {
+fn load<T: Copy>(base: u64, kind: Kind, at: u64) -> Result<T> {
     if has(features::DIRECT_LOADS) {
         let p = rdonly_cast(base, kind.type_id());
         // SAFETY: `p` is a BTF pointer; the verifier checks the offset and makes the load
         // fault-safe (a fault reads 0).
-        Ok(number(unsafe { *((p + at) as *const u64) }))
+        Ok(unsafe { *((p + at) as *const T) })
     } else {
         read(base, at)
     }
 }
 
-/// [`load_u64`] for a `u32` member.
+/// [`load`] of a `u64` member, as a plain number (see [`number`]).
+#[inline(always)]
+pub fn load_u64(base: u64, kind: Kind, at: u64) -> Result<u64> {
+    load::<u64>(base, kind, at).map(number)
+}
+
+/// [`load`] of a `u32` member.
 #[inline(always)]
 pub fn load_u32(base: u64, kind: Kind, at: u64) -> Result<u32> {
-    if has(features::DIRECT_LOADS) {
-        let p = rdonly_cast(base, kind.type_id());
-        // SAFETY: as in `load_u64`.
-        Ok(unsafe { *((p + at) as *const u32) })
-    } else {
-        read(base, at)
-    }
+    load(base, kind, at)
 }
 
-/// [`load_u64`] for a `u16` member.
+/// [`load`] of a `u16` member.
 #[inline(always)]
 pub fn load_u16(base: u64, kind: Kind, at: u64) -> Result<u16> {
-    if has(features::DIRECT_LOADS) {
-        let p = rdonly_cast(base, kind.type_id());
-        // SAFETY: as in `load_u64`.
-        Ok(unsafe { *((p + at) as *const u16) })
-    } else {
-        read(base, at)
-    }
+    load(base, kind, at)
 }
 
 /// [`load_u64`] for a pointer member that is never NULL in a live object: NULL (also what

@@ -51,49 +51,11 @@ fn patch_rdonly_casts(elf: &[u8], kfunc: Option<u32>) -> Result<Object, ProbeErr
     const BPF_CALL: u8 = 0x85;
     const MOV64_REG: u8 = 0xbf;
     const PSEUDO_KFUNC_CALL: u8 = 2;
-    const SHF_EXECINSTR: u64 = 0x4;
-    let bad = |what: &'static str| ProbeError::Object(what);
     let mut object = Object(vec![0u64; elf.len().div_ceil(8)]);
     object.bytes_mut()[..elf.len()].copy_from_slice(elf);
-    let bytes = object.bytes_mut();
-    let u16_at = |b: &[u8], at: usize| -> Result<u16, ProbeError> {
-        Ok(u16::from_le_bytes(
-            b.get(at..at + 2)
-                .ok_or(bad("truncated ELF header"))?
-                .try_into()
-                .map_err(|_| bad("ELF"))?,
-        ))
-    };
-    let u64_at = |b: &[u8], at: usize| -> Result<u64, ProbeError> {
-        Ok(u64::from_le_bytes(
-            b.get(at..at + 8)
-                .ok_or(bad("truncated ELF header"))?
-                .try_into()
-                .map_err(|_| bad("ELF"))?,
-        ))
-    };
-    if bytes.get(..4) != Some(b"\x7fELF") || bytes.get(4) != Some(&2) || bytes.get(5) != Some(&1) {
-        return Err(bad("not a little-endian 64-bit ELF object"));
-    }
-    let shoff = u64_at(bytes, 0x28)? as usize;
-    let shentsize = usize::from(u16_at(bytes, 0x3a)?);
-    let shnum = usize::from(u16_at(bytes, 0x3c)?);
     let placeholder = agent_common::offsets::RDONLY_CAST_PLACEHOLDER.to_le_bytes();
-    let outside = || bad("a section lies outside the file");
-    for i in 0..shnum {
-        let sh = i
-            .checked_mul(shentsize)
-            .and_then(|o| o.checked_add(shoff))
-            .ok_or_else(outside)?;
-        let flags = u64_at(bytes, sh.checked_add(8).ok_or_else(outside)?)?;
-        if flags & SHF_EXECINSTR == 0 {
-            continue;
-        }
-        let offset = u64_at(bytes, sh.checked_add(0x18).ok_or_else(outside)?)? as usize;
-        let size = u64_at(bytes, sh.checked_add(0x20).ok_or_else(outside)?)? as usize;
-        let end = offset.checked_add(size).ok_or_else(outside)?;
-        let code = bytes.get_mut(offset..end).ok_or_else(outside)?;
-        for insn in code.chunks_exact_mut(8) {
+    for range in code_sections(elf)? {
+        for insn in object.bytes_mut()[range].chunks_exact_mut(8) {
             // code, dst|src registers, 16-bit offset, 32-bit immediate.
             if insn[0] != BPF_CALL
                 || insn[1] != 0
@@ -117,6 +79,41 @@ fn patch_rdonly_casts(elf: &[u8], kfunc: Option<u32>) -> Result<Object, ProbeErr
         }
     }
     Ok(object)
+}
+
+/// The byte ranges of the code sections (`SHF_EXECINSTR`) of a little-endian 64-bit ELF
+/// object.
+fn code_sections(elf: &[u8]) -> Result<Vec<std::ops::Range<usize>>, ProbeError> {
+    const SHF_EXECINSTR: u64 = 0x4;
+    let outside = || ProbeError::Object("a section lies outside the file");
+    // The `N` bytes at `at`, little-endian.
+    fn field<const N: usize>(elf: &[u8], at: Option<usize>) -> Result<[u8; N], ProbeError> {
+        at.and_then(|at| elf.get(at..at.checked_add(N)?))
+            .and_then(|b| b.try_into().ok())
+            .ok_or(ProbeError::Object("a header lies outside the file"))
+    }
+    let u64_at = |at: Option<usize>| field::<8>(elf, at).map(u64::from_le_bytes);
+    if elf.get(..4) != Some(b"\x7fELF") || elf.get(4) != Some(&2) || elf.get(5) != Some(&1) {
+        return Err(ProbeError::Object("not a little-endian 64-bit ELF object"));
+    }
+    let shoff = u64_at(Some(0x28))? as usize;
+    let shentsize = usize::from(u16::from_le_bytes(field(elf, Some(0x3a))?));
+    let shnum = usize::from(u16::from_le_bytes(field(elf, Some(0x3c))?));
+    let mut code = Vec::new();
+    for i in 0..shnum {
+        let sh = i.checked_mul(shentsize).and_then(|o| o.checked_add(shoff));
+        if u64_at(sh.and_then(|sh| sh.checked_add(8)))? & SHF_EXECINSTR == 0 {
+            continue;
+        }
+        let offset = u64_at(sh.and_then(|sh| sh.checked_add(0x18)))? as usize;
+        let size = u64_at(sh.and_then(|sh| sh.checked_add(0x20)))? as usize;
+        let end = offset.checked_add(size).ok_or_else(outside)?;
+        if end > elf.len() {
+            return Err(outside());
+        }
+        code.push(offset..end);
+    }
+    Ok(code)
 }
 
 /// Where the kernel's BTF is read from.
@@ -678,23 +675,10 @@ mod tests {
 
     /// The instructions of the object's code sections matching `want` (8 bytes).
     fn count(elf: &[u8], want: impl Fn(&[u8]) -> bool) -> usize {
-        let u64_at = |at: usize| u64::from_le_bytes(elf[at..at + 8].try_into().expect("8 bytes"));
-        let u16_at = |at: usize| {
-            usize::from(u16::from_le_bytes(
-                elf[at..at + 2].try_into().expect("2 bytes"),
-            ))
-        };
-        let (shoff, entsize, n) = (u64_at(0x28) as usize, u16_at(0x3a), u16_at(0x3c));
-        (0..n)
-            .map(|i| shoff + i * entsize)
-            .filter(|sh| u64_at(sh + 8) & 0x4 != 0)
-            .map(|sh| {
-                let (off, size) = (u64_at(sh + 0x18) as usize, u64_at(sh + 0x20) as usize);
-                elf[off..off + size]
-                    .chunks_exact(8)
-                    .filter(|i| want(i))
-                    .count()
-            })
+        code_sections(elf)
+            .expect("an ELF object")
+            .into_iter()
+            .map(|r| elf[r].chunks_exact(8).filter(|i| want(i)).count())
             .sum()
     }
 

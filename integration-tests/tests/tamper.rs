@@ -48,11 +48,14 @@ impl Db {
     fn row(&mut self, seq: u64) -> (Vec<u8>, Vec<u8>) {
         let q = "SELECT hash, body FROM records WHERE host_id = $1 AND seq = $2";
         match self {
-            Db::Lite(c) => c
-                .query_row(q, rusqlite::params![HOST, seq as i64], |r| {
-                    Ok((r.get(0)?, r.get(1)?))
-                })
-                .expect("row"),
+            Db::Lite(c) => {
+                let r = lite::blocks(c, seq, seq)
+                    .into_iter()
+                    .flat_map(|(_, records)| records)
+                    .find(|r| r.seq == seq)
+                    .expect("row");
+                (r.hash, r.body)
+            }
             Db::Pg(c) => {
                 let r = c.query_one(q, &[&HOST, &(seq as i64)]).expect("row");
                 (r.get(0), r.get(1))
@@ -68,8 +71,14 @@ impl Db {
                  WHERE host_id = $4 AND seq = $5";
         match self {
             Db::Lite(c) => {
-                c.execute(q, rusqlite::params![hash, prev, body, HOST, seq as i64])
-                    .expect("update");
+                for (id, mut records) in lite::blocks(c, seq, seq) {
+                    for r in records.iter_mut().filter(|r| r.seq == seq) {
+                        r.hash = hash.to_vec();
+                        r.prev_hash.clone_from(&prev);
+                        r.body = body.to_vec();
+                    }
+                    lite::put(c, id, records);
+                }
             }
             Db::Pg(c) => {
                 c.execute(q, &[&hash, &prev, &body, &HOST, &(seq as i64)])
@@ -84,8 +93,10 @@ impl Db {
         let to = to.min(i64::MAX as u64) as i64;
         match self {
             Db::Lite(c) => {
-                c.execute(q, rusqlite::params![HOST, from as i64, to])
-                    .expect("delete");
+                for (id, mut records) in lite::blocks(c, from, to as u64) {
+                    records.retain(|r| r.seq < from || r.seq > to as u64);
+                    lite::put(c, id, records);
+                }
             }
             Db::Pg(c) => {
                 c.execute(q, &[&HOST, &(from as i64), &to]).expect("delete");
@@ -103,6 +114,51 @@ impl Db {
                 c.execute(q, &[&hash, &HOST]).expect("head");
             }
         }
+    }
+}
+
+/// SQLite keeps records in blocks (`phi_collector::store::block`): the intruder decodes,
+/// edits and writes them back.
+mod lite {
+    use phi_collector::store::block::{self, StoredRecord};
+
+    use super::HOST;
+
+    /// The blocks of `HOST` that hold records in `from..=to`, decoded.
+    pub fn blocks(c: &rusqlite::Connection, from: u64, to: u64) -> Vec<(i64, Vec<StoredRecord>)> {
+        let to = to.min(i64::MAX as u64) as i64;
+        let mut stmt = c
+            .prepare(
+                "SELECT id, data FROM blocks WHERE host_id = ?1 AND last_seq >= ?2
+                 AND first_seq <= ?3 ORDER BY first_seq",
+            )
+            .expect("blocks");
+        let rows: Vec<(i64, Vec<u8>)> = stmt
+            .query_map(rusqlite::params![HOST, from as i64, to], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .expect("blocks")
+            .collect::<Result<_, _>>()
+            .expect("blocks");
+        rows.into_iter()
+            .map(|(id, data)| (id, block::decode(id, &data).expect("decode")))
+            .collect()
+    }
+
+    /// Writes block `id` back with `records` (deletes it when none are left).
+    pub fn put(c: &rusqlite::Connection, id: i64, records: Vec<StoredRecord>) {
+        if records.is_empty() {
+            c.execute("DELETE FROM blocks WHERE id = ?1", [id])
+                .expect("delete block");
+            return;
+        }
+        let (first, last) = (records[0].seq, records[records.len() - 1].seq);
+        let data = block::encode(records).expect("encode");
+        c.execute(
+            "UPDATE blocks SET data = ?2, first_seq = ?3, last_seq = ?4 WHERE id = ?1",
+            rusqlite::params![id, data, first as i64, last as i64],
+        )
+        .expect("update block");
     }
 }
 

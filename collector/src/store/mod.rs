@@ -7,6 +7,7 @@
 //! collectors ingesting for the same host can never fork a chain. On SQLite the batches of
 //! concurrent streams share that transaction ([`group`]).
 
+pub mod block;
 pub mod group;
 pub mod index;
 pub mod postgres;

@@ -679,7 +679,7 @@ impl Store for PgStore {
         after: Option<&Cursor>,
         limit: usize,
     ) -> Result<Vec<Row>, StoreError> {
-        let (sql, params) = query::timeline(filter, after, limit, query::PathIndex::Global);
+        let (sql, params) = query::timeline(filter, after, limit);
         let params = boxed(params);
         Ok(self
             .client

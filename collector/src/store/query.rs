@@ -50,24 +50,8 @@ fn user_clause(w: &mut Where, user: &str, with_uid: bool) {
     }
 }
 
-/// How the store indexes paths.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PathIndex {
-    /// One (path, time) index over all records.
-    Global,
-    /// (run, path, time), with each run's time range in `index_runs` (SQLite): a path
-    /// condition also names the runs whose range meets the window, so that the index is
-    /// searched once per run.
-    Runs,
-}
-
 /// `SELECT host_id, seq, hash, body, time_ns, session FROM records …` for a timeline page.
-pub fn timeline(
-    filter: &Filter,
-    after: Option<&Cursor>,
-    limit: usize,
-    paths: PathIndex,
-) -> (String, Vec<Param>) {
+pub fn timeline(filter: &Filter, after: Option<&Cursor>, limit: usize) -> (String, Vec<Param>) {
     let mut w = Where::default();
     if let Some(h) = &filter.host {
         w.push("host_id = ?", [Param::Text(h.clone())]);
@@ -90,22 +74,6 @@ pub fn timeline(
         user_clause(&mut w, u, true);
     }
     if let Some(p) = &filter.path_prefix {
-        if paths == PathIndex::Runs {
-            // Every record's run covers its time: this condition keeps every row the others
-            // keep, and lets the path index be searched run by run.
-            let mut runs = Where::default();
-            if let Some(s) = since {
-                runs.push("max_ns >= ?", [Param::Int(s)]);
-            }
-            if let Some(u) = filter.until_ns {
-                runs.push("min_ns < ?", [Param::Int(u)]);
-            }
-            let runs_sql = match runs.sql() {
-                w if w.is_empty() => "run IN (SELECT run FROM index_runs)".to_owned(),
-                w => format!("run IN (SELECT run FROM index_runs {w})"),
-            };
-            w.push(&runs_sql, runs.params);
-        }
         w.push(
             "path >= ? AND path < ?",
             [Param::Text(p.clone()), Param::Text(prefix_end(p))],
@@ -194,7 +162,7 @@ mod tests {
             kinds: vec!["open".into(), "exec".into()],
             ..Default::default()
         };
-        let (sql, params) = timeline(&f, None, 100, PathIndex::Global);
+        let (sql, params) = timeline(&f, None, 100);
         assert!(sql.contains("host_id = ? AND (login_user = ? OR user_name = ? OR uid = ?)"));
         assert!(sql.contains("kind IN (?, ?)"));
         assert_eq!(params.len(), 6);
@@ -218,50 +186,14 @@ mod tests {
             host_id: "db1".into(),
             seq: 7,
         };
-        let (sql, params) = timeline(&f, Some(&cursor), 10, PathIndex::Global);
+        let (sql, params) = timeline(&f, Some(&cursor), 10);
         assert!(sql.contains("host_id = ? AND time_ns >= ? AND time_ns < ?"));
         assert!(sql.contains("(time_ns, host_id, seq) > (?, ?, ?)"));
         assert_eq!(params[1], Param::Int(500));
-        let (sql, params) = timeline(&Filter::default(), Some(&cursor), 10, PathIndex::Global);
+        let (sql, params) = timeline(&Filter::default(), Some(&cursor), 10);
         assert!(sql.contains("WHERE time_ns >= ? AND (time_ns, host_id, seq) > (?, ?, ?)"));
         assert_eq!(params[0], Param::Int(500));
-        let (_, params) = timeline(&f, None, 10, PathIndex::Global);
+        let (_, params) = timeline(&f, None, 10);
         assert_eq!(params[1], Param::Int(100));
-    }
-
-    #[test]
-    fn a_path_condition_names_the_runs_that_meet_the_window() {
-        let f = Filter {
-            path_prefix: Some("/srv/ehr/".into()),
-            since_ns: Some(100),
-            until_ns: Some(1000),
-            ..Default::default()
-        };
-        let (sql, params) = timeline(&f, None, 10, PathIndex::Runs);
-        assert!(sql.contains(
-            "run IN (SELECT run FROM index_runs WHERE max_ns >= ? AND min_ns < ?) \
-             AND path >= ? AND path < ?"
-        ));
-        assert_eq!(
-            params,
-            vec![
-                Param::Int(100),
-                Param::Int(1000),
-                Param::Int(100),
-                Param::Int(1000),
-                Param::Text("/srv/ehr/".into()),
-                Param::Text(prefix_end("/srv/ehr/")),
-            ]
-        );
-        let open = Filter {
-            path_prefix: Some("/srv/ehr/".into()),
-            ..Default::default()
-        };
-        let (sql, _) = timeline(&open, None, 10, PathIndex::Runs);
-        assert!(sql.contains("WHERE run IN (SELECT run FROM index_runs) AND path >= ?"));
-        let (sql, _) = timeline(&f, None, 10, PathIndex::Global);
-        assert!(!sql.contains("index_runs"));
-        let (sql, _) = timeline(&Filter::default(), None, 10, PathIndex::Runs);
-        assert!(!sql.contains("index_runs"));
     }
 }

@@ -13,8 +13,9 @@ use rusqlite::{
 
 use super::{
     Alert, Appended, Cursor, Filter, Hold, HostHead, HostInfo, HostState, Principal, PruneOutcome,
-    Role, Row, Session, SessionFilter, Spent, Store, StoreError, StoredAlert, checkpoint_time_ns,
-    head_from,
+    Role, Row, Session, SessionFilter, Spent, Store, StoreError, StoredAlert,
+    block::{self, StoredRecord},
+    checkpoint_time_ns, head_from,
     index::{self, SessionDeltas},
     now_ns,
     query::{self, Param},
@@ -185,28 +186,283 @@ const MIGRATIONS: &[Migration] = &[
         CREATE INDEX records_path ON records (run, path, time_ns) WHERE path IS NOT NULL;",
         data: None,
     },
+    // 6: records are kept in blocks, one per accepted batch (see `block`): a row per record
+    // and five secondary indexes made every record cost the single writer six B-tree inserts
+    // and its bytes twice on disk. The records stored before this version are grouped into
+    // blocks of up to `MIGRATED_BLOCK` consecutive records of a host (`blocks_v6`), and the
+    // row-per-record table and its path index runs go.
+    Migration {
+        sql: "CREATE TABLE blocks (
+            id        INTEGER PRIMARY KEY AUTOINCREMENT,
+            host_id   TEXT NOT NULL,
+            first_seq INTEGER NOT NULL,
+            last_seq  INTEGER NOT NULL,
+            min_ns    INTEGER NOT NULL,
+            max_ns    INTEGER NOT NULL,
+            records   INTEGER NOT NULL,
+            data      BLOB NOT NULL
+        );
+        CREATE UNIQUE INDEX blocks_seq ON blocks (host_id, last_seq);
+        CREATE INDEX blocks_time ON blocks (host_id, min_ns);
+        CREATE INDEX blocks_all_time ON blocks (min_ns);
+        CREATE TABLE block_keys (
+            key   TEXT NOT NULL,
+            block INTEGER NOT NULL,
+            PRIMARY KEY (key, block)
+        ) WITHOUT ROWID;
+        CREATE INDEX block_keys_block ON block_keys (block);
+        CREATE TABLE block_paths (
+            block INTEGER PRIMARY KEY,
+            bloom BLOB NOT NULL
+        );
+        CREATE TABLE block_span (max_span_ns INTEGER NOT NULL);
+        INSERT INTO block_span (max_span_ns) VALUES (0);",
+        data: Some(blocks_v6),
+    },
 ];
 
 /// The page size of a new store (bytes).
 pub const PAGE_SIZE: i64 = 8192;
 
-/// Records per run of the path index (see migration 5). Larger runs mean fewer seeks per
-/// path query; smaller ones fewer index pages written per batch. Ingest measured the same
-/// from 4,096 to 16,384 records per run; a store of 10 million records has at most
-/// about 610 runs (fewer when its batches overshoot a run's size).
-pub const RUN_RECORDS: i64 = 16_384;
+/// Records per block when version 6 groups the records stored before it.
+const MIGRATED_BLOCK: usize = 512;
 
-/// The run new records join: the newest, or a new one when the newest holds `run_records`.
-fn current_run(tx: &Transaction<'_>, run_records: i64) -> Result<i64, StoreError> {
-    let newest: Option<(i64, i64)> = tx
-        .prepare_cached("SELECT run, records FROM index_runs ORDER BY run DESC LIMIT 1")?
-        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
+/// Version 6 moves the stored records into blocks and drops the row-per-record table.
+fn blocks_v6(tx: &Transaction<'_>) -> Result<(), StoreError> {
+    {
+        let mut stmt = tx.prepare(
+            "SELECT host_id, seq, hash, prev_hash, body, time_ns, kind, uid, user_name,
+                login_user, session, path FROM records ORDER BY host_id, seq",
+        )?;
+        let mut rows = stmt.query([])?;
+        let mut host = String::new();
+        let mut pending: Vec<StoredRecord> = Vec::new();
+        while let Some(r) = rows.next()? {
+            let h: String = r.get(0)?;
+            if h != host || pending.len() >= MIGRATED_BLOCK {
+                if !pending.is_empty() {
+                    insert_block(tx, &host, std::mem::take(&mut pending))?;
+                }
+                host = h;
+            }
+            pending.push(StoredRecord {
+                seq: r.get::<_, i64>(1)? as u64,
+                hash: r.get(2)?,
+                prev_hash: r.get(3)?,
+                body: r.get(4)?,
+                time_ns: r.get(5)?,
+                kind: r.get(6)?,
+                uid: r.get(7)?,
+                user: r.get(8)?,
+                login_user: r.get(9)?,
+                session: r.get(10)?,
+                path: r.get(11)?,
+            });
+        }
+        if !pending.is_empty() {
+            insert_block(tx, &host, pending)?;
+        }
+    }
+    tx.execute_batch("DROP TABLE records; DROP TABLE index_runs;")?;
+    Ok(())
+}
+
+/// Writes one block of `host_id`'s records (non-empty, consecutive) with its lookup entries.
+fn insert_block(
+    tx: &Transaction<'_>,
+    host_id: &str,
+    records: Vec<StoredRecord>,
+) -> Result<(), StoreError> {
+    let s = block::summarize(&records);
+    let data = block::encode(records)?;
+    tx.prepare_cached(
+        "INSERT INTO blocks (host_id, first_seq, last_seq, min_ns, max_ns, records, data)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?
+    .execute(params![
+        host_id,
+        s.first_seq as i64,
+        s.last_seq as i64,
+        s.min_ns,
+        s.max_ns,
+        s.records as i64,
+        data
+    ])?;
+    let id = tx.last_insert_rowid();
+    let mut key = tx.prepare_cached("INSERT INTO block_keys (key, block) VALUES (?1, ?2)")?;
+    for k in &s.keys {
+        key.execute(params![k, id])?;
+    }
+    if let Some(bloom) = &s.paths {
+        tx.prepare_cached("INSERT INTO block_paths (block, bloom) VALUES (?1, ?2)")?
+            .execute(params![id, bloom])?;
+    }
+    tx.prepare_cached("UPDATE block_span SET max_span_ns = ?1 WHERE max_span_ns < ?1")?
+        .execute([s.max_ns.saturating_sub(s.min_ns)])?;
+    Ok(())
+}
+
+/// Deletes block `id` and its lookup entries.
+fn delete_block(tx: &Transaction<'_>, id: i64) -> Result<(), StoreError> {
+    tx.prepare_cached("DELETE FROM block_keys WHERE block = ?1")?
+        .execute([id])?;
+    tx.prepare_cached("DELETE FROM block_paths WHERE block = ?1")?
+        .execute([id])?;
+    tx.prepare_cached("DELETE FROM blocks WHERE id = ?1")?
+        .execute([id])?;
+    Ok(())
+}
+
+/// Reads and decodes block `id`.
+fn read_block(conn: &Connection, id: i64) -> Result<Vec<StoredRecord>, StoreError> {
+    let data: Vec<u8> = conn
+        .prepare_cached("SELECT data FROM blocks WHERE id = ?1")?
+        .query_row([id], |r| r.get(0))?;
+    block::decode(id, &data)
+}
+
+/// The stored record `seq` of `host_id`, if any.
+fn stored_record(
+    conn: &Connection,
+    host_id: &str,
+    seq: u64,
+) -> Result<Option<StoredRecord>, StoreError> {
+    let id: Option<i64> = conn
+        .prepare_cached(
+            "SELECT id FROM blocks WHERE host_id = ?1 AND last_seq >= ?2 AND first_seq <= ?2
+             ORDER BY last_seq LIMIT 1",
+        )?
+        .query_row(params![host_id, seq as i64], |r| r.get(0))
         .optional()?;
-    Ok(match newest {
-        None => 0,
-        Some((run, records)) if records >= run_records => run + 1,
-        Some((run, _)) => run,
-    })
+    let Some(id) = id else {
+        return Ok(None);
+    };
+    Ok(read_block(conn, id)?.into_iter().find(|r| r.seq == seq))
+}
+
+/// The widest time range of any block: a block that meets a window starting at `t` starts
+/// at `t` minus this or later, which bounds the search of the time indexes.
+fn max_span(conn: &Connection) -> Result<i64, StoreError> {
+    Ok(conn
+        .prepare_cached("SELECT max_span_ns FROM block_span")?
+        .query_row([], |r| r.get(0))?)
+}
+
+/// Adds to `w` the conditions of the blocks (`b`) that may hold records of `[since, until)`.
+fn blocks_in(
+    conn: &Connection,
+    w: &mut query::Where,
+    since: Option<i64>,
+    until: Option<i64>,
+) -> Result<(), StoreError> {
+    if let Some(s) = since {
+        w.push(
+            "b.min_ns >= ? AND b.max_ns >= ?",
+            [Param::Int(s.saturating_sub(max_span(conn)?)), Param::Int(s)],
+        );
+    }
+    if let Some(u) = until {
+        w.push("b.min_ns < ?", [Param::Int(u)]);
+    }
+    Ok(())
+}
+
+/// Orders rows as timelines do: by (time, host, seq).
+fn timeline_order(a: &Row, b: &Row) -> std::cmp::Ordering {
+    (a.time_ns, &a.host_id, a.seq).cmp(&(b.time_ns, &b.host_id, b.seq))
+}
+
+/// One page of a timeline: the blocks that can hold its records, in the order of their
+/// earliest record, are decoded one by one until no further block can hold a record that
+/// sorts before the last of the page.
+fn timeline_page(
+    conn: &Connection,
+    filter: &Filter,
+    after: Option<&Cursor>,
+    limit: usize,
+) -> Result<Vec<Row>, StoreError> {
+    let limit = limit.max(1);
+    let since = match (filter.since_ns, after) {
+        (Some(s), Some(c)) => Some(s.max(c.time_ns)),
+        (None, Some(c)) => Some(c.time_ns),
+        (s, None) => s,
+    };
+    let mut w = query::Where::default();
+    if let Some(h) = &filter.host {
+        w.push("b.host_id = ?", [Param::Text(h.clone())]);
+    }
+    blocks_in(conn, &mut w, since, filter.until_ns)?;
+    if let Some(u) = &filter.user {
+        let mut keys = vec![
+            block::key(block::KeyKind::LoginUser, u),
+            block::key(block::KeyKind::User, u),
+        ];
+        if let Ok(uid) = u.parse::<i64>() {
+            keys.push(block::key(block::KeyKind::Uid, &uid.to_string()));
+        }
+        let marks = vec!["?"; keys.len()].join(", ");
+        w.push(
+            &format!("b.id IN (SELECT block FROM block_keys WHERE key IN ({marks}))"),
+            keys.into_iter().map(Param::Text),
+        );
+    }
+    if let Some(s) = &filter.session {
+        w.push(
+            "b.id IN (SELECT block FROM block_keys WHERE key = ?)",
+            [Param::Text(block::key(block::KeyKind::Session, s))],
+        );
+    }
+    let paths = filter.path_prefix.is_some();
+    let sql = format!(
+        "SELECT b.id, b.host_id, b.min_ns{} FROM blocks b{} {} ORDER BY b.min_ns, b.id",
+        if paths { ", p.bloom" } else { "" },
+        if paths {
+            " JOIN block_paths p ON p.block = b.id"
+        } else {
+            ""
+        },
+        w.sql()
+    );
+    let item = filter.path_prefix.as_deref().and_then(block::prefix_item);
+    let mut candidates: Vec<(i64, String, i64)> = Vec::new();
+    {
+        let mut stmt = conn.prepare_cached(&sql)?;
+        let mut rows = stmt.query(params_from_iter(values(w.params)))?;
+        while let Some(r) = rows.next()? {
+            if let Some(item) = item {
+                let bloom: Vec<u8> = r.get(3)?;
+                if !block::Bloom::may_hold(&bloom, item) {
+                    continue;
+                }
+            }
+            candidates.push((r.get(0)?, r.get(1)?, r.get(2)?));
+        }
+    }
+    let mut page: Vec<Row> = Vec::new();
+    for (id, host_id, min_ns) in candidates {
+        if page.len() >= limit {
+            page.select_nth_unstable_by(limit - 1, timeline_order);
+            page.truncate(limit);
+            let last = page.iter().map(|r| r.time_ns).max().unwrap_or(i64::MAX);
+            if min_ns > last {
+                break;
+            }
+        }
+        for r in read_block(conn, id)? {
+            if !block::matches(&r, filter, since) {
+                continue;
+            }
+            if let Some(a) = after
+                && (r.time_ns, host_id.as_str(), r.seq) <= (a.time_ns, a.host_id.as_str(), a.seq)
+            {
+                continue;
+            }
+            page.push(r.row(&host_id));
+        }
+    }
+    page.sort_unstable_by(timeline_order);
+    page.truncate(limit);
+    Ok(page)
 }
 
 /// Version 2 derives the query columns and sessions of records stored by version 1.
@@ -255,8 +511,6 @@ fn backfill_v2(tx: &Transaction<'_>) -> Result<(), StoreError> {
 pub struct SqliteStore {
     conn: Connection,
     path: String,
-    /// [`RUN_RECORDS`]; smaller in tests.
-    run_records: i64,
 }
 
 fn host_state(r: &SqlRow<'_>) -> rusqlite::Result<HostState> {
@@ -300,17 +554,6 @@ fn host_info(r: &SqlRow<'_>) -> rusqlite::Result<HostInfo> {
             None => None,
         },
         last_record_ns: r.get(14)?,
-    })
-}
-
-fn row(r: &SqlRow<'_>) -> rusqlite::Result<Row> {
-    Ok(Row {
-        host_id: r.get(0)?,
-        seq: r.get::<_, i64>(1)? as u64,
-        hash: r.get(2)?,
-        body: r.get(3)?,
-        time_ns: r.get(4)?,
-        session: r.get(5)?,
     })
 }
 
@@ -441,70 +684,37 @@ fn insert_alert(tx: &Connection, a: &Alert) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Verifies one prepared batch against `host_id`'s head and writes it, inside `tx`.
-fn append_in(
-    tx: &Transaction<'_>,
-    host_id: &str,
-    batch: Prepared,
-    run_records: i64,
-) -> Result<Appended, StoreError> {
+/// Verifies one prepared batch against `host_id`'s head and writes it, inside `tx`: its
+/// accepted records as one block.
+fn append_in(tx: &Transaction<'_>, host_id: &str, batch: Prepared) -> Result<Appended, StoreError> {
     let state = tx
         .query_row(HOST_STATE, [host_id], host_state)
         .optional()?
         .ok_or_else(|| StoreError::Invalid(format!("host {host_id:?} is not pinned")))?;
-    let verified = {
-        let mut hash =
-            tx.prepare_cached("SELECT hash FROM records WHERE host_id = ?1 AND seq = ?2")?;
-        verify_prepared(host_id, &state, batch, |seq| {
-            hash.query_row(params![host_id, seq as i64], |r| r.get(0))
-                .optional()
-                .ok()
-                .flatten()
-        })
-    };
+    let mut verified = verify_prepared(host_id, &state, batch, |seq| {
+        stored_record(tx, host_id, seq)
+            .ok()
+            .flatten()
+            .map(|r| r.hash)
+    });
     {
-        let run = current_run(tx, run_records)?;
-        let mut insert = tx.prepare_cached(
-            "INSERT INTO records (host_id, seq, hash, prev_hash, body, time_ns, kind, uid,
-                    user_name, login_user, session, path, run)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
-        )?;
         let mut deltas = SessionDeltas::default();
         let mut last_ns = 0;
-        let mut first_ns = i64::MAX;
-        for a in &verified.records {
-            let c = &a.columns;
-            insert.execute(params![
-                host_id,
-                a.sealed.seq as i64,
-                a.sealed.hash,
-                a.record.prev_hash,
-                a.sealed.body,
-                c.time_ns,
-                c.kind,
-                c.uid,
-                c.user,
-                c.login_user,
-                c.session,
-                c.path,
-                run,
-            ])?;
-            deltas.add(a.sealed.seq, &a.record, c);
-            last_ns = last_ns.max(c.time_ns);
-            first_ns = first_ns.min(c.time_ns);
+        let mut stored = Vec::with_capacity(verified.records.len());
+        for a in &mut verified.records {
+            deltas.add(a.sealed.seq, &a.record, &a.columns);
+            last_ns = last_ns.max(a.columns.time_ns);
+            // Moved, not copied: the rest of the decoded record is freed by the caller.
+            stored.push(StoredRecord::new(
+                a.sealed.seq,
+                std::mem::take(&mut a.sealed.hash),
+                std::mem::take(&mut a.record.prev_hash),
+                std::mem::take(&mut a.sealed.body),
+                std::mem::take(&mut a.columns),
+            ));
         }
-        if !verified.records.is_empty() {
-            tx.prepare_cached(
-                "INSERT INTO index_runs (run, records, min_ns, max_ns) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (run) DO UPDATE SET records = records + excluded.records,
-                    min_ns = MIN(min_ns, excluded.min_ns), max_ns = MAX(max_ns, excluded.max_ns)",
-            )?
-            .execute(params![
-                run,
-                verified.records.len() as i64,
-                first_ns,
-                last_ns
-            ])?;
+        if !stored.is_empty() {
+            insert_block(tx, host_id, stored)?;
         }
         upsert_sessions(tx, &deltas)?;
         let mut cp = tx.prepare_cached(
@@ -587,11 +797,7 @@ impl SqliteStore {
         let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
         conn.pragma_update(None, "wal_autocheckpoint", (64 << 20) / page_size.max(512))?;
         conn.execute_batch("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")?;
-        let mut store = SqliteStore {
-            conn,
-            path: shown,
-            run_records: RUN_RECORDS,
-        };
+        let mut store = SqliteStore { conn, path: shown };
         store.migrate()?;
         Ok(store)
     }
@@ -670,7 +876,7 @@ impl Store for SqliteStore {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let appended = append_in(&tx, host_id, batch, self.run_records)?;
+        let appended = append_in(&tx, host_id, batch)?;
         tx.commit()?;
         Ok(appended)
     }
@@ -685,7 +891,7 @@ impl Store for SqliteStore {
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let appended = batches
             .into_iter()
-            .map(|(host_id, batch)| append_in(&tx, &host_id, batch, self.run_records))
+            .map(|(host_id, batch)| append_in(&tx, &host_id, batch))
             .collect::<Result<Vec<_>, _>>()?;
         tx.commit()?;
         Ok(appended)
@@ -720,12 +926,25 @@ impl Store for SqliteStore {
         after_seq: u64,
         limit: usize,
     ) -> Result<Vec<Row>, StoreError> {
+        let limit = limit.max(1);
         let mut stmt = self.conn.prepare_cached(
-            "SELECT host_id, seq, hash, body, time_ns, session FROM records
-             WHERE host_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+            "SELECT id FROM blocks WHERE host_id = ?1 AND last_seq > ?2 ORDER BY last_seq",
         )?;
-        let rows = stmt.query_map(params![host_id, after_seq as i64, limit.max(1) as i64], row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        let mut ids = stmt.query(params![host_id, after_seq as i64])?;
+        let mut out = Vec::new();
+        while out.len() < limit
+            && let Some(r) = ids.next()?
+        {
+            let records = read_block(&self.conn, r.get(0)?)?;
+            out.extend(
+                records
+                    .into_iter()
+                    .filter(|r| r.seq > after_seq)
+                    .take(limit - out.len())
+                    .map(|r| r.row(host_id)),
+            );
+        }
+        Ok(out)
     }
 
     fn checkpoints(
@@ -751,13 +970,35 @@ impl Store for SqliteStore {
         since_ns: i64,
         until_ns: i64,
     ) -> Result<Option<(u64, u64)>, StoreError> {
-        let (lo, hi): (Option<i64>, Option<i64>) = self.conn.query_row(
-            "SELECT MIN(seq), MAX(seq) FROM records
-             WHERE host_id = ?1 AND time_ns >= ?2 AND time_ns < ?3",
-            params![host_id, since_ns, until_ns],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?;
-        Ok(lo.zip(hi).map(|(l, h)| (l as u64, h as u64)))
+        let mut w = query::Where::default();
+        w.push("b.host_id = ?", [Param::Text(host_id.to_owned())]);
+        blocks_in(&self.conn, &mut w, Some(since_ns), Some(until_ns))?;
+        let blocks: Vec<(i64, i64, i64, i64, i64)> = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT b.id, b.first_seq, b.last_seq, b.min_ns, b.max_ns FROM blocks b {}",
+                w.sql()
+            ))?
+            .query_map(params_from_iter(values(w.params)), |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })?
+            .collect::<Result<_, _>>()?;
+        let mut range: Option<(u64, u64)> = None;
+        let mut widen = |lo: u64, hi: u64| {
+            range = Some(range.map_or((lo, hi), |(l, h)| (l.min(lo), h.max(hi))));
+        };
+        for (id, first, last, min_ns, max_ns) in blocks {
+            if min_ns >= since_ns && max_ns < until_ns {
+                widen(first as u64, last as u64);
+                continue;
+            }
+            for r in read_block(&self.conn, id)? {
+                if r.time_ns >= since_ns && r.time_ns < until_ns {
+                    widen(r.seq, r.seq);
+                }
+            }
+        }
+        Ok(range)
     }
 
     fn checkpoint_near(
@@ -783,10 +1024,7 @@ impl Store for SqliteStore {
         after: Option<&Cursor>,
         limit: usize,
     ) -> Result<Vec<Row>, StoreError> {
-        let (sql, params) = query::timeline(filter, after, limit, query::PathIndex::Runs);
-        let mut stmt = self.conn.prepare_cached(&sql)?;
-        let rows = stmt.query_map(params_from_iter(values(params)), row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        timeline_page(&self.conn, filter, after, limit)
     }
 
     fn sessions(&mut self, filter: &SessionFilter) -> Result<Vec<Session>, StoreError> {
@@ -1069,30 +1307,33 @@ impl Store for SqliteStore {
             out.skipped = Some("nothing older than the retention period".into());
             return Ok(out);
         }
-        // The runs' counts follow, so that a run whose records are all gone leaves
-        // `index_runs` (its time range stays as it was: wider than its records, never
-        // narrower). The newest run stays: new records join it.
-        let per_run: Vec<(i64, i64)> = tx
+        // Whole blocks go; the block that holds the anchor's successor is written again
+        // without the records up to the anchor (a new block: blocks never change in place).
+        let blocks: Vec<(i64, i64, i64)> = tx
             .prepare(
-                "SELECT run, COUNT(*) FROM records WHERE host_id = ?1 AND seq <= ?2 GROUP BY run",
+                "SELECT id, last_seq, records FROM blocks WHERE host_id = ?1 AND first_seq <= ?2
+                 ORDER BY last_seq",
             )?
-            .query_map(params![host_id, anchor], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .query_map(params![host_id, anchor], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })?
             .collect::<Result<_, _>>()?;
-        let records = tx.execute(
-            "DELETE FROM records WHERE host_id = ?1 AND seq <= ?2",
-            params![host_id, anchor],
-        )?;
-        for (run, n) in per_run {
-            tx.execute(
-                "UPDATE index_runs SET records = records - ?2 WHERE run = ?1",
-                params![run, n],
-            )?;
+        let mut records = 0usize;
+        for (id, last, count) in blocks {
+            let kept: Vec<StoredRecord> = if last <= anchor {
+                Vec::new()
+            } else {
+                read_block(&tx, id)?
+                    .into_iter()
+                    .filter(|r| r.seq as i64 > anchor)
+                    .collect()
+            };
+            records += (count as usize).saturating_sub(kept.len());
+            delete_block(&tx, id)?;
+            if !kept.is_empty() {
+                insert_block(&tx, host_id, kept)?;
+            }
         }
-        tx.execute(
-            "DELETE FROM index_runs WHERE records <= 0
-                AND run < (SELECT MAX(run) FROM index_runs)",
-            [],
-        )?;
         tx.execute(
             "DELETE FROM checkpoints WHERE host_id = ?1 AND seq < ?2",
             params![host_id, anchor],
@@ -1226,15 +1467,34 @@ mod tests {
             )
             .expect("timeline");
         assert_eq!(rows.len(), 1, "the old record has its query columns");
-        let run0: (i64, i64, i64, i64) = s
+        let block: (String, i64, i64, i64) = s
             .conn
             .query_row(
-                "SELECT run, records, min_ns, max_ns FROM index_runs",
+                "SELECT host_id, first_seq, last_seq, records FROM blocks",
                 [],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
             )
-            .expect("run 0");
-        assert_eq!(run0, (0, 1, 0, 0), "the records before runs form run 0");
+            .expect("one block");
+        assert_eq!(
+            block,
+            ("old".into(), 1, 1, 1),
+            "the old record is in a block"
+        );
+        let tables: i64 = s
+            .conn
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_schema WHERE name IN ('records', 'index_runs')",
+                [],
+                |r| r.get(0),
+            )
+            .expect("tables");
+        assert_eq!(tables, 0, "the row-per-record table is gone");
+        let chain = s.chain("old", 0, 10).expect("chain");
+        assert_eq!(chain.len(), 1);
+        assert_eq!(
+            (chain[0].hash.clone(), chain[0].body.clone()),
+            (sealed.hash, sealed.body)
+        );
         let sessions = s.sessions(&SessionFilter::default()).expect("sessions");
         assert_eq!(sessions.len(), 1);
         assert_eq!(sessions[0].session, "old/b/3");
@@ -1304,37 +1564,47 @@ mod tests {
     }
 
     #[test]
-    fn path_queries_search_every_run_that_meets_their_window() {
+    fn blocks_answer_path_user_and_session_queries_page_by_page_and_prune_in_part() {
         use phi_chain::{checkpoint::HostKey, seal::Sealer};
         use phi_proto::{
             Timestamp,
-            v1::{Batch, Open, Record, record::Event},
+            v1::{Batch, Identity, Open, Process, Record, record::Event},
         };
 
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut s = SqliteStore::open(&dir.path().join("runs.db")).expect("open");
-        s.run_records = 4;
+        let mut s = SqliteStore::open(&dir.path().join("blocks.db")).expect("open");
         let mut sealers = Vec::new();
         for host in ["a", "b"] {
             let key = HostKey::from_secret([host.as_bytes()[0]; 32]);
             s.pin_host(host, &key.public_key()).expect("pin");
             sealers.push(Sealer::new(Head::EMPTY));
         }
-        // Record i of host h is at time 10 * i + h and opens /d<i % 3>/f<i>.
+        // Record i of host h is at time 10 * i + h, opens /d<i % 3>/f<i> as user u<i % 2>
+        // in audit session i % 4. Host b's batches arrive in reverse time order.
         let mut all = Vec::new();
         for round in 0..5 {
             for (h, host) in ["a", "b"].into_iter().enumerate() {
                 let records = (0..3)
                     .map(|k| {
-                        let i = round * 3 + k;
+                        let i = round * 3 + if h == 0 { k } else { 2 - k };
                         let time_ns = 10 * i as i64 + h as i64;
                         let path = format!("/d{}/f{i}", i % 3);
-                        all.push((time_ns, host.to_owned(), path.clone()));
+                        all.push((time_ns, host.to_owned(), path.clone(), i));
                         sealers[h].seal(&mut Record {
                             host_id: host.into(),
+                            boot_id: "b00710".into(),
                             time: Some(Timestamp {
                                 seconds: 0,
                                 nanos: time_ns as i32,
+                            }),
+                            process: Some(Process {
+                                identity: Some(Identity {
+                                    uid: 1000 + (i % 2) as u32,
+                                    user: format!("u{}", i % 2),
+                                    audit_session: Some((i % 4) as u32),
+                                    ..Default::default()
+                                }),
+                                ..Default::default()
                             }),
                             event: Some(Event::Open(Open {
                                 path,
@@ -1356,65 +1626,111 @@ mod tests {
                 assert!(out.problem.is_none(), "{:?}", out.problem);
             }
         }
-        // Batches of 3 records on runs of 4: a run takes batches until it holds 4 or more.
-        let runs: Vec<(i64, i64, i64, i64)> = s
+        // One block per batch, each stating its range.
+        let blocks: Vec<(String, i64, i64, i64, i64)> = s
             .conn
-            .prepare("SELECT run, records, min_ns, max_ns FROM index_runs ORDER BY run")
-            .expect("runs")
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
-            .expect("runs")
+            .prepare("SELECT host_id, first_seq, last_seq, min_ns, max_ns FROM blocks ORDER BY id")
+            .expect("blocks")
+            .query_map([], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })
+            .expect("blocks")
             .collect::<Result<_, _>>()
-            .expect("runs");
-        assert_eq!(
-            runs,
-            [
-                (0, 6, 0, 21),
-                (1, 6, 30, 51),
-                (2, 6, 60, 81),
-                (3, 6, 90, 111),
-                (4, 6, 120, 141)
-            ]
-        );
-        let stored_runs: i64 = s
-            .conn
-            .query_row("SELECT COUNT(DISTINCT run) FROM records", [], |r| r.get(0))
-            .expect("count");
-        assert_eq!(stored_runs, 5);
+            .expect("blocks");
+        assert_eq!(blocks.len(), 10);
+        assert_eq!(blocks[0], ("a".into(), 1, 3, 0, 20));
+        assert_eq!(blocks[3], ("b".into(), 4, 6, 31, 51));
 
-        for (prefix, since, until) in [
-            ("/d1/", None, None),
-            ("/d1/", Some(35), Some(95)),
-            ("/d2/f1", Some(0), Some(200)),
-            ("/", Some(51), Some(52)),
-            ("/d0/", Some(200), None),
-        ] {
-            let filter = Filter {
-                path_prefix: Some(prefix.into()),
-                since_ns: since,
-                until_ns: until,
-                ..Default::default()
-            };
-            let got: Vec<(i64, String)> = s
+        let check = |s: &mut SqliteStore, all: &[(i64, String, String, usize)], filter: Filter| {
+            let mut want: Vec<(i64, String)> = all
+                .iter()
+                .filter(|(t, h, p, i)| {
+                    filter
+                        .path_prefix
+                        .as_ref()
+                        .is_none_or(|x| p.starts_with(x.as_str()))
+                        && filter.since_ns.is_none_or(|v| *t >= v)
+                        && filter.until_ns.is_none_or(|v| *t < v)
+                        && filter.host.as_ref().is_none_or(|x| x == h)
+                        && filter.user.as_ref().is_none_or(|u| {
+                            *u == format!("u{}", i % 2) || *u == (1000 + i % 2).to_string()
+                        })
+                        && filter
+                            .session
+                            .as_ref()
+                            .is_none_or(|x| *x == format!("{h}/b00710/{}", i % 4))
+                })
+                .map(|(t, h, _, _)| (*t, h.clone()))
+                .collect();
+            want.sort();
+            let whole: Vec<(i64, String)> = s
                 .timeline(&filter, None, 100)
                 .expect("timeline")
                 .into_iter()
                 .map(|r| (r.time_ns, r.host_id))
                 .collect();
-            let mut want: Vec<(i64, String)> = all
-                .iter()
-                .filter(|(t, _, p)| {
-                    p.starts_with(prefix)
-                        && since.is_none_or(|v| *t >= v)
-                        && until.is_none_or(|v| *t < v)
-                })
-                .map(|(t, h, _)| (*t, h.clone()))
-                .collect();
-            want.sort();
-            assert_eq!(got, want, "{prefix} {since:?}..{until:?}");
+            assert_eq!(whole, want, "{filter:?}");
+            // Page by page, with the cursor of each page's last row.
+            for size in [1, 2, 4] {
+                let mut paged = Vec::new();
+                let mut after: Option<Cursor> = None;
+                loop {
+                    let page = s.timeline(&filter, after.as_ref(), size).expect("page");
+                    assert!(page.len() <= size);
+                    let Some(last) = page.last() else { break };
+                    after = Some(last.cursor());
+                    paged.extend(page.into_iter().map(|r| (r.time_ns, r.host_id)));
+                }
+                assert_eq!(paged, want, "pages of {size}: {filter:?}");
+            }
+        };
+        let path = |p: &str, since: Option<i64>, until: Option<i64>| Filter {
+            path_prefix: Some(p.into()),
+            since_ns: since,
+            until_ns: until,
+            ..Default::default()
+        };
+        for filter in [
+            Filter::default(),
+            path("/d1/", None, None),
+            path("/d1/", Some(35), Some(95)),
+            path("/d2/f1", Some(0), Some(200)),
+            path("/", Some(51), Some(52)),
+            path("/d0/", Some(200), None),
+            path("/e/", None, None),
+            Filter {
+                user: Some("u1".into()),
+                host: Some("b".into()),
+                ..Default::default()
+            },
+            Filter {
+                user: Some("1000".into()),
+                since_ns: Some(40),
+                ..Default::default()
+            },
+            Filter {
+                session: Some("a/b00710/2".into()),
+                ..Default::default()
+            },
+            Filter {
+                session: Some("b/b00710/9".into()),
+                ..Default::default()
+            },
+        ] {
+            check(&mut s, &all, filter);
         }
-        // Pruning host a's first 9 records and b's first 6 empties runs 0 and 1 (they leave
-        // `index_runs`) and leaves run 2 with b's three.
-        for (host, seq) in [("a", 9u64), ("b", 6)] {
+        assert_eq!(s.seq_range("b", 31, 52).expect("range"), Some((4, 6)));
+        assert_eq!(s.seq_range("a", 25, 70).expect("range"), Some((4, 7)));
+        assert_eq!(s.seq_range("a", 1000, 2000).expect("range"), None);
+        let chain = s.chain("b", 4, 4).expect("chain");
+        assert_eq!(
+            chain.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            [5, 6, 7, 8]
+        );
+
+        // Pruning host a through 9 drops three whole blocks; host b through 5 drops one and
+        // writes the block of 4..=6 again with 6 alone.
+        for (host, seq) in [("a", 9u64), ("b", 5)] {
             s.conn
                 .execute(
                     "INSERT INTO checkpoints (host_id, seq, body, time_ns) VALUES (?1, ?2, x'', 0)",
@@ -1424,49 +1740,67 @@ mod tests {
             let out = s.prune(host, seq, "test").expect("prune");
             assert_eq!(out.records, seq, "{:?}", out.skipped);
         }
-        let counts: Vec<(i64, i64)> = s
+        let firsts: Vec<(String, i64, i64)> = s
             .conn
-            .prepare("SELECT run, records FROM index_runs ORDER BY run")
-            .expect("runs")
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-            .expect("runs")
+            .prepare("SELECT host_id, first_seq, records FROM blocks ORDER BY host_id, first_seq")
+            .expect("blocks")
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .expect("blocks")
             .collect::<Result<_, _>>()
-            .expect("runs");
-        assert_eq!(counts, [(2, 3), (3, 6), (4, 6)]);
-        all.retain(|(t, h, _)| *t >= if h == "a" { 90 } else { 60 });
-        let got = s
-            .timeline(
-                &Filter {
-                    path_prefix: Some("/d".into()),
-                    ..Default::default()
-                },
-                None,
-                100,
-            )
-            .expect("timeline");
-        assert_eq!(got.len(), all.len());
-
-        // The path index answers a path query, one search per run.
-        let (sql, params) = query::timeline(
-            &Filter {
-                path_prefix: Some("/d1/".into()),
-                ..Default::default()
-            },
-            None,
-            10,
-            query::PathIndex::Runs,
+            .expect("blocks");
+        assert_eq!(
+            firsts,
+            [
+                ("a".into(), 10, 3),
+                ("a".into(), 13, 3),
+                ("b".into(), 6, 1),
+                ("b".into(), 7, 3),
+                ("b".into(), 10, 3),
+                ("b".into(), 13, 3)
+            ]
         );
+        let keys: i64 = s
+            .conn
+            .query_row(
+                "SELECT COUNT(*) FROM block_keys WHERE block NOT IN (SELECT id FROM blocks)",
+                [],
+                |r| r.get(0),
+            )
+            .expect("keys");
+        assert_eq!(keys, 0, "the lookup entries of dropped blocks go with them");
+        // Host b's seqs 4, 5, 6 are its records i = 5, 4, 3 (reverse time order).
+        all.retain(|(_, h, _, i)| {
+            if h == "a" {
+                *i >= 9
+            } else {
+                *i == 3 || *i >= 6
+            }
+        });
+        let left: Vec<u64> = s
+            .chain("b", 0, 100)
+            .expect("chain")
+            .iter()
+            .map(|r| r.seq)
+            .collect();
+        assert_eq!(left, (6..=15).collect::<Vec<_>>());
+        check(&mut s, &all, path("/d", None, None));
+
+        // The time condition searches the time index.
         let plan: Vec<String> = s
             .conn
-            .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+            .prepare(
+                "EXPLAIN QUERY PLAN SELECT b.id FROM blocks b
+                 WHERE b.host_id = ?1 AND b.min_ns >= ?2 AND b.max_ns >= ?3 AND b.min_ns < ?4
+                 ORDER BY b.min_ns, b.id",
+            )
             .expect("plan")
-            .query_map(params_from_iter(values(params)), |r| r.get(3))
+            .query_map(params!["a", 0, 0, 10], |r| r.get(3))
             .expect("plan")
             .collect::<Result<_, _>>()
             .expect("plan");
         assert!(
             plan.iter()
-                .any(|p| p.contains("INDEX records_path (run=? AND path>? AND path<?)")),
+                .any(|p| p.contains("INDEX blocks_time (host_id=? AND min_ns>? AND min_ns<?)")),
             "{plan:?}"
         );
     }

@@ -189,7 +189,7 @@ const MIGRATIONS: &[Migration] = &[
     // 6: records are kept in blocks, one per accepted batch (see `block`): a row per record
     // and five secondary indexes made every record cost the single writer six B-tree inserts
     // and its bytes twice on disk. The records stored before this version are grouped into
-    // blocks of up to `MIGRATED_BLOCK` consecutive records of a host (`blocks_v6`), and the
+    // blocks of up to `BLOCK_RECORDS` consecutive records of a host (`blocks_v6`), and the
     // row-per-record table and its path index runs go.
     Migration {
         sql: "CREATE TABLE blocks (
@@ -224,8 +224,9 @@ const MIGRATIONS: &[Migration] = &[
 /// The page size of a new store (bytes).
 pub const PAGE_SIZE: i64 = 8192;
 
-/// Records per block when version 6 groups the records stored before it.
-const MIGRATED_BLOCK: usize = 512;
+/// The most records in one block (a larger batch is cut), and in the blocks version 6 makes
+/// of the records stored before it.
+const BLOCK_RECORDS: usize = 512;
 
 /// Version 6 moves the stored records into blocks and drops the row-per-record table.
 fn blocks_v6(tx: &Transaction<'_>) -> Result<(), StoreError> {
@@ -239,7 +240,7 @@ fn blocks_v6(tx: &Transaction<'_>) -> Result<(), StoreError> {
         let mut pending: Vec<StoredRecord> = Vec::new();
         while let Some(r) = rows.next()? {
             let h: String = r.get(0)?;
-            if h != host || pending.len() >= MIGRATED_BLOCK {
+            if h != host || pending.len() >= BLOCK_RECORDS {
                 if !pending.is_empty() {
                     insert_block(tx, &host, std::mem::take(&mut pending))?;
                 }
@@ -274,20 +275,22 @@ fn insert_block(
     records: Vec<StoredRecord>,
 ) -> Result<(), StoreError> {
     let s = block::summarize(&records);
-    let data = block::encode(records)?;
-    tx.prepare_cached(
-        "INSERT INTO blocks (host_id, first_seq, last_seq, min_ns, max_ns, records, data)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-    )?
-    .execute(params![
-        host_id,
-        s.first_seq as i64,
-        s.last_seq as i64,
-        s.min_ns,
-        s.max_ns,
-        s.records as i64,
-        data
-    ])?;
+    block::encode_with(records, |data| {
+        tx.prepare_cached(
+            "INSERT INTO blocks (host_id, first_seq, last_seq, min_ns, max_ns, records, data)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )?
+        .execute(params![
+            host_id,
+            s.first_seq as i64,
+            s.last_seq as i64,
+            s.min_ns,
+            s.max_ns,
+            s.records as i64,
+            data
+        ])?;
+        Ok(())
+    })?;
     let id = tx.last_insert_rowid();
     let mut key = tx.prepare_cached("INSERT INTO block_keys (key, block) VALUES (?1, ?2)")?;
     for k in &s.keys {
@@ -713,8 +716,11 @@ fn append_in(tx: &Transaction<'_>, host_id: &str, batch: Prepared) -> Result<App
                 std::mem::take(&mut a.columns),
             ));
         }
-        if !stored.is_empty() {
-            insert_block(tx, host_id, stored)?;
+        // A large batch becomes several blocks: a query decodes whole blocks, so a block
+        // stays about the size of an agent's batch.
+        while !stored.is_empty() {
+            let rest = stored.split_off(stored.len().min(BLOCK_RECORDS));
+            insert_block(tx, host_id, std::mem::replace(&mut stored, rest))?;
         }
         upsert_sessions(tx, &deltas)?;
         let mut cp = tx.prepare_cached(
@@ -1803,6 +1809,60 @@ mod tests {
                 .any(|p| p.contains("INDEX blocks_time (host_id=? AND min_ns>? AND min_ns<?)")),
             "{plan:?}"
         );
+    }
+
+    #[test]
+    fn a_large_batch_is_cut_into_blocks_of_at_most_block_records() {
+        use phi_chain::{checkpoint::HostKey, seal::Sealer};
+        use phi_proto::v1::{Batch, Heartbeat, Record, record::Event};
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = SqliteStore::open(&dir.path().join("cut.db")).expect("open");
+        let key = HostKey::from_secret([7; 32]);
+        s.pin_host("h", &key.public_key()).expect("pin");
+        let mut sealer = Sealer::new(Head::EMPTY);
+        let n = 2 * BLOCK_RECORDS + 76;
+        let records = (0..n)
+            .map(|_| {
+                sealer.seal(&mut Record {
+                    host_id: "h".into(),
+                    event: Some(Event::Heartbeat(Heartbeat::default())),
+                    ..Default::default()
+                })
+            })
+            .collect();
+        let out = s
+            .append(
+                "h",
+                Batch {
+                    records,
+                    checkpoints: vec![],
+                },
+            )
+            .expect("append");
+        assert_eq!((out.records, out.head.seq), (n, n as u64));
+        let sizes: Vec<(i64, i64, i64)> = s
+            .conn
+            .prepare("SELECT first_seq, last_seq, records FROM blocks ORDER BY first_seq")
+            .expect("blocks")
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .expect("blocks")
+            .collect::<Result<_, _>>()
+            .expect("blocks");
+        let b = BLOCK_RECORDS as i64;
+        assert_eq!(
+            sizes,
+            [(1, b, b), (b + 1, 2 * b, b), (2 * b + 1, 2 * b + 76, 76)]
+        );
+        let seqs: Vec<u64> = s
+            .chain("h", 0, n)
+            .expect("chain")
+            .iter()
+            .map(|r| r.seq)
+            .collect();
+        assert_eq!(seqs, (1..=n as u64).collect::<Vec<_>>());
+        let report = crate::verify::verify_chain(&mut s, "h", &mut |_, _| {}).expect("verify");
+        assert!(report.ok, "{:?}", report.problems);
     }
 
     #[test]

@@ -976,11 +976,11 @@ impl Store for SqliteStore {
         since_ns: i64,
         until_ns: i64,
     ) -> Result<Option<(u64, u64)>, StoreError> {
+        let tx = self.conn.unchecked_transaction()?;
         let mut w = query::Where::default();
         w.push("b.host_id = ?", [Param::Text(host_id.to_owned())]);
-        blocks_in(&self.conn, &mut w, Some(since_ns), Some(until_ns))?;
-        let blocks: Vec<(i64, i64, i64, i64, i64)> = self
-            .conn
+        blocks_in(&tx, &mut w, Some(since_ns), Some(until_ns))?;
+        let blocks: Vec<(i64, i64, i64, i64, i64)> = tx
             .prepare_cached(&format!(
                 "SELECT b.id, b.first_seq, b.last_seq, b.min_ns, b.max_ns FROM blocks b {}",
                 w.sql()
@@ -998,12 +998,13 @@ impl Store for SqliteStore {
                 widen(first as u64, last as u64);
                 continue;
             }
-            for r in read_block(&self.conn, id)? {
+            for r in read_block(&tx, id)? {
                 if r.time_ns >= since_ns && r.time_ns < until_ns {
                     widen(r.seq, r.seq);
                 }
             }
         }
+        tx.commit()?;
         Ok(range)
     }
 
@@ -1030,7 +1031,12 @@ impl Store for SqliteStore {
         after: Option<&Cursor>,
         limit: usize,
     ) -> Result<Vec<Row>, StoreError> {
-        timeline_page(&self.conn, filter, after, limit)
+        // One snapshot for the block list and the blocks: a prune between them would
+        // otherwise take a listed block away.
+        let tx = self.conn.unchecked_transaction()?;
+        let page = timeline_page(&tx, filter, after, limit)?;
+        tx.commit()?;
+        Ok(page)
     }
 
     fn sessions(&mut self, filter: &SessionFilter) -> Result<Vec<Session>, StoreError> {

@@ -178,6 +178,50 @@ pub fn decode(id: i64, data: &[u8]) -> Result<Vec<StoredRecord>, StoreError> {
     })
 }
 
+/// The most records in one block: a larger batch is cut (a query decodes whole blocks).
+pub const BLOCK_RECORDS: usize = 512;
+
+/// The widest time range of one block (1 hour). A time search starts that far before its
+/// window (see `block_span` in the SQLite store), so a batch whose records lie far apart in
+/// time (a clock step on the host, a backlog sent late) is cut rather than widening every
+/// search.
+pub const BLOCK_SPAN_NS: i64 = 3_600 * 1_000_000_000;
+
+/// Groups consecutive records of one host into blocks of at most [`BLOCK_RECORDS`] records
+/// and [`BLOCK_SPAN_NS`] of time.
+#[derive(Default)]
+pub struct Cutter {
+    pending: Vec<StoredRecord>,
+    min_ns: i64,
+    max_ns: i64,
+}
+
+impl Cutter {
+    /// Adds `r`; returns the block it does not fit in, if any.
+    pub fn push(&mut self, r: StoredRecord) -> Option<Vec<StoredRecord>> {
+        let (min_ns, max_ns) = (self.min_ns.min(r.time_ns), self.max_ns.max(r.time_ns));
+        let fits =
+            self.pending.len() < BLOCK_RECORDS && max_ns.saturating_sub(min_ns) <= BLOCK_SPAN_NS;
+        let full = if self.pending.is_empty() || fits {
+            None
+        } else {
+            Some(std::mem::take(&mut self.pending))
+        };
+        if self.pending.is_empty() {
+            (self.min_ns, self.max_ns) = (r.time_ns, r.time_ns);
+        } else {
+            (self.min_ns, self.max_ns) = (min_ns, max_ns);
+        }
+        self.pending.push(r);
+        full
+    }
+
+    /// The last block, if any records are left.
+    pub fn finish(&mut self) -> Option<Vec<StoredRecord>> {
+        (!self.pending.is_empty()).then(|| std::mem::take(&mut self.pending))
+    }
+}
+
 /// What a block row states of its records.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Summary {
@@ -416,6 +460,31 @@ mod tests {
         assert!(passed < 100, "{passed} of 1000 absent items passed");
         assert!(summarize(&[record(1, 1, None, "x")]).paths.is_none());
         assert!(!Bloom::may_hold(&[], "/srv/"));
+    }
+
+    #[test]
+    fn batches_are_cut_by_count_and_by_time_span() {
+        let mut cut = Cutter::default();
+        let mut blocks = Vec::new();
+        let hour = BLOCK_SPAN_NS;
+        // 600 records a second apart, then one an hour and a second later, then one within
+        // the hour of it, then one at time 0 (an unset clock).
+        let times = (0..600).map(|i| i * 1_000_000_000).chain([
+            599_000_000_000 + hour + 1_000_000_000,
+            600_000_000_000 + hour,
+            0,
+        ]);
+        for (seq, t) in (1..).zip(times) {
+            blocks.extend(cut.push(record(seq, t, None, "root")));
+        }
+        blocks.extend(cut.finish());
+        assert!(cut.finish().is_none());
+        let shape: Vec<(u64, usize)> = blocks.iter().map(|b| (b[0].seq, b.len())).collect();
+        assert_eq!(shape, [(1, 512), (513, 88), (601, 2), (603, 1)]);
+        for b in &blocks {
+            let s = summarize(b);
+            assert!(s.max_ns - s.min_ns <= hour, "{s:?}");
+        }
     }
 
     #[test]

@@ -14,7 +14,7 @@ use rusqlite::{
 use super::{
     Alert, Appended, Cursor, Filter, Hold, HostHead, HostInfo, HostState, Principal, PruneOutcome,
     Role, Row, Session, SessionFilter, Spent, Store, StoreError, StoredAlert,
-    block::{self, StoredRecord},
+    block::{self, Cutter, StoredRecord},
     checkpoint_time_ns, head_from,
     index::{self, SessionDeltas},
     now_ns,
@@ -186,10 +186,10 @@ const MIGRATIONS: &[Migration] = &[
         CREATE INDEX records_path ON records (run, path, time_ns) WHERE path IS NOT NULL;",
         data: None,
     },
-    // 6: records are kept in blocks, one per accepted batch (see `block`): a row per record
+    // 6: records are kept in blocks, one per accepted batch or part of one (see `block`): a row per record
     // and five secondary indexes made every record cost the single writer six B-tree inserts
     // and its bytes twice on disk. The records stored before this version are grouped into
-    // blocks of up to `BLOCK_RECORDS` consecutive records of a host (`blocks_v6`), and the
+    // blocks of up to `block::BLOCK_RECORDS` consecutive records of a host (`blocks_v6`), and the
     // row-per-record table and its path index runs go.
     Migration {
         sql: "CREATE TABLE blocks (
@@ -224,10 +224,6 @@ const MIGRATIONS: &[Migration] = &[
 /// The page size of a new store (bytes).
 pub const PAGE_SIZE: i64 = 8192;
 
-/// The most records in one block (a larger batch is cut), and in the blocks version 6 makes
-/// of the records stored before it.
-const BLOCK_RECORDS: usize = 512;
-
 /// Version 6 moves the stored records into blocks and drops the row-per-record table.
 fn blocks_v6(tx: &Transaction<'_>) -> Result<(), StoreError> {
     {
@@ -237,16 +233,16 @@ fn blocks_v6(tx: &Transaction<'_>) -> Result<(), StoreError> {
         )?;
         let mut rows = stmt.query([])?;
         let mut host = String::new();
-        let mut pending: Vec<StoredRecord> = Vec::new();
+        let mut cut = Cutter::default();
         while let Some(r) = rows.next()? {
             let h: String = r.get(0)?;
-            if h != host || pending.len() >= BLOCK_RECORDS {
-                if !pending.is_empty() {
-                    insert_block(tx, &host, std::mem::take(&mut pending))?;
+            if h != host {
+                if let Some(records) = cut.finish() {
+                    insert_block(tx, &host, records)?;
                 }
                 host = h;
             }
-            pending.push(StoredRecord {
+            let full = cut.push(StoredRecord {
                 seq: r.get::<_, i64>(1)? as u64,
                 hash: r.get(2)?,
                 prev_hash: r.get(3)?,
@@ -259,9 +255,12 @@ fn blocks_v6(tx: &Transaction<'_>) -> Result<(), StoreError> {
                 session: r.get(10)?,
                 path: r.get(11)?,
             });
+            if let Some(records) = full {
+                insert_block(tx, &host, records)?;
+            }
         }
-        if !pending.is_empty() {
-            insert_block(tx, &host, pending)?;
+        if let Some(records) = cut.finish() {
+            insert_block(tx, &host, records)?;
         }
     }
     tx.execute_batch("DROP TABLE records; DROP TABLE index_runs;")?;
@@ -703,24 +702,24 @@ fn append_in(tx: &Transaction<'_>, host_id: &str, batch: Prepared) -> Result<App
     {
         let mut deltas = SessionDeltas::default();
         let mut last_ns = 0;
-        let mut stored = Vec::with_capacity(verified.records.len());
+        let mut cut = Cutter::default();
         for a in &mut verified.records {
             deltas.add(a.sealed.seq, &a.record, &a.columns);
             last_ns = last_ns.max(a.columns.time_ns);
             // Moved, not copied: the rest of the decoded record is freed by the caller.
-            stored.push(StoredRecord::new(
+            let full = cut.push(StoredRecord::new(
                 a.sealed.seq,
                 std::mem::take(&mut a.sealed.hash),
                 std::mem::take(&mut a.record.prev_hash),
                 std::mem::take(&mut a.sealed.body),
                 std::mem::take(&mut a.columns),
             ));
+            if let Some(records) = full {
+                insert_block(tx, host_id, records)?;
+            }
         }
-        // A large batch becomes several blocks: a query decodes whole blocks, so a block
-        // stays about the size of an agent's batch.
-        while !stored.is_empty() {
-            let rest = stored.split_off(stored.len().min(BLOCK_RECORDS));
-            insert_block(tx, host_id, std::mem::replace(&mut stored, rest))?;
+        if let Some(records) = cut.finish() {
+            insert_block(tx, host_id, records)?;
         }
         upsert_sessions(tx, &deltas)?;
         let mut cp = tx.prepare_cached(
@@ -1827,7 +1826,7 @@ mod tests {
         let key = HostKey::from_secret([7; 32]);
         s.pin_host("h", &key.public_key()).expect("pin");
         let mut sealer = Sealer::new(Head::EMPTY);
-        let n = 2 * BLOCK_RECORDS + 76;
+        let n = 2 * block::BLOCK_RECORDS + 76;
         let records = (0..n)
             .map(|_| {
                 sealer.seal(&mut Record {
@@ -1855,7 +1854,7 @@ mod tests {
             .expect("blocks")
             .collect::<Result<_, _>>()
             .expect("blocks");
-        let b = BLOCK_RECORDS as i64;
+        let b = block::BLOCK_RECORDS as i64;
         assert_eq!(
             sizes,
             [(1, b, b), (b + 1, 2 * b, b), (2 * b + 1, 2 * b + 76, 76)]

@@ -231,6 +231,16 @@ impl Journal {
     /// Seals and appends `record`. When the spool is full, `drop-newest` drops it (counted),
     /// except records about the agent itself and gap records, which always get in.
     pub fn append(&mut self, record: &mut pb::Record) -> std::io::Result<Appended> {
+        self.append_with_process(record, &[])
+    }
+
+    /// [`Journal::append`] for a record whose process context is given encoded (see
+    /// `Sealer::seal_with_process`); `record.process` is `None`.
+    pub fn append_with_process(
+        &mut self,
+        record: &mut pb::Record,
+        process: &[u8],
+    ) -> std::io::Result<Appended> {
         let essential = matches!(
             record.event,
             Some(Event::Gap(_) | Event::Agent(_) | Event::ConfigChange(_))
@@ -249,7 +259,7 @@ impl Journal {
             *self.dropped_by_kind.entry(record.kind()).or_insert(0) += 1;
             return Ok(Appended::Dropped);
         }
-        let sealed = self.sealer.seal(record);
+        let sealed = self.sealer.seal_with_process(record, process);
         self.spool.append(&Entry::Record(sealed))?;
         self.since_checkpoint += 1;
         self.last_append = Instant::now();

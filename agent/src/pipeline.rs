@@ -162,13 +162,39 @@ impl Pipeline {
     pub fn emit(&mut self, mut record: pb::Record) -> std::io::Result<()> {
         self.redactor.record(&mut record);
         if self.journal.append(&mut record)? == Appended::Sealed {
-            self.records_since_start += 1;
-            *self.records_by_kind.entry(record.kind()).or_default() += 1;
+            self.sealed(&record);
             if let Some(out) = self.stdout.as_mut() {
-                out.write(&record)?;
+                out.write(&record, None)?;
             }
         }
         Ok(())
+    }
+
+    /// [`Pipeline::emit`] for a record from the kernel: its process context comes prepared
+    /// (redacted, encoded, its JSON made once) from `record::from_event`'s context cache, and
+    /// the rest of the record is redacted here.
+    fn emit_kernel(&mut self, built: record::Built) -> std::io::Result<()> {
+        let record::Built {
+            mut record,
+            process,
+        } = built;
+        self.redactor.record_with_redacted_process(&mut record);
+        if self
+            .journal
+            .append_with_process(&mut record, &process.field)?
+            == Appended::Sealed
+        {
+            self.sealed(&record);
+            if let Some(out) = self.stdout.as_mut() {
+                out.write(&record, Some(&process))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn sealed(&mut self, record: &pb::Record) {
+        self.records_since_start += 1;
+        *self.records_by_kind.entry(record.kind()).or_default() += 1;
     }
 
     /// The notifier the transport waits on.
@@ -242,9 +268,10 @@ impl Pipeline {
                     watches: &self.watches,
                     identities: &mut self.identities,
                     cache: &mut self.contexts,
+                    redactor: &mut self.redactor,
                 };
-                if let Some(rec) = record::from_event(&event, &mut ctx) {
-                    self.emit(rec)?;
+                if let Some(built) = record::from_event(&event, &mut ctx) {
+                    self.emit_kernel(built)?;
                 }
             }
             Err(e) => self.decode_failed(&e),

@@ -2,7 +2,10 @@
 //! table and the watch list. Opens that user space finds outside every watched tree (the
 //! kernel passes on failed opens it could not judge) end here.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    sync::Arc,
+};
 
 use agent_common::{
     decode::{Connect, Exec, Exit, KernelEvent, Open, Subject},
@@ -14,6 +17,7 @@ use crate::{
     clock::Clock,
     identity::{Credentials, Identities},
     process::ProcessTable,
+    redact::Redactor,
     text::{errno_name, escape_bytes, normalize},
     watch::WatchList,
 };
@@ -27,11 +31,64 @@ pub struct Stamp {
     pub boot_id: String,
 }
 
-/// Process contexts already built, reused while the process table has not changed: records of
-/// a busy process differ only in their event.
+/// Process contexts already built and prepared, reused while the process table has not
+/// changed: records of a busy thread differ only in their event.
 #[derive(Default)]
 pub struct ProcessCache {
-    entries: std::collections::HashMap<u32, (u64, [u32; 6], u64, pb::Process)>,
+    /// By thread id (a context names its thread).
+    entries: std::collections::HashMap<u32, CachedProcess>,
+}
+
+/// One context, with what it was built from.
+struct CachedProcess {
+    /// Process table version after building.
+    version: u64,
+    tgid: u32,
+    creds: [u32; 6],
+    cgroup_id: u64,
+    /// The kernel's `comm` (the context holds it escaped and maybe redacted).
+    comm: Vec<u8>,
+    prepared: Arc<Prepared>,
+}
+
+/// A process context ready to go on many records: redacted once, encoded for the chain once
+/// and, when JSON is written, serialized once.
+pub struct Prepared {
+    /// Redacted.
+    pub process: pb::Process,
+    /// What redaction changed in it.
+    pub redactions: Vec<pb::Redaction>,
+    /// `Record.process` as encoded in a record (see `phi_chain::seal::process_field`).
+    pub field: Vec<u8>,
+    json: std::sync::OnceLock<Vec<u8>>,
+}
+
+impl Prepared {
+    pub(crate) fn new(process: pb::Process, redactions: Vec<pb::Redaction>) -> Self {
+        Prepared {
+            field: phi_chain::seal::process_field(&process),
+            process,
+            redactions,
+            json: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The proto3 JSON of the context, made on first use.
+    pub fn json(&self) -> serde_json::Result<&[u8]> {
+        if let Some(json) = self.json.get() {
+            return Ok(json);
+        }
+        let json = serde_json::to_vec(&self.process)?;
+        Ok(self.json.get_or_init(|| json))
+    }
+}
+
+/// A record from the kernel, redacted apart from its event, and its process context, which
+/// is not in `record.process`: the chain and the outputs take it from `process` (see
+/// `Pipeline::emit_kernel`).
+pub struct Built {
+    pub record: pb::Record,
+    pub process: Arc<Prepared>,
 }
 
 /// Contexts kept before the cache is cleared.
@@ -45,6 +102,8 @@ pub struct Context<'a> {
     pub watches: &'a WatchList,
     pub identities: &'a mut Identities,
     pub cache: &'a mut ProcessCache,
+    /// Redacts each process context once, when it is built.
+    pub redactor: &'a mut Redactor,
 }
 
 const AF_INET: u16 = 2;
@@ -85,7 +144,8 @@ fn outcome(ret: i64) -> pb::Outcome {
     }
 }
 
-fn process(subject: &Subject, ctx: &mut Context<'_>, ppid_hint: Option<u32>) -> pb::Process {
+/// The prepared process context of `subject`.
+fn process(subject: &Subject, ctx: &mut Context<'_>, ppid_hint: Option<u32>) -> Arc<Prepared> {
     let creds = [
         subject.uid,
         subject.euid,
@@ -96,31 +156,34 @@ fn process(subject: &Subject, ctx: &mut Context<'_>, ppid_hint: Option<u32>) -> 
     ];
     let version = ctx.processes.version();
     if ppid_hint.is_none()
-        && let Some((v, c, cg, p)) = ctx.cache.entries.get(&subject.tgid)
-        && *v == version
-        && *c == creds
-        && *cg == subject.cgroup_id
-        && p.comm.as_bytes() == subject.comm.as_slice()
+        && let Some(c) = ctx.cache.entries.get(&subject.pid)
+        && c.version == version
+        && c.tgid == subject.tgid
+        && c.creds == creds
+        && c.cgroup_id == subject.cgroup_id
+        && c.comm == subject.comm
     {
-        let mut p = p.clone();
-        p.tid = subject.pid;
-        return p;
+        return Arc::clone(&c.prepared);
     }
-    let built = build_process(subject, ctx, ppid_hint);
+    let mut built = build_process(subject, ctx, ppid_hint);
+    let redactions = ctx.redactor.process(&mut built);
+    let prepared = Arc::new(Prepared::new(built, redactions));
     // Building may have read /proc and changed the table; key by the version after it.
     if ctx.cache.entries.len() >= PROCESS_CACHE_MAX {
         ctx.cache.entries.clear();
     }
     ctx.cache.entries.insert(
-        subject.tgid,
-        (
-            ctx.processes.version(),
+        subject.pid,
+        CachedProcess {
+            version: ctx.processes.version(),
+            tgid: subject.tgid,
             creds,
-            subject.cgroup_id,
-            built.clone(),
-        ),
+            cgroup_id: subject.cgroup_id,
+            comm: subject.comm.clone(),
+            prepared: Arc::clone(&prepared),
+        },
     );
-    built
+    prepared
 }
 
 fn build_process(subject: &Subject, ctx: &mut Context<'_>, ppid_hint: Option<u32>) -> pb::Process {
@@ -176,15 +239,16 @@ fn kernel_record(
     ctx: &mut Context<'_>,
     event: Event,
     ppid: Option<u32>,
-) -> pb::Record {
-    let mut rec = envelope(ctx.stamp, ctx.clock.timestamp(subject.ktime_ns), event);
-    rec.process = Some(process(subject, ctx, ppid));
-    rec
+) -> Built {
+    let mut record = envelope(ctx.stamp, ctx.clock.timestamp(subject.ktime_ns), event);
+    let process = process(subject, ctx, ppid);
+    record.redactions = process.redactions.clone();
+    Built { record, process }
 }
 
 /// Turns one kernel event into a record, updating the process table. `None` for events that
 /// are bookkeeping only (fork) or that user space finds outside every watched tree.
-pub fn from_event(event: &KernelEvent, ctx: &mut Context<'_>) -> Option<pb::Record> {
+pub fn from_event(event: &KernelEvent, ctx: &mut Context<'_>) -> Option<Built> {
     ctx.processes.observe(event.subject());
     match event {
         KernelEvent::Chdir(chdir) => {

@@ -3,6 +3,12 @@
 /// Renders bytes as text. Valid UTF-8 passes through; invalid bytes and control characters
 /// become `\xNN`, so a file name cannot forge line breaks or terminal escapes in any output.
 pub fn escape_bytes(bytes: &[u8]) -> String {
+    // Most names are printable ASCII, which passes as it is.
+    if bytes.iter().all(|b| (0x20..0x7f).contains(b))
+        && let Ok(text) = std::str::from_utf8(bytes)
+    {
+        return text.to_owned();
+    }
     let mut out = String::with_capacity(bytes.len());
     for chunk in bytes.utf8_chunks() {
         for c in chunk.valid().chars() {
@@ -127,6 +133,9 @@ mod tests {
         assert_eq!(escape_bytes(b"a\nb"), "a\\x0ab");
         assert_eq!(escape_bytes(b"\xff\xfeok"), "\\xff\\xfeok");
         assert_eq!(escape_bytes(b"\x1b[31m"), "\\x1b[31m");
+        // The edges of printable ASCII, which takes the fast path.
+        assert_eq!(escape_bytes(b" ~a\x7f\x1f"), " ~a\\x7f\\x1f");
+        assert_eq!(escape_bytes(b" ~ "), " ~ ");
     }
 
     #[test]

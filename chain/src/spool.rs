@@ -54,21 +54,25 @@ impl Entry {
 
 /// Encodes one entry with its length and checksum.
 pub fn encode_entry(entry: &Entry) -> Vec<u8> {
-    let mut payload = Vec::new();
+    let (kind, len) = match entry {
+        Entry::Record(r) => (KIND_RECORD, r.encoded_len()),
+        Entry::Checkpoint(c) => (KIND_CHECKPOINT, c.encoded_len()),
+    };
+    // Length and checksum first, filled in once the payload is in place.
+    let mut out = Vec::with_capacity(8 + 1 + len);
+    out.extend_from_slice(&[0; 8]);
+    out.push(kind);
     match entry {
-        Entry::Record(r) => {
-            payload.push(KIND_RECORD);
-            r.encode(&mut payload).ok();
-        }
-        Entry::Checkpoint(c) => {
-            payload.push(KIND_CHECKPOINT);
-            c.encode(&mut payload).ok();
-        }
+        Entry::Record(r) => r.encode_raw(&mut out),
+        Entry::Checkpoint(c) => c.encode_raw(&mut out),
     }
-    let mut out = Vec::with_capacity(payload.len() + 8);
-    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    out.extend_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
-    out.extend_from_slice(&payload);
+    let payload = &out[8..];
+    let header = [
+        (payload.len() as u32).to_le_bytes(),
+        crc32c::crc32c(payload).to_le_bytes(),
+    ];
+    out[..4].copy_from_slice(&header[0]);
+    out[4..8].copy_from_slice(&header[1]);
     out
 }
 

@@ -33,14 +33,17 @@ struct ClassRules {
 /// What the patterns did to one text: the new text and the hits per rule.
 type Cached = Option<(String, Vec<(usize, u32)>)>;
 
+type TextCache = std::collections::HashMap<String, Cached, foldhash::fast::RandomState>;
+
 /// The configured redaction engine.
 pub struct Redactor {
     rules: RuleSet,
     key: [u8; key::KEY_BYTES],
     classes: Vec<(FieldClass, ClassRules)>,
-    /// Results per class and text: process names, executables and ancestors repeat on
-    /// almost every record. Tokens depend only on the key, so a cached result stays right.
-    cache: std::collections::HashMap<FieldClass, std::collections::HashMap<String, Cached>>,
+    /// Results per class and text: paths in a watched tree repeat on many records. Tokens
+    /// depend only on the key, so a cached result stays right. The hasher is seeded at
+    /// random per process (texts come from users, who must not be able to force collisions).
+    cache: std::collections::HashMap<FieldClass, TextCache>,
 }
 
 /// Counts per (field, rule, action) while one record is redacted.
@@ -293,40 +296,74 @@ impl Redactor {
     /// Redacts every text field of `rec` and lists what was changed in `rec.redactions`.
     pub fn record(&mut self, rec: &mut pb::Record) {
         let mut hits = Hits::new();
-        let h = &mut hits;
         if let Some(p) = rec.process.as_mut() {
-            self.argv(&mut p.argv, "process.argv", h);
-            self.field(FieldClass::Path, &mut p.exe, Name::Plain("process.exe"), h);
-            self.field(FieldClass::Path, &mut p.cwd, Name::Plain("process.cwd"), h);
+            self.process_fields(p, &mut hits);
+        }
+        self.event_fields(rec, &mut hits);
+        rec.redactions = listed(hits);
+    }
+
+    /// Redacts the text fields of a process context on its own and returns what was changed.
+    /// A context built once and attached to many records is redacted here once; its records
+    /// then go through [`Redactor::record_with_redacted_process`].
+    pub fn process(&mut self, p: &mut pb::Process) -> Vec<pb::Redaction> {
+        let mut hits = Hits::new();
+        self.process_fields(p, &mut hits);
+        listed(hits)
+    }
+
+    /// [`Redactor::record`] for a record whose process context [`Redactor::process`] has
+    /// redacted already and whose `redactions` hold what that call returned: redacts the
+    /// other fields and adds their redactions, in the order `record` lists them.
+    pub fn record_with_redacted_process(&mut self, rec: &mut pb::Record) {
+        let mut hits = Hits::new();
+        self.event_fields(rec, &mut hits);
+        if hits.is_empty() {
+            return;
+        }
+        rec.redactions.extend(listed(hits));
+        // Process and event fields have different names, so nothing needs merging; the
+        // order is that of `Hits`: field, rule, action.
+        rec.redactions
+            .sort_by(|a, b| (&a.field, &a.rule, &a.action).cmp(&(&b.field, &b.rule, &b.action)));
+    }
+
+    fn process_fields(&mut self, p: &mut pb::Process, h: &mut Hits) {
+        self.argv(&mut p.argv, "process.argv", h);
+        self.field(FieldClass::Path, &mut p.exe, Name::Plain("process.exe"), h);
+        self.field(FieldClass::Path, &mut p.cwd, Name::Plain("process.cwd"), h);
+        self.field(
+            FieldClass::Comm,
+            &mut p.comm,
+            Name::Plain("process.comm"),
+            h,
+        );
+        for (i, a) in p.ancestors.iter_mut().enumerate() {
             self.field(
-                FieldClass::Comm,
-                &mut p.comm,
-                Name::Plain("process.comm"),
+                FieldClass::Path,
+                &mut a.exe,
+                Name::Member("process.ancestors", i, "exe"),
                 h,
             );
-            for (i, a) in p.ancestors.iter_mut().enumerate() {
-                self.field(
-                    FieldClass::Path,
-                    &mut a.exe,
-                    Name::Member("process.ancestors", i, "exe"),
-                    h,
-                );
-                self.field(
-                    FieldClass::Comm,
-                    &mut a.comm,
-                    Name::Member("process.ancestors", i, "comm"),
-                    h,
-                );
-            }
-            if let Some(s) = p.identity.as_mut().and_then(|i| i.session.as_mut()) {
-                self.field(
-                    FieldClass::Path,
-                    &mut s.leader_exe,
-                    Name::Plain("process.identity.session.leader_exe"),
-                    h,
-                );
-            }
+            self.field(
+                FieldClass::Comm,
+                &mut a.comm,
+                Name::Member("process.ancestors", i, "comm"),
+                h,
+            );
         }
+        if let Some(s) = p.identity.as_mut().and_then(|i| i.session.as_mut()) {
+            self.field(
+                FieldClass::Path,
+                &mut s.leader_exe,
+                Name::Plain("process.identity.session.leader_exe"),
+                h,
+            );
+        }
+    }
+
+    /// Every text field outside the process context.
+    fn event_fields(&mut self, rec: &mut pb::Record, h: &mut Hits) {
         match rec.event.as_mut() {
             Some(Event::Exec(e)) => {
                 self.argv(&mut e.argv, "exec.argv", h);
@@ -364,16 +401,19 @@ impl Redactor {
             }
             _ => {}
         }
-        rec.redactions = hits
-            .into_iter()
-            .map(|((field, rule, action), count)| pb::Redaction {
-                rule,
-                field,
-                count,
-                action: action.into(),
-            })
-            .collect();
     }
+}
+
+/// The redaction list of a record from the counts.
+fn listed(hits: Hits) -> Vec<pb::Redaction> {
+    hits.into_iter()
+        .map(|((field, rule, action), count)| pb::Redaction {
+            rule,
+            field,
+            count,
+            action: action.into(),
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -498,6 +538,80 @@ mod tests {
         assert_eq!(rec.redactions[0].field, "open.path");
         assert_eq!(rec.redactions[0].rule, "patient-names");
         assert_eq!(rec.redactions[0].count, 1);
+    }
+
+    /// A process context redacted once on its own, then attached to records whose other
+    /// fields are redacted later, gives exactly the records that redacting each whole record
+    /// gives: same texts, same redaction list in the same order.
+    #[test]
+    fn a_context_redacted_once_gives_what_whole_records_give() {
+        let cfg: RedactionConfig = toml::from_str(
+            r#"
+            [[rules]]
+            name = "patient-names"
+            fields = ["path"]
+            pattern = '[A-Z][a-z]+_[A-Z][a-z]+'
+            "#,
+        )
+        .expect("config");
+        let context = pb::Process {
+            comm: "mysql".into(),
+            exe: "/usr/bin/mysql".into(),
+            cwd: "/srv/ehr/Jane_Roe".into(),
+            argv: vec!["mysql".into(), "-pHunter2x".into(), "219-09-9999".into()],
+            ancestors: vec![pb::Ancestor {
+                pid: 7,
+                comm: "bash".into(),
+                exe: "/home/John_Doe/bin/bash".into(),
+                ..Default::default()
+            }],
+            identity: Some(pb::Identity {
+                session: Some(pb::LoginSession {
+                    leader_exe: "/srv/ehr/Jane_Roe/sshd".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let events = [
+            Event::Open(pb::Open {
+                path: "/srv/ehr/Mary_Major/chart.pdf".into(),
+                requested: "Mary_Major/chart.pdf".into(),
+                ..Default::default()
+            }),
+            Event::Exec(pb::Exec {
+                argv: vec!["mysql".into(), "--password=S3cret&1".into()],
+                env: vec!["PGPASSWORD=x1".into(), "HOME=/root".into()],
+                exe: "/srv/ehr/Jane_Roe/run".into(),
+                ..Default::default()
+            }),
+            Event::Open(pb::Open {
+                path: "/srv/ehr/plain.txt".into(),
+                ..Default::default()
+            }),
+        ];
+        let mut once = engine(&cfg);
+        let mut shared = context.clone();
+        let context_hits = once.process(&mut shared);
+        assert!(context_hits.len() >= 4, "{context_hits:?}");
+        let mut whole = engine(&cfg);
+        for event in events {
+            let record = pb::Record {
+                process: Some(context.clone()),
+                event: Some(event),
+                ..Default::default()
+            };
+            let mut want = record.clone();
+            whole.record(&mut want);
+            let mut got = pb::Record {
+                process: Some(shared.clone()),
+                redactions: context_hits.clone(),
+                ..record
+            };
+            once.record_with_redacted_process(&mut got);
+            assert_eq!(got, want);
+        }
     }
 
     #[test]

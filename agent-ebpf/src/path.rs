@@ -6,6 +6,7 @@ use core::ptr::{read_volatile, write_volatile};
 use agent_common::{
     event::path_flags,
     limits::{NAME_MAX, PATH_DEPTH_MAX, PATH_MAX, WATCH_PREFIX_MAX},
+    offsets::features,
 };
 use aya_ebpf::{
     helpers::generated::{bpf_probe_read_kernel, bpf_probe_read_user_str},
@@ -14,12 +15,16 @@ use aya_ebpf::{
 
 use crate::{
     emit::scratch,
-    kernel::{Kind, PathRef, load_ptr, load_u32, off},
+    kernel::{Kind, PathRef, has, load_ptr, load_u32, load_u64, off},
     maps::{CURSOR_OFFSET, PREFIX_KEY, WATCH_PREFIXES},
 };
 
 /// Bytes a caller must reserve for [`write_path`]: the logical bound plus one component.
 pub const PATH_REGION: usize = PATH_MAX + NAME_MAX + 1;
+
+/// Names up to this long (most of them) are copied as whole words by direct loads.
+const SHORT_NAME: usize = 40;
+const _: () = assert!(SHORT_NAME.is_multiple_of(8) && SHORT_NAME <= NAME_MAX);
 
 /// Loop state of [`write_path`], kept in map memory: the verifier does not track values in map
 /// memory, so each iteration re-reads them as unknown (and bounds-checks them) instead of
@@ -142,12 +147,36 @@ pub extern "C" fn phi_write_path(slot: u32, tail: u32, dentry: u64, vfsmnt: u64)
             finished = true;
             break;
         }
-        // SAFETY: `pos <= PATH_MAX` and `len <= NAME_MAX`, so `pos + len + 1 <= PATH_REGION`.
-        unsafe {
-            if bpf_probe_read_kernel(buf.add(pos).cast(), len as u32, name as *const _) < 0 {
+        if len <= SHORT_NAME && has(features::DIRECT_LOADS) {
+            // Most names: a few direct loads instead of a helper call. The words past the
+            // name's end (inside the dentry's inline name or the slab object of an external
+            // one; a load that faults reads 0) land past `pos + len`, which the '/' below,
+            // the next name or the end of the path covers or leaves unsent.
+            let mut words = [0u64; SHORT_NAME / 8];
+            for (i, word) in words.iter_mut().enumerate() {
+                match load_u64(name + 8 * i as u64, Kind::Slot, 0) {
+                    Ok(w) => *word = w,
+                    Err(_) => break,
+                }
+            }
+            // SAFETY: `pos <= PATH_MAX`, so `pos + SHORT_NAME <= PATH_REGION`; the map
+            // value allows unaligned stores.
+            unsafe {
+                for (i, word) in words.iter().enumerate() {
+                    buf.add(pos + 8 * i).cast::<u64>().write_unaligned(*word);
+                }
+            }
+        } else {
+            // SAFETY: `pos <= PATH_MAX` and `len <= NAME_MAX`, inside the region.
+            if unsafe { bpf_probe_read_kernel(buf.add(pos).cast(), len as u32, name as *const _) }
+                < 0
+            {
                 add_flag(path_flags::READ_FAILED);
                 break;
             }
+        }
+        // SAFETY: `pos <= PATH_MAX` and `len <= NAME_MAX`, so `pos + len + 1 <= PATH_REGION`.
+        unsafe {
             *buf.add(pos + len) = b'/';
             write_volatile(pos_at, (pos + len + 1) as u32);
         }

@@ -267,3 +267,38 @@ fn a_fork_without_exec_is_attributed_to_its_parent_even_after_it_exits() {
     assert_eq!(exit["exit"]["status"], 7);
     agent.stop();
 }
+
+/// Directory and file names of every length around the kernel's ways of copying them (whole
+/// words for short names, a helper copy for longer ones; inline and external dentry names)
+/// come out whole, byte for byte, at every depth, UTF-8 included.
+#[test]
+fn names_of_every_length_are_copied_exactly() {
+    let w = TestDir::new("names");
+    let mut agent = Agent::start(["--watch".as_ref(), w.path().as_os_str()]);
+    let lengths = [
+        1, 7, 8, 9, 15, 16, 17, 31, 32, 33, 39, 40, 41, 47, 48, 63, 64, 200, 255,
+    ];
+    let mut expected = Vec::new();
+    for (i, len) in lengths.into_iter().enumerate() {
+        // Each name differs in every byte from its neighbours, so a stray byte shows.
+        let letter = (b'a' + (i % 26) as u8) as char;
+        let dir: String = std::iter::repeat_n(letter.to_ascii_uppercase(), len).collect();
+        let name: String = std::iter::repeat_n(letter, len).collect();
+        let rel = format!("{dir}/x/{name}");
+        expected.push(w.file(&rel, "synthetic\n"));
+    }
+    // Multi-byte characters: 13 × 3 bytes = 39, 14 × 3 = 42.
+    for n in [13, 14] {
+        let name: String = std::iter::repeat_n('é', n).collect::<String>() + "ü";
+        expected.push(w.file(&format!("utf8/{name}"), "synthetic\n"));
+    }
+    for file in &expected {
+        std::fs::read(file).expect("read watched file");
+    }
+    for file in &expected {
+        let r = open_record(&mut agent, "open of a file with a long name", file);
+        assert_eq!(r["open"]["path"].as_str(), file.to_str(), "{r}");
+        assert_eq!(r["open"]["pathTruncated"], false, "{r}");
+    }
+    agent.stop();
+}

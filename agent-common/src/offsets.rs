@@ -275,8 +275,9 @@ pub struct ProbeSettings {
     pub self_tgid: u32,
     /// Report connect calls (1) or not (0).
     pub connect_enabled: u32,
-    /// Wake the agent only once this many bytes wait in the ring buffer (it also polls on a
-    /// short timer), so that a burst costs one wakeup, not one per event.
+    /// Each CPU wakes the agent once per this many bytes of events it sends (the agent also
+    /// polls on a short timer), so that a burst costs one wakeup per so many bytes, not one
+    /// per event.
     pub wakeup_bytes: u32,
     pub _pad: u32,
 }

@@ -14,7 +14,7 @@ use aya_ebpf::{
 use crate::{
     error::{Error, Result},
     kernel::{Kind, has, load_ptr, load_u32, load_u64, off, setting},
-    maps::{DROPS, EVENTS, SCRATCH},
+    maps::{DROPS, EVENTS, SCRATCH, WAKE_BYTES},
 };
 
 /// Adds one to the drop counter of `reason`.
@@ -83,22 +83,30 @@ pub fn fill_header(buf: *mut u8, kind: EventKind, task: u64) -> Result<()> {
     Ok(())
 }
 
-/// `bpf_ringbuf_output` flags: no wakeup, forced wakeup; `bpf_ringbuf_query`: pending bytes.
+/// `bpf_ringbuf_output` flags: no wakeup, forced wakeup.
 const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
-const BPF_RB_AVAIL_DATA: u64 = 0;
 
-/// Wakes the agent once when the waiting data crosses the threshold; it drains on a timer
-/// otherwise. Above the threshold the agent is awake and draining already: waking it for every
-/// further event would only cost the producer.
+/// Wakes the agent once per `wakeup_bytes` this CPU sends; it drains on a timer otherwise.
+/// Counted per CPU rather than asking the ring buffer how much waits: that would read the
+/// consumer position, a cache line the agent writes for every event it takes, so each event
+/// would pay a cache miss while the agent is busy.
 #[inline(always)]
 fn wakeup_flags(len: usize) -> u64 {
-    let pending = EVENTS.query(BPF_RB_AVAIL_DATA);
+    let Some(sent) = WAKE_BYTES.get_ptr_mut(0) else {
+        return BPF_RB_FORCE_WAKEUP;
+    };
     let threshold = u64::from(setting!(wakeup_bytes));
-    if pending < threshold && pending + len as u64 >= threshold {
-        BPF_RB_FORCE_WAKEUP
-    } else {
-        BPF_RB_NO_WAKEUP
+    // SAFETY: this CPU's slot; a lost update under preemption shifts one wakeup a little.
+    unsafe {
+        let total = *sent + len as u64;
+        if total >= threshold {
+            *sent = 0;
+            BPF_RB_FORCE_WAKEUP
+        } else {
+            *sent = total;
+            BPF_RB_NO_WAKEUP
+        }
     }
 }
 

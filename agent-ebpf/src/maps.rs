@@ -21,6 +21,10 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BUFFER_BYTES, 
 #[map]
 pub static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DropReason::COUNT, 0);
 
+/// Bytes of events this CPU sent since it last woke the agent.
+#[map]
+pub static WAKE_BYTES: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
 /// A buffer in which one event is assembled before it is copied to the ring buffer.
 #[repr(C)]
 pub struct Scratch {

@@ -356,7 +356,10 @@ impl Probes {
         let settings = ProbeSettings {
             self_tgid: std::process::id(),
             connect_enabled: u32::from(opts.connect),
-            wakeup_bytes: wakeup_bytes(opts.ring_buffer_bytes),
+            wakeup_bytes: wakeup_bytes(
+                opts.ring_buffer_bytes,
+                aya::util::nr_cpus().map_or(1, |n| n as u32),
+            ),
             _pad: 0,
         };
         let aya_btf = aya::Btf::from_sys_fs().map_err(|e| {
@@ -646,10 +649,12 @@ fn spawn_log_reader<T: log::Log + Send + 'static>(logger: aya_log::EbpfLogger<T>
     });
 }
 
-/// How full the ring buffer gets before the programs wake the agent: an eighth of it, at
-/// most 256 KiB. Below that the agent picks events up on its poll timer.
-pub fn wakeup_bytes(ring_buffer_bytes: u32) -> u32 {
-    (ring_buffer_bytes / 8).min(256 * 1024)
+/// How many bytes of events each CPU sends before it wakes the agent: an eighth of the ring
+/// buffer (at most 256 KiB) shared among the CPUs that may send, at least 4 KiB. So the
+/// ring holds at most about that eighth, however the events spread over CPUs, before some
+/// CPU wakes the agent; below it the agent picks events up on its poll timer.
+pub fn wakeup_bytes(ring_buffer_bytes: u32, cpus: u32) -> u32 {
+    ((ring_buffer_bytes / 8).min(256 * 1024) / cpus.max(1)).max(4096)
 }
 
 /// Default size of the event ring buffer.
@@ -672,6 +677,27 @@ pub fn validate_ring_buffer_bytes(bytes: u64) -> Result<u32, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each CPU's share of the wakeup threshold: together the CPUs never let more than an
+    /// eighth of the ring (at most 256 KiB) wait before one of them wakes the agent, unless
+    /// the 4 KiB floor per CPU is what bounds it.
+    #[test]
+    fn the_wakeup_threshold_is_shared_among_cpus() {
+        let ring = default_ring_buffer_bytes();
+        assert_eq!(wakeup_bytes(ring, 1), 256 * 1024);
+        assert_eq!(wakeup_bytes(ring, 2), 128 * 1024);
+        assert_eq!(wakeup_bytes(ring, 512), 4096);
+        assert_eq!(wakeup_bytes(ring, 0), 256 * 1024);
+        assert_eq!(wakeup_bytes(64 * 1024, 2), 4096);
+        for cpus in [1, 2, 3, 7, 16, 96] {
+            for ring in [4096u32, 64 << 10, 1 << 20, 8 << 20, 1 << 30] {
+                let each = wakeup_bytes(ring, cpus);
+                assert!(each >= 4096);
+                let bound = u64::from((ring / 8).min(256 * 1024)).max(4096 * u64::from(cpus));
+                assert!(u64::from(each) * u64::from(cpus) <= bound, "{ring} {cpus}");
+            }
+        }
+    }
 
     /// The instructions of the object's code sections matching `want` (8 bytes).
     fn count(elf: &[u8], want: impl Fn(&[u8]) -> bool) -> usize {

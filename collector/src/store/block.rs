@@ -322,9 +322,11 @@ impl Bloom {
         (0..PROBES).map(move |i| a.wrapping_add(i.wrapping_mul(b)) % bits)
     }
 
-    /// The items of `path`: itself and each of its directories (`/srv/`, `/srv/ehr/`, …).
+    /// The items of `path`: itself and each of its directories (`/srv/`, `/srv/ehr/`, …)
+    /// but the root, which every path has and no query tests (see [`prefix_item`]).
     fn items(path: &str) -> impl Iterator<Item = &str> {
         path.match_indices('/')
+            .filter(|(i, _)| *i > 0)
             .map(move |(i, _)| &path[..=i])
             .chain(std::iter::once(path))
     }
@@ -489,6 +491,12 @@ mod tests {
 
     #[test]
     fn a_prefix_tests_the_directory_it_names() {
+        assert_eq!(
+            Bloom::items("/srv/ehr/a.pdf").collect::<Vec<_>>(),
+            ["/srv/", "/srv/ehr/", "/srv/ehr/a.pdf"]
+        );
+        assert_eq!(Bloom::items("/").collect::<Vec<_>>(), ["/"]);
+        assert_eq!(Bloom::items("rel/x").collect::<Vec<_>>(), ["rel/", "rel/x"]);
         assert_eq!(prefix_item("/srv/ehr/card"), Some("/srv/ehr/"));
         assert_eq!(prefix_item("/srv/ehr/"), Some("/srv/ehr/"));
         assert_eq!(prefix_item("/srv/ehr/a/b.pdf"), Some("/srv/ehr/a/"));

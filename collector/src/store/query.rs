@@ -50,6 +50,16 @@ fn user_clause(w: &mut Where, user: &str, with_uid: bool) {
     }
 }
 
+/// Where a timeline page's time range starts: the filter's start, or the cursor's time when
+/// that is later (a page holds no record older than the cursor).
+pub fn page_since(filter: &Filter, after: Option<&Cursor>) -> Option<i64> {
+    match (filter.since_ns, after) {
+        (Some(s), Some(c)) => Some(s.max(c.time_ns)),
+        (None, Some(c)) => Some(c.time_ns),
+        (s, None) => s,
+    }
+}
+
 /// `SELECT host_id, seq, hash, body, time_ns, session FROM records …` for a timeline page.
 pub fn timeline(filter: &Filter, after: Option<&Cursor>, limit: usize) -> (String, Vec<Param>) {
     let mut w = Where::default();
@@ -59,12 +69,7 @@ pub fn timeline(filter: &Filter, after: Option<&Cursor>, limit: usize) -> (Strin
     // Rows after the cursor are no older than it: starting the time range there lets the
     // index seek straight to the page. (The row-value condition below alone is checked row by
     // row, so every page rescanned the window from its start: quadratic in its size.)
-    let since = match (filter.since_ns, after) {
-        (Some(s), Some(c)) => Some(s.max(c.time_ns)),
-        (None, Some(c)) => Some(c.time_ns),
-        (s, None) => s,
-    };
-    if let Some(s) = since {
+    if let Some(s) = page_since(filter, after) {
         w.push("time_ns >= ?", [Param::Int(s)]);
     }
     if let Some(u) = filter.until_ns {

@@ -401,11 +401,7 @@ fn timeline_page(
     limit: usize,
 ) -> Result<Vec<Row>, StoreError> {
     let limit = limit.max(1);
-    let since = match (filter.since_ns, after) {
-        (Some(s), Some(c)) => Some(s.max(c.time_ns)),
-        (None, Some(c)) => Some(c.time_ns),
-        (s, None) => s,
-    };
+    let since = query::page_since(filter, after);
     let mut w = query::Where::default();
     if let Some(h) = &filter.host {
         w.push("b.host_id = ?", [Param::Text(h.clone())]);

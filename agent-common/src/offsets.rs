@@ -24,6 +24,9 @@ pub mod features {
     /// kernel pointers with plain loads checked against BTF instead of
     /// `bpf_probe_read_kernel` calls.
     pub const DIRECT_LOADS: u32 = 1 << 6;
+    /// `task_struct.cgroups->dfl_cgrp->kn->id` can be followed with direct loads: the event
+    /// header's cgroup id costs a few loads instead of a `bpf_get_current_cgroup_id` call.
+    pub const CGROUP_LOADS: u32 = 1 << 7;
 }
 
 /// The helper number the programs call where they mean the `bpf_rdonly_cast` kfunc. No
@@ -67,6 +70,13 @@ pub struct KernelOffsets {
     pub task_ti_status: u32,
     /// `task_struct.comm` (16 bytes, NUL-terminated and padded).
     pub task_comm: u32,
+    /// `task_struct.cgroups` (`struct css_set *`).
+    pub task_cgroups: u32,
+
+    // The default hierarchy's cgroup id: `css_set.dfl_cgrp`, `cgroup.kn`, `kernfs_node.id`.
+    pub css_set_dfl_cgrp: u32,
+    pub cgroup_kn: u32,
+    pub kernfs_node_id: u32,
 
     // struct cred
     pub cred_uid: u32,
@@ -172,6 +182,9 @@ pub struct KernelOffsets {
     /// `struct list_head`, whose first member is a pointer: the type through which one
     /// pointer-sized slot of an array (the file table) is loaded.
     pub btf_slot: u32,
+    pub btf_css_set: u32,
+    pub btf_cgroup: u32,
+    pub btf_kernfs_node: u32,
 }
 
 impl KernelOffsets {
@@ -201,6 +214,10 @@ impl KernelOffsets {
         task_start_boottime: 0,
         task_ti_status: 0,
         task_comm: 0,
+        task_cgroups: 0,
+        css_set_dfl_cgrp: 0,
+        cgroup_kn: 0,
+        kernfs_node_id: 0,
         cred_uid: 0,
         cred_gid: 0,
         cred_euid: 0,
@@ -264,6 +281,9 @@ impl KernelOffsets {
         btf_socket: 0,
         btf_sock: 0,
         btf_slot: 0,
+        btf_css_set: 0,
+        btf_cgroup: 0,
+        btf_kernfs_node: 0,
     };
 }
 

@@ -77,10 +77,29 @@ pub fn fill_header(buf: *mut u8, kind: EventKind, task: u64) -> Result<()> {
         (*hdr).egid = egid;
         (*hdr).loginuid = loginuid;
         (*hdr).sessionid = sessionid;
-        (*hdr).cgroup_id = bpf_get_current_cgroup_id();
+        (*hdr).cgroup_id = cgroup_id(task);
         (*hdr).comm = core::mem::transmute::<[u64; 2], [u8; 16]>(comm);
     }
     Ok(())
+}
+
+/// The task's cgroup id on the default hierarchy (what `bpf_get_current_cgroup_id` returns for
+/// the current task): three pointers and the id, with direct loads where the kernel allows.
+#[inline(always)]
+fn cgroup_id(task: u64) -> u64 {
+    if has(features::CGROUP_LOADS) {
+        let id = (|| -> Result<u64> {
+            let cset = load_ptr(task, Kind::Task, off!(task_cgroups))?;
+            let cgrp = load_ptr(cset, Kind::CssSet, off!(css_set_dfl_cgrp))?;
+            let kn = load_ptr(cgrp, Kind::Cgroup, off!(cgroup_kn))?;
+            load_u64(kn, Kind::KernfsNode, off!(kernfs_node_id))
+        })();
+        if let Ok(id) = id {
+            return id;
+        }
+    }
+    // SAFETY: helper without preconditions.
+    unsafe { bpf_get_current_cgroup_id() }
 }
 
 /// `bpf_ringbuf_output` flags: no wakeup, forced wakeup.

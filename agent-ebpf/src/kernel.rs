@@ -86,6 +86,9 @@ pub enum Kind {
     Signal,
     Socket,
     Sock,
+    CssSet,
+    Cgroup,
+    KernfsNode,
     /// One pointer-sized array slot, read at offset 0 (as the first pointer of a
     /// `struct list_head`): the verifier accepts only constant offsets into a typed object,
     /// so an array element is cast on its own.
@@ -110,6 +113,9 @@ impl Kind {
             Kind::Signal => off!(btf_signal_struct),
             Kind::Socket => off!(btf_socket),
             Kind::Sock => off!(btf_sock),
+            Kind::CssSet => off!(btf_css_set),
+            Kind::Cgroup => off!(btf_cgroup),
+            Kind::KernfsNode => off!(btf_kernfs_node),
             Kind::Slot => off!(btf_slot),
         }
     }
@@ -220,6 +226,7 @@ macro_rules! btf_load {
         unsafe { *(at as *const $ty) }
     }};
 }
+pub(crate) use btf_load;
 
 /// The current task as a BTF pointer (for `btf_load!`).
 #[inline(always)]
@@ -228,13 +235,20 @@ pub fn current_task_btf() -> u64 {
     (unsafe { bpf_get_current_task_btf() }) as u64
 }
 
-/// `current->files->fdt->fd[fd]`, or an error when the fd is out of range.
+/// A trusted task pointer (from `bpf_get_current_task_btf`) as a plain number, for the
+/// functions that take a task address (see [`number`]).
 #[inline(always)]
-pub fn fd_file(fd: i64) -> Result<u64> {
+pub fn task_number(task_btf: u64) -> u64 {
+    number(task_btf)
+}
+
+/// `task->files->fdt->fd[fd]` for the current task `task` (a trusted BTF pointer, see
+/// [`current_task_btf`]), or an error when the fd is out of range.
+#[inline(always)]
+pub fn fd_file(task: u64, fd: i64) -> Result<u64> {
     if fd < 0 {
         return Err(Error::Read);
     }
-    let task = current_task_btf();
     let files = btf_load!(u64, task, task_files);
     if files == 0 {
         return Err(Error::Read);

@@ -51,9 +51,13 @@ pub fn for_file(path: PathRef) -> Result<Verdict> {
     })
 }
 
-/// Verdict for a directory (itself or an ancestor watched).
+/// Verdict for a directory (itself or an ancestor watched): from the cache when it holds
+/// the directory (checked inline: no call), else from `phi_decide_dir`.
 #[inline(always)]
 pub fn for_dir(dir: PathRef) -> Result<Verdict> {
+    if let Some(verdict) = remembered(dir)? {
+        return Ok(verdict);
+    }
     match phi_decide_dir(dir.dentry, dir.vfsmnt) {
         UNWATCHED => Ok(Verdict::Unwatched),
         UNDECIDED => Ok(Verdict::Undecided),
@@ -111,33 +115,76 @@ pub extern "C" fn phi_decide_dir(dentry: u64, vfsmnt: u64) -> i64 {
     }
 }
 
+/// The directory as the cache knows it: its generations, inode, superblock and inode
+/// number (what must still match for a remembered verdict to hold).
+#[derive(Clone, Copy)]
+struct Identity {
+    kernel_generation: u64,
+    agent_generation: u64,
+    inode: u64,
+    sb: u64,
+    ino: u64,
+}
+
+/// The identity of `dir`; `None` for a negative dentry (never cached).
 #[inline(always)]
-fn decide_dir_inner(dir: PathRef) -> Result<Verdict> {
+fn identity(dir: PathRef) -> Result<Option<Identity>> {
     let kernel_generation = generation(generation::KERNEL);
     let agent_generation = generation(generation::AGENT);
     let inode = load_u64(dir.dentry, Kind::Dentry, off!(dentry_inode))?;
     if inode == 0 {
-        return walk(dir);
+        return Ok(None);
     }
     let (sb, ino) = inode_sb_ino(inode)?;
+    Ok(Some(Identity {
+        kernel_generation,
+        agent_generation,
+        inode,
+        sb,
+        ino,
+    }))
+}
+
+/// The cache slot of `dir`, and the verdict it remembers for `dir` if it still holds.
+#[inline(always)]
+fn lookup(dir: PathRef, id: Identity) -> Result<(*mut VerdictEntry, Option<Verdict>)> {
     let slot = VERDICTS
         .get_ptr_mut(cache_slot(dir))
         .ok_or(Error::Scratch)?;
-    // SAFETY: this CPU's slot; only this program touches the cache.
-    let e = unsafe { &mut *slot };
-    if e.dentry == dir.dentry
+    // SAFETY: this CPU's slot; only the programs on this CPU touch the cache, one at a time.
+    let e = unsafe { &*slot };
+    let hit = e.dentry == dir.dentry
         && e.vfsmnt == dir.vfsmnt
-        && e.kernel_generation == kernel_generation
-        && e.agent_generation == agent_generation
-        && e.inode == inode
-        && e.sb == sb
-        && e.ino == ino
-    {
-        return Ok(if e.watch_id == 0 {
-            Verdict::Unwatched
-        } else {
-            Verdict::Watched(e.watch_id)
-        });
+        && e.kernel_generation == id.kernel_generation
+        && e.agent_generation == id.agent_generation
+        && e.inode == id.inode
+        && e.sb == id.sb
+        && e.ino == id.ino;
+    let verdict = match (hit, e.watch_id) {
+        (false, _) => None,
+        (true, 0) => Some(Verdict::Unwatched),
+        (true, watch_id) => Some(Verdict::Watched(watch_id)),
+    };
+    Ok((slot, verdict))
+}
+
+/// The remembered verdict of `dir`, if the cache holds one that is still valid.
+#[inline(always)]
+fn remembered(dir: PathRef) -> Result<Option<Verdict>> {
+    match identity(dir)? {
+        Some(id) => Ok(lookup(dir, id)?.1),
+        None => Ok(None),
+    }
+}
+
+#[inline(always)]
+fn decide_dir_inner(dir: PathRef) -> Result<Verdict> {
+    let Some(id) = identity(dir)? else {
+        return walk(dir);
+    };
+    let (slot, remembered) = lookup(dir, id)?;
+    if let Some(verdict) = remembered {
+        return Ok(verdict);
     }
     let verdict = walk(dir)?;
     let watch_id = match verdict {
@@ -145,17 +192,20 @@ fn decide_dir_inner(dir: PathRef) -> Result<Verdict> {
         Verdict::Unwatched => 0,
         Verdict::Undecided => return Ok(verdict),
     };
-    *e = VerdictEntry {
-        dentry: dir.dentry,
-        vfsmnt: dir.vfsmnt,
-        kernel_generation,
-        agent_generation,
-        inode,
-        sb,
-        ino,
-        watch_id,
-        _pad: 0,
-    };
+    // SAFETY: as in `lookup`.
+    unsafe {
+        *slot = VerdictEntry {
+            dentry: dir.dentry,
+            vfsmnt: dir.vfsmnt,
+            kernel_generation: id.kernel_generation,
+            agent_generation: id.agent_generation,
+            inode: id.inode,
+            sb: id.sb,
+            ino: id.ino,
+            watch_id,
+            _pad: 0,
+        };
+    }
     Ok(verdict)
 }
 

@@ -2,7 +2,7 @@
 
 use std::{
     io::Write as _,
-    os::unix::process::CommandExt as _,
+    os::unix::{fs::MetadataExt as _, process::CommandExt as _},
     path::{Path, PathBuf},
     process::Command,
 };
@@ -80,6 +80,9 @@ fn a_process_in_a_kubernetes_container_cgroup_carries_container_and_pod() {
     assert_eq!(c["podName"], "ehr-api-7d9f");
     assert_eq!(c["podNamespace"], "clinical");
     assert_eq!(c["cgroup"].as_str(), Some(format!("/{rel}").as_str()));
+    // The kernel's cgroup id of the process is its cgroup directory's inode number.
+    let id = std::fs::metadata(&scope).expect("the scope").ino();
+    assert_eq!(as_u64(&r["process"]["cgroupId"]), id, "{r}");
     agent.stop();
 }
 

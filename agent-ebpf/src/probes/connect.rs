@@ -27,6 +27,10 @@ const EINPROGRESS: i64 = 115;
 const EFAULT: i64 = 14;
 const SYS_CONNECT: u64 = 3;
 
+/// Records a connect call of the current task (`task`, an address). Runs as a global
+/// subprogram: its buffers then live in a frame of their own, not in that of the program that
+/// calls it, whose frame and the open path's subprograms must fit the kernel's 512 bytes of
+/// stack together.
 #[inline(always)]
 pub fn handle(
     task: u64,
@@ -38,6 +42,33 @@ pub fn handle(
     if setting!(connect_enabled) == 0 {
         return Ok(());
     }
+    // The address length is a 32-bit value: the call and the compat bit ride above it.
+    let packed =
+        (a[2] & 0xffff_ffff) | (u64::from(syscall as u8) << 32) | (u64::from(compat) << 40);
+    match phi_connect_process(task, ret, a[0], a[1], packed) {
+        0 => Ok(()),
+        code => Err(Error::from_code(code)),
+    }
+}
+
+/// The global subprogram behind [`handle`]: returns 0 or the `Error` as an integer.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn phi_connect_process(task: u64, ret: i64, a0: u64, a1: u64, packed: u64) -> u32 {
+    let syscall = if (packed >> 32) & 0xff == ConnectSyscall::Socketcall as u64 {
+        ConnectSyscall::Socketcall
+    } else {
+        ConnectSyscall::Connect
+    };
+    let compat = (packed >> 40) & 1 != 0;
+    match record(task, ret, syscall, [a0, a1, packed & 0xffff_ffff], compat) {
+        Ok(()) => 0,
+        Err(e) => e as u32,
+    }
+}
+
+#[inline(always)]
+fn record(task: u64, ret: i64, syscall: ConnectSyscall, a: [u64; 3], compat: bool) -> Result<()> {
     let (fd, uaddr, addrlen) = match syscall {
         ConnectSyscall::Connect => (a[0] as i32, a[1], a[2] as u32),
         ConnectSyscall::Socketcall => {
@@ -126,7 +157,7 @@ pub fn handle(
 /// Reads family, addresses and ports from the connected socket.
 #[inline(always)]
 fn from_socket(fd: i32, body: &mut ConnectEvent) -> Result<()> {
-    let file = fd_file(i64::from(fd))?;
+    let file = fd_file(crate::kernel::current_task_btf(), i64::from(fd))?;
     let sock = load_ptr(file, Kind::File, off!(file_private_data))?;
     let sk = load_ptr(sock, Kind::Socket, off!(socket_sk))?;
     let family = load_u16(sk, Kind::Sock, off!(sk_family))?;

@@ -10,6 +10,7 @@ use agent_common::{
     drops::DropReason,
     event::{EventKind, OpenEvent, OpenSyscall, PathOrigin, path_flags, tail_offset},
     limits::PATH_MAX,
+    offsets::features,
 };
 use aya_ebpf::helpers::generated::bpf_probe_read_user_str;
 
@@ -18,7 +19,7 @@ use aya_ebpf::{macros::map, maps::PerCpuArray};
 use crate::{
     emit::{count_drop, fill_header, scratch, submit},
     error::{Error, Result},
-    kernel::{PathRef, dentry_ino_dev, fd_file, read_user},
+    kernel::{PathRef, current_task_btf, dentry_ino_dev, fd_file, has, read_user, task_number},
     maps::slot,
     path::{prefix_lookup, write_path},
     verdict::{self, Verdict},
@@ -34,11 +35,41 @@ const TAIL: usize = tail_offset::<OpenEvent>();
 const _: () = assert!(TAIL + crate::path::PATH_REGION + PATH_MAX <= crate::maps::CURSOR_OFFSET);
 const _: () = assert!(TAIL <= crate::path::TAIL_MAX);
 
-/// Normalizes the arguments, parks them in this CPU's `OPEN_CALLS` slot and processes them.
-/// Reading them back from the map turns every per-syscall constant into an unknown value, so
-/// the verifier checks the path walks once instead of once per system call variant.
+/// Judges a successful open of the current task `task_btf` (a trusted BTF pointer) here,
+/// where the kernel allows direct loads, so that a file outside every watched tree costs a
+/// few loads and no further call; then normalizes the arguments, parks them in this CPU's
+/// `OPEN_CALLS` slot and processes them. Reading them back from the map turns every
+/// per-syscall constant into an unknown value, so the verifier checks the path walks once
+/// instead of once per system call variant.
+///
+/// Without direct loads (before 6.2) the subprogram judges the file: there, the reads
+/// through `bpf_probe_read_kernel` need buffers on the stack, and this program's frame, the
+/// subprogram's and the path walk's together must stay within the kernel's 512 bytes.
 #[inline(always)]
-pub fn handle(task: u64, ret: i64, syscall: OpenSyscall, a: [u64; 4], compat: bool) -> Result<()> {
+pub fn handle(
+    task_btf: u64,
+    ret: i64,
+    syscall: OpenSyscall,
+    a: [u64; 4],
+    compat: bool,
+) -> Result<()> {
+    let (path, watch_id, verdict_flags) = if ret >= 0 && has(features::DIRECT_LOADS) {
+        let path = PathRef::of_file(fd_file(task_btf, ret)?)?;
+        match verdict::for_file(path)? {
+            Verdict::Watched(id) => (path, id, 0),
+            Verdict::Unwatched => return Ok(()),
+            Verdict::Undecided => (path, 0, path_flags::UNDECIDED),
+        }
+    } else {
+        (
+            PathRef {
+                dentry: 0,
+                vfsmnt: 0,
+            },
+            0,
+            0,
+        )
+    };
     let (dirfd, user_path, flags, mode) = match syscall {
         OpenSyscall::Open => (AT_FDCWD, a[0], a[1] as u32, a[2] as u32),
         OpenSyscall::Creat => (AT_FDCWD, a[0], O_CREAT | O_WRONLY | O_TRUNC, a[1] as u32),
@@ -53,8 +84,12 @@ pub fn handle(task: u64, ret: i64, syscall: OpenSyscall, a: [u64; 4], compat: bo
     // SAFETY: this CPU's slot; no other program uses it.
     unsafe {
         *slot = Call {
-            task,
+            task: task_number(task_btf),
             ret,
+            dentry: path.dentry,
+            vfsmnt: path.vfsmnt,
+            watch_id,
+            path_flags: u32::from(verdict_flags),
             user_path,
             dirfd,
             flags,
@@ -95,6 +130,13 @@ pub extern "C" fn phi_open_process() -> u32 {
 pub struct Call {
     task: u64,
     ret: i64,
+    /// A successful open's file (`f_path`), already judged to be recorded; 0 when not
+    /// judged yet.
+    dentry: u64,
+    vfsmnt: u64,
+    /// Its verdict: the watch id, and `path_flags::UNDECIDED` when the kernel cannot tell.
+    watch_id: u32,
+    path_flags: u32,
     user_path: u64,
     dirfd: i32,
     flags: u32,
@@ -170,15 +212,22 @@ fn count_path_flags(flags: u16) {
     }
 }
 
-/// Successful open: judge and name the new file.
+/// Successful open: judge the new file (unless `handle` did) and name it.
 #[inline(always)]
 fn opened(call: &Call) -> Result<()> {
-    let file = fd_file(call.ret)?;
-    let path = PathRef::of_file(file)?;
-    let (watch_id, extra) = match verdict::for_file(path)? {
-        Verdict::Watched(id) => (id, 0),
-        Verdict::Unwatched => return Ok(()),
-        Verdict::Undecided => (0, path_flags::UNDECIDED),
+    let (path, watch_id, extra) = if call.dentry != 0 {
+        let path = PathRef {
+            dentry: call.dentry,
+            vfsmnt: call.vfsmnt,
+        };
+        (path, call.watch_id, call.path_flags as u16)
+    } else {
+        let path = PathRef::of_file(fd_file(current_task_btf(), call.ret)?)?;
+        match verdict::for_file(path)? {
+            Verdict::Watched(id) => (path, id, 0),
+            Verdict::Unwatched => return Ok(()),
+            Verdict::Undecided => (path, 0, path_flags::UNDECIDED),
+        }
     };
     let buf = start_event(call, PathOrigin::File, watch_id)?;
     if let Ok((ino, dev)) = dentry_ino_dev(path.dentry) {
@@ -212,7 +261,7 @@ fn failed(call: &Call, user_path: u64) -> Result<()> {
         let base = if call.dirfd == AT_FDCWD {
             PathRef::cwd_of(call.task)?
         } else {
-            PathRef::of_file(fd_file(i64::from(call.dirfd))?)?
+            PathRef::of_file(fd_file(current_task_btf(), i64::from(call.dirfd))?)?
         };
         let id = match verdict::for_dir(base)? {
             Verdict::Watched(id) => id,

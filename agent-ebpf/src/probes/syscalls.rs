@@ -15,19 +15,17 @@ use agent_common::{
     watch::WatchKey,
 };
 use aya_ebpf::{
-    helpers::{
-        bpf_get_current_pid_tgid,
-        generated::{bpf_get_current_task_btf, bpf_task_pt_regs},
-    },
-    macros::btf_tracepoint,
-    programs::BtfTracePointContext,
+    helpers::generated::bpf_task_pt_regs, macros::btf_tracepoint, programs::BtfTracePointContext,
 };
 
 use super::{chdir, connect, open};
 use crate::{
     emit::{account, count_drop},
     error::{Error, Result},
-    kernel::{PathRef, dentry_ino_dev, fd_file, has, off, setting},
+    kernel::{
+        PathRef, btf_load, current_task_btf, dentry_ino_dev, fd_file, has, off, setting,
+        task_number,
+    },
     maps::{FEXIT_SERVES, SENSOR_HITS, SYSCALL_BUSY, WATCH_DENTRIES, WATCH_INODES},
     verdict,
 };
@@ -151,18 +149,20 @@ pub fn sys_exit(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
-/// True when the current task is inside a 32-bit system call (a direct load through the
-/// task's BTF pointer: cheap enough to do for every candidate number).
+/// True when `task` (the current task, a trusted BTF pointer) is inside a 32-bit system
+/// call: a direct load, cheap enough to do for every candidate number.
 #[inline(always)]
-fn in_compat_syscall() -> bool {
+fn in_compat_syscall(task: u64) -> bool {
     if !has(features::COMPAT) {
         return false;
     }
-    // SAFETY: helper without preconditions; it returns a trusted `struct task_struct *`.
-    let task = unsafe { bpf_get_current_task_btf() } as u64;
-    let at = task + off!(task_ti_status);
-    // SAFETY: trusted BTF pointer; the verifier checks the constant offset.
-    (unsafe { *(at as *const u32) }) & TS_COMPAT != 0
+    btf_load!(u32, task, task_ti_status) & TS_COMPAT != 0
+}
+
+/// True when `task` (the current task, a trusted BTF pointer) belongs to the agent itself.
+#[inline(always)]
+fn is_own(task: u64) -> bool {
+    btf_load!(u32, task, task_tgid) == setting!(self_tgid)
 }
 
 #[inline(always)]
@@ -214,7 +214,11 @@ fn classify(nr: i64, compat: bool) -> Option<Call> {
 
 #[inline(always)]
 fn try_sys_exit(regs: u64, ret: i64, nr: i64) -> Result<()> {
-    let compat = in_compat_syscall();
+    // The one helper call on the way: everything else about the task is a direct load from
+    // this pointer (each helper call costs a call and a return, dear on kernels that guard
+    // returns against speculation).
+    let task = current_task_btf();
+    let compat = in_compat_syscall(task);
     let Some(call) = classify(nr, compat) else {
         return Ok(());
     };
@@ -224,7 +228,7 @@ fn try_sys_exit(regs: u64, ret: i64, nr: i64) -> Result<()> {
     // Claimed even when no `fexit` program shares the state (the kernel never runs this
     // program twice at once on one CPU, so the claim then always succeeds): one inlined copy
     // of the handlers instead of two halves the verifier's work.
-    claimed(|| dispatch(regs, ret, call, compat))
+    claimed(|| dispatch(task, regs, ret, call, compat))
 }
 
 /// What an `fexit` program handles: the calls of its group that reach its function.
@@ -242,14 +246,15 @@ pub enum Select {
 /// system call's, for the functions the agent attaches to), when `select` needs it.
 #[inline(always)]
 pub fn fexit_call(select: Select, ret: impl FnOnce() -> Result<i64>) -> Result<()> {
-    // SAFETY: helpers without preconditions; `bpf_task_pt_regs` returns the trusted saved
-    // registers of the current task.
-    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as u64;
+    let task = current_task_btf();
+    // SAFETY: helper without preconditions; it returns the trusted saved registers of the
+    // current task.
+    let regs = unsafe { bpf_task_pt_regs(task as *mut _) } as u64;
     if regs == 0 {
         return Err(Error::Read);
     }
     let nr = (reg!(regs, regs_orig_ax) as i64) & !X32_SYSCALL_BIT;
-    let compat = in_compat_syscall();
+    let compat = in_compat_syscall(task);
     let Some(call) = classify(nr, compat) else {
         return Ok(());
     };
@@ -263,7 +268,7 @@ pub fn fexit_call(select: Select, ret: impl FnOnce() -> Result<i64>) -> Result<(
     if !wanted {
         return Ok(());
     }
-    let own = (bpf_get_current_pid_tgid() >> 32) as u32 == setting!(self_tgid);
+    let own = is_own(task);
     if own && let Some(hits) = SENSOR_HITS.get_ptr_mut(group_of(call)) {
         // SAFETY: per-CPU slot; a lost increment under preemption only delays the check.
         unsafe { *hits += 1 };
@@ -283,10 +288,10 @@ pub fn fexit_call(select: Select, ret: impl FnOnce() -> Result<i64>) -> Result<(
         }
         // `set_fs_pwd` runs only when the change succeeded.
         Select::Chdir if own => Ok(()),
-        Select::Chdir => claimed(|| chdir::handle(crate::kernel::current_task())),
+        Select::Chdir => claimed(|| chdir::handle(task_number(task))),
         Select::Open | Select::Connect => {
             let ret = ret()?;
-            claimed(|| dispatch(regs, ret, call, compat))
+            claimed(|| dispatch(task, regs, ret, call, compat))
         }
     }
 }
@@ -353,11 +358,12 @@ fn args_of(regs: u64, compat: bool) -> [u64; 4] {
     }
 }
 
+/// Handles one exiting call of the current task `task_btf` (a trusted BTF pointer).
 #[inline(always)]
-fn dispatch(regs: u64, ret: i64, call: Call, compat: bool) -> Result<()> {
+fn dispatch(task_btf: u64, regs: u64, ret: i64, call: Call, compat: bool) -> Result<()> {
     let args = args_of(regs, compat);
-    let task = crate::kernel::current_task();
-    let own = (bpf_get_current_pid_tgid() >> 32) as u32 == setting!(self_tgid);
+    let task = task_number(task_btf);
+    let own = is_own(task_btf);
     match call {
         Call::Invalidates => {
             if ret == 0 {
@@ -373,7 +379,7 @@ fn dispatch(regs: u64, ret: i64, call: Call, compat: bool) -> Result<()> {
         }
         Call::Open(_) if own => {
             if ret >= 0 {
-                register_watched_dentry(ret)?;
+                register_watched_dentry(task_btf, ret)?;
             }
             Ok(())
         }
@@ -384,7 +390,7 @@ fn dispatch(regs: u64, ret: i64, call: Call, compat: bool) -> Result<()> {
             }
             Ok(())
         }
-        Call::Open(syscall) => open::handle(task, ret, syscall, args, compat),
+        Call::Open(syscall) => open::handle(task_btf, ret, syscall, args, compat),
         Call::Connect(syscall) => connect::handle(task, ret, syscall, args, compat),
     }
 }
@@ -392,8 +398,8 @@ fn dispatch(regs: u64, ret: i64, call: Call, compat: bool) -> Result<()> {
 /// The agent opens every watched directory (and keeps it open, which pins its dentry): if the
 /// file it just opened is a watched directory, remember its dentry.
 #[inline(always)]
-fn register_watched_dentry(fd: i64) -> Result<()> {
-    let path = PathRef::of_file(fd_file(fd)?)?;
+fn register_watched_dentry(task_btf: u64, fd: i64) -> Result<()> {
+    let path = PathRef::of_file(fd_file(task_btf, fd)?)?;
     let (ino, dev) = dentry_ino_dev(path.dentry)?;
     if let Some(id) = WATCH_INODES.get_ptr(WatchKey { dev, _pad: 0, ino }) {
         // SAFETY: pointer to a map value returned by the lookup.

@@ -169,6 +169,33 @@ pub fn resolve(btf: &Btf) -> Result<Resolved, OffsetsError> {
         btf.struct_id(name)
             .map_err(|source| OffsetsError { source })
     };
+    // The cgroup id by direct loads needs the chain of fields and their structs' type ids;
+    // without any of them the programs ask `bpf_get_current_cgroup_id` (same value).
+    let cgroup = (|| -> Option<[u32; 7]> {
+        let member = |s: &str, f: &str| btf.member(s, &[f]).ok().map(|m| m.offset);
+        let id = |s: &str| btf.struct_id(s).ok();
+        Some([
+            member("task_struct", "cgroups")?,
+            member("css_set", "dfl_cgrp")?,
+            member("cgroup", "kn")?,
+            member("kernfs_node", "id")?,
+            id("css_set")?,
+            id("cgroup")?,
+            id("kernfs_node")?,
+        ])
+    })();
+    if cgroup.is_some() && features & features::DIRECT_LOADS != 0 {
+        features |= features::CGROUP_LOADS;
+    }
+    let [
+        task_cgroups,
+        css_set_dfl_cgrp,
+        cgroup_kn,
+        kernfs_node_id,
+        btf_css_set,
+        btf_cgroup,
+        btf_kernfs_node,
+    ] = cgroup.unwrap_or([0; 7]);
     let offsets = KernelOffsets {
         features,
         regs_orig_ax: req("pt_regs", &["orig_ax"])?,
@@ -194,6 +221,10 @@ pub fn resolve(btf: &Btf) -> Result<Resolved, OffsetsError> {
         task_start_boottime,
         task_ti_status: task_ti.wrapping_add(ti_status),
         task_comm: req("task_struct", &["comm"])?,
+        task_cgroups,
+        css_set_dfl_cgrp,
+        cgroup_kn,
+        kernfs_node_id,
         cred_uid: req("cred", &["uid"])?,
         cred_gid: req("cred", &["gid"])?,
         cred_euid: req("cred", &["euid"])?,
@@ -257,6 +288,9 @@ pub fn resolve(btf: &Btf) -> Result<Resolved, OffsetsError> {
         btf_socket: type_id("socket")?,
         btf_sock: type_id("sock")?,
         btf_slot: type_id("list_head")?,
+        btf_css_set,
+        btf_cgroup,
+        btf_kernfs_node,
     };
     Ok(Resolved {
         offsets,
@@ -296,5 +330,8 @@ mod tests {
         assert!(r.rdonly_cast.is_some());
         assert_ne!(o.features & features::DIRECT_LOADS, 0);
         assert!(o.btf_file != 0 && o.btf_dentry != o.btf_file && o.btf_slot != 0);
+        // And follows the cgroup id with direct loads.
+        assert_ne!(o.features & features::CGROUP_LOADS, 0);
+        assert!(o.btf_css_set != 0 && o.btf_cgroup != 0 && o.btf_kernfs_node != 0);
     }
 }

@@ -1,6 +1,8 @@
 //! Where records go. For now: JSON lines on standard output (`--stdout`); the spool and the
 //! collector stream attach here too.
 
+mod json;
+
 use std::io::{self, BufWriter, Write};
 
 use phi_proto::v1::Record;
@@ -22,6 +24,7 @@ pub trait Sink {
 pub struct JsonLines<W: Write> {
     out: BufWriter<W>,
     line: Vec<u8>,
+    json: json::RecordWriter,
 }
 
 impl JsonLines<io::Stdout> {
@@ -35,27 +38,27 @@ impl<W: Write> JsonLines<W> {
         JsonLines {
             out: BufWriter::with_capacity(1 << 16, w),
             line: Vec::with_capacity(4096),
+            json: json::RecordWriter::default(),
         }
     }
 }
 
 impl<W: Write> Sink for JsonLines<W> {
     fn write(&mut self, record: &Record, process: Option<&Prepared>) -> io::Result<()> {
-        let Some(process) = process else {
-            serde_json::to_writer(&mut self.out, record).map_err(io::Error::other)?;
-            return self.out.write_all(b"\n");
-        };
-        let context = process.json().map_err(io::Error::other)?;
-        // `{…}` becomes `{…,"process":{…}}`.
         self.line.clear();
-        serde_json::to_writer(&mut self.line, record).map_err(io::Error::other)?;
-        self.line.pop();
-        if self.line.len() > 1 {
-            self.line.push(b',');
+        self.json.record(&mut self.line, record)?;
+        if let Some(process) = process {
+            let context = process.json().map_err(io::Error::other)?;
+            // `{…}` becomes `{…,"process":{…}}`.
+            self.line.pop();
+            if self.line.len() > 1 {
+                self.line.push(b',');
+            }
+            self.line.extend_from_slice(b"\"process\":");
+            self.line.extend_from_slice(context);
+            self.line.push(b'}');
         }
-        self.line.extend_from_slice(b"\"process\":");
-        self.line.extend_from_slice(context);
-        self.line.extend_from_slice(b"}\n");
+        self.line.push(b'\n');
         self.out.write_all(&self.line)
     }
 

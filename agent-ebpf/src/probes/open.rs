@@ -55,11 +55,10 @@ pub fn handle(
 ) -> Result<()> {
     let (path, watch_id, verdict_flags) = if ret >= 0 && has(features::DIRECT_LOADS) {
         let path = PathRef::of_file(fd_file(task_btf, ret)?)?;
-        match verdict::for_file(path)? {
-            Verdict::Watched(id) => (path, id, 0),
-            Verdict::Unwatched => return Ok(()),
-            Verdict::Undecided => (path, 0, path_flags::UNDECIDED),
-        }
+        let Some((id, flags)) = recorded(path)? else {
+            return Ok(());
+        };
+        (path, id, flags)
     } else {
         (
             PathRef {
@@ -212,6 +211,17 @@ fn count_path_flags(flags: u16) {
     }
 }
 
+/// Whether an opened file is recorded: its watch id and path flags (`UNDECIDED`, with watch id
+/// 0, when the kernel cannot tell and user space decides), or `None` outside every watched tree.
+#[inline(always)]
+fn recorded(path: PathRef) -> Result<Option<(u32, u16)>> {
+    Ok(match verdict::for_file(path)? {
+        Verdict::Watched(id) => Some((id, 0)),
+        Verdict::Unwatched => None,
+        Verdict::Undecided => Some((0, path_flags::UNDECIDED)),
+    })
+}
+
 /// Successful open: judge the new file (unless `handle` did) and name it.
 #[inline(always)]
 fn opened(call: &Call) -> Result<()> {
@@ -223,11 +233,10 @@ fn opened(call: &Call) -> Result<()> {
         (path, call.watch_id, call.path_flags as u16)
     } else {
         let path = PathRef::of_file(fd_file(current_task_btf(), call.ret)?)?;
-        match verdict::for_file(path)? {
-            Verdict::Watched(id) => (path, id, 0),
-            Verdict::Unwatched => return Ok(()),
-            Verdict::Undecided => (path, 0, path_flags::UNDECIDED),
-        }
+        let Some((id, flags)) = recorded(path)? else {
+            return Ok(());
+        };
+        (path, id, flags)
     };
     let buf = start_event(call, PathOrigin::File, watch_id)?;
     if let Ok((ino, dev)) = dentry_ino_dev(path.dentry) {

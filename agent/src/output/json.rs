@@ -136,10 +136,10 @@ fn serde<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) -> io::Resu
 
 fn open(out: &mut Vec<u8>, o: &Open) -> io::Result<()> {
     let source = PathSource::try_from(o.path_source)
-        .map_err(|_| invalid("PathSource", o.path_source))?
+        .map_err(|_| invalid(o.path_source))?
         .as_str_name();
     let syscall = OpenSyscall::try_from(o.syscall)
-        .map_err(|_| invalid("OpenSyscall", o.syscall))?
+        .map_err(|_| invalid(o.syscall))?
         .as_str_name();
     out.extend_from_slice(b"{\"path\":");
     string(out, &o.path);
@@ -190,7 +190,7 @@ fn outcome(out: &mut Vec<u8>, o: &Outcome) {
 }
 
 /// The error pbjson's serializer gives for an enum value outside the enum.
-fn invalid(_enum: &str, value: i32) -> io::Error {
+fn invalid(value: i32) -> io::Error {
     io::Error::other(format!("Invalid variant {value}"))
 }
 
@@ -206,7 +206,7 @@ fn escaped(b: u8) -> bool {
 
 /// A JSON string, escaped as serde_json escapes it: `\"`, `\\`, `\b`, `\f`, `\n`, `\r`, `\t`,
 /// other control characters as `\u00XX` (lowercase hex), everything else as it is.
-pub fn string(out: &mut Vec<u8>, s: &str) {
+fn string(out: &mut Vec<u8>, s: &str) {
     let bytes = s.as_bytes();
     out.push(b'"');
     // Most strings need no escape: test every byte without an early exit (the compiler

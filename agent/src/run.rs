@@ -72,7 +72,8 @@ pub async fn run(input: RunInput) -> anyhow::Result<()> {
         lacking = %capabilities.lacking().join(","),
         "kernel probes attached"
     );
-    let consequences = capabilities.consequences();
+    let mut consequences = capabilities.consequences();
+    consequences.extend(probes::preflight::io_uring_limitation());
     for c in &consequences {
         tracing::warn!("{c}");
     }

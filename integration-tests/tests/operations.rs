@@ -399,3 +399,58 @@ fn the_start_record_names_the_sensor_of_each_kind_and_tracepoints_can_be_forced(
         }
     }
 }
+
+/// Restores `kernel.io_uring_disabled` when dropped.
+struct IoUringSetting(String);
+
+impl IoUringSetting {
+    const PATH: &str = "/proc/sys/kernel/io_uring_disabled";
+
+    fn set(value: &str) -> IoUringSetting {
+        let old =
+            std::fs::read_to_string(Self::PATH).expect("kernel.io_uring_disabled (Linux 6.6+)");
+        std::fs::write(Self::PATH, value).expect("set kernel.io_uring_disabled");
+        IoUringSetting(old.trim().to_owned())
+    }
+}
+
+impl Drop for IoUringSetting {
+    fn drop(&mut self) {
+        let _ = std::fs::write(Self::PATH, &self.0);
+    }
+}
+
+/// The limitations of the start record (and so of the chain) as one text.
+fn start_limitations(watch: &TestDir) -> String {
+    let state = tempfile::tempdir().expect("state");
+    let agent = Agent::start([
+        "--watch".as_ref(),
+        watch.path().as_os_str(),
+        "--state-dir".as_ref(),
+        state.path().as_os_str(),
+    ]);
+    let limitations = agent.history[0]["agent"]["limitations"].to_string();
+    let stopped = agent.stop();
+    assert!(stopped.status.success(), "{}", stopped.stderr);
+    limitations
+}
+
+#[test]
+fn the_start_record_says_when_io_uring_can_open_files_unseen() {
+    integration_tests::require_root();
+    let w = TestDir::new("iouring");
+    let restore = IoUringSetting::set("0");
+    let open = start_limitations(&w);
+    assert!(
+        open.contains("io_uring is open to every process")
+            && open.contains("kernel.io_uring_disabled=2"),
+        "{open}"
+    );
+    std::fs::write(IoUringSetting::PATH, "1").expect("set kernel.io_uring_disabled");
+    let group = start_limitations(&w);
+    assert!(group.contains("kernel.io_uring_group"), "{group}");
+    std::fs::write(IoUringSetting::PATH, "2").expect("set kernel.io_uring_disabled");
+    let closed = start_limitations(&w);
+    assert!(!closed.contains("io_uring"), "{closed}");
+    drop(restore);
+}

@@ -142,6 +142,59 @@ pub fn kernel_release() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
+/// Where the kernel says who may use io_uring (Linux 6.6 and later).
+const IO_URING_DISABLED: &str = "/proc/sys/kernel/io_uring_disabled";
+
+/// What the records miss because of io_uring, or `None` when no process can use it. A file
+/// opened through an io_uring (`IORING_OP_OPENAT`) is opened by the kernel on the ring's
+/// behalf, not by an `open` system call, so the probes on system call exits do not see it.
+pub fn io_uring_limitation() -> Option<String> {
+    let setting = std::fs::read_to_string(IO_URING_DISABLED).ok();
+    let in_kernel = || {
+        // The kernel's BTF names every function it was built with.
+        std::fs::read("/sys/kernel/btf/vmlinux").map_or(true, |btf| {
+            btf.windows(IO_URING_SETUP.len())
+                .any(|w| w == IO_URING_SETUP)
+        })
+    };
+    io_uring_limitation_for(setting.as_deref(), in_kernel)
+}
+
+const IO_URING_SETUP: &[u8] = b"io_uring_setup\0";
+
+/// [`io_uring_limitation`] for the contents of `kernel.io_uring_disabled` (`None`: no such
+/// setting), `in_kernel` telling whether the kernel was built with io_uring.
+fn io_uring_limitation_for(
+    setting: Option<&str>,
+    in_kernel: impl FnOnce() -> bool,
+) -> Option<String> {
+    const FIX: &str = "set kernel.io_uring_disabled=2 (sysctl) on hosts that hold ePHI";
+    match setting.map(str::trim) {
+        Some("2") => None,
+        Some("1") => Some(format!(
+            "io_uring is open to root and to the members of kernel.io_uring_group \
+             (kernel.io_uring_disabled=1): files they open through an io_uring are not \
+             recorded; {FIX}"
+        )),
+        Some("0") => Some(format!(
+            "io_uring is open to every process (kernel.io_uring_disabled=0): files opened \
+             through an io_uring are not recorded; {FIX}"
+        )),
+        Some(other) => Some(format!(
+            "io_uring may be open to processes (kernel.io_uring_disabled={other}, a value this \
+             agent does not know): files opened through an io_uring are not recorded; {FIX}"
+        )),
+        None if in_kernel() => Some(
+            "io_uring is open to every process and this kernel cannot switch it off (no \
+             kernel.io_uring_disabled before Linux 6.6): files opened through an io_uring are \
+             not recorded; on hosts that hold ePHI use Linux 6.6 or later with \
+             kernel.io_uring_disabled=2, or a kernel built without io_uring"
+                .to_owned(),
+        ),
+        None => None,
+    }
+}
+
 fn parse_version(release: &str) -> Option<(u32, u32)> {
     let mut parts = release.split(['.', '-']);
     let major = parts.next()?.parse().ok()?;
@@ -199,6 +252,38 @@ fn raise_memlock() {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn io_uring_is_a_limitation_unless_disabled_for_everyone() {
+        use super::io_uring_limitation_for as limitation;
+        let never = || -> bool { panic!("the kernel is only searched without the setting") };
+        assert_eq!(limitation(Some("2\n"), never), None);
+        let open = limitation(Some("0\n"), never).expect("open to all");
+        assert!(
+            open.contains("every process") && open.contains("kernel.io_uring_disabled=2"),
+            "{open}"
+        );
+        let group = limitation(Some("1\n"), never).expect("open to a group");
+        assert!(
+            group.contains("io_uring_group") && group.contains("not recorded"),
+            "{group}"
+        );
+        let odd = limitation(Some("7"), never).expect("unknown value");
+        assert!(odd.contains("kernel.io_uring_disabled=7"), "{odd}");
+        let old = limitation(None, || true).expect("no switch");
+        assert!(old.contains("Linux 6.6"), "{old}");
+        assert_eq!(limitation(None, || false), None);
+    }
+
+    #[test]
+    fn the_kernel_btf_search_finds_io_uring_on_this_kernel() {
+        // This kernel has the setting; the search itself must still recognize its io_uring.
+        let btf = std::fs::read("/sys/kernel/btf/vmlinux").expect("kernel BTF");
+        assert!(
+            btf.windows(super::IO_URING_SETUP.len())
+                .any(|w| w == super::IO_URING_SETUP)
+        );
+    }
+
     use super::*;
 
     #[test]

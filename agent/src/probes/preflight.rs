@@ -147,7 +147,8 @@ const IO_URING_DISABLED: &str = "/proc/sys/kernel/io_uring_disabled";
 
 /// What the records miss because of io_uring, or `None` when no process can use it. A file
 /// opened through an io_uring (`IORING_OP_OPENAT`) is opened by the kernel on the ring's
-/// behalf, not by an `open` system call, so the probes on system call exits do not see it.
+/// behalf, not by an `open` system call, so the probes on system call exits do not see it;
+/// likewise a rename through one.
 pub fn io_uring_limitation() -> Option<String> {
     let setting = std::fs::read_to_string(IO_URING_DISABLED).ok();
     let in_kernel = || {
@@ -169,28 +170,30 @@ fn io_uring_limitation_for(
     in_kernel: impl FnOnce() -> bool,
 ) -> Option<String> {
     const FIX: &str = "set kernel.io_uring_disabled=2 (sysctl) on hosts that hold ePHI";
+    // Renames through a ring do not pass the system calls either, so the kernel's remembered
+    // verdicts of directories are not renewed by them.
+    const MISSED: &str = "files opened through an io_uring are not recorded, and a directory \
+                          renamed through one may for a while be judged by its old place \
+                          (watched or not)";
     match setting.map(str::trim) {
         Some("2") => None,
         Some("1") => Some(format!(
             "io_uring is open to root and to the members of kernel.io_uring_group \
-             (kernel.io_uring_disabled=1): files they open through an io_uring are not \
-             recorded; {FIX}"
+             (kernel.io_uring_disabled=1): {MISSED}; {FIX}"
         )),
         Some("0") => Some(format!(
-            "io_uring is open to every process (kernel.io_uring_disabled=0): files opened \
-             through an io_uring are not recorded; {FIX}"
+            "io_uring is open to every process (kernel.io_uring_disabled=0): {MISSED}; {FIX}"
         )),
         Some(other) => Some(format!(
             "io_uring may be open to processes (kernel.io_uring_disabled={other}, a value this \
-             agent does not know): files opened through an io_uring are not recorded; {FIX}"
+             agent does not know): {MISSED}; {FIX}"
         )),
-        None if in_kernel() => Some(
+        None if in_kernel() => Some(format!(
             "io_uring is open to every process and this kernel cannot switch it off (no \
-             kernel.io_uring_disabled before Linux 6.6): files opened through an io_uring are \
-             not recorded; on hosts that hold ePHI use Linux 6.6 or later with \
-             kernel.io_uring_disabled=2, or a kernel built without io_uring"
-                .to_owned(),
-        ),
+             kernel.io_uring_disabled before Linux 6.6): {MISSED}; on hosts that hold ePHI use \
+             Linux 6.6 or later with kernel.io_uring_disabled=2, or a kernel built without \
+             io_uring"
+        )),
         None => None,
     }
 }
@@ -262,6 +265,7 @@ mod tests {
             open.contains("every process") && open.contains("kernel.io_uring_disabled=2"),
             "{open}"
         );
+        assert!(open.contains("renamed through one"), "{open}");
         let group = limitation(Some("1\n"), never).expect("open to a group");
         assert!(
             group.contains("io_uring_group") && group.contains("not recorded"),

@@ -194,18 +194,24 @@ fn ocsf_file_case(db: Option<&str>) {
         .expect("finding");
     assert_eq!(finding["finding_info"]["types"][0], "key-change");
     assert_eq!(finding["device"]["hostname"], "lake-b");
-    // The positions are in the store.
+    // The positions reach the store: a sink saves its position after the events are written
+    // (at least once), so the file can show the finding a moment before the store does.
     let alert_id = finding["unmapped"]["phi_audit"]["alert_id"]
         .as_u64()
         .expect("alert id");
-    assert_eq!(
-        collector.store().cursors("sink:lake").expect("cursors"),
-        vec![
-            ("alerts".to_owned(), alert_id),
-            ("host:lake-a".to_owned(), 75),
-            ("host:lake-b".to_owned(), 25),
-        ]
+    let want = vec![
+        ("alerts".to_owned(), alert_id),
+        ("host:lake-a".to_owned(), 75),
+        ("host:lake-b".to_owned(), 25),
+    ];
+    let saved = || collector.store().cursors("sink:lake").expect("cursors");
+    wait_until(
+        &collector,
+        "the sink's positions in the store",
+        WAIT,
+        || saved() == want,
     );
+    assert_eq!(saved(), want);
 }
 
 #[test]

@@ -73,7 +73,7 @@ pub async fn run(input: RunInput) -> anyhow::Result<()> {
         "kernel probes attached"
     );
     let mut consequences = capabilities.consequences();
-    consequences.extend(probes::preflight::io_uring_limitation());
+    consequences.extend(probes.io_uring.clone());
     for c in &consequences {
         tracing::warn!("{c}");
     }

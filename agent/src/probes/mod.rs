@@ -205,6 +205,9 @@ pub struct Probes {
     pub missing: Vec<MissingFeature>,
     /// Which hook serves each event kind.
     pub selection: sensors::Selection,
+    /// What io_uring lets processes do unseen, if it is open to them
+    /// ([`preflight::io_uring_limitation`]).
+    pub io_uring: Option<String>,
 }
 
 /// The watch filter maps.
@@ -471,6 +474,7 @@ impl Probes {
             capabilities,
             missing: resolved.missing.clone(),
             selection,
+            io_uring: preflight::io_uring_limitation(kernel_btf),
         })
     }
 

@@ -148,20 +148,18 @@ const IO_URING_DISABLED: &str = "/proc/sys/kernel/io_uring_disabled";
 /// What the records miss because of io_uring, or `None` when no process can use it. A file
 /// opened through an io_uring (`IORING_OP_OPENAT`) is opened by the kernel on the ring's
 /// behalf, not by an `open` system call, so the probes on system call exits do not see it;
-/// likewise a rename through one.
-pub fn io_uring_limitation() -> Option<String> {
+/// likewise a rename through one. `btf` is the running kernel's.
+pub fn io_uring_limitation(btf: &super::btf::Btf) -> Option<String> {
     let setting = std::fs::read_to_string(IO_URING_DISABLED).ok();
-    let in_kernel = || {
-        // The kernel's BTF names every function it was built with.
-        std::fs::read("/sys/kernel/btf/vmlinux").map_or(true, |btf| {
-            btf.windows(IO_URING_SETUP.len())
-                .any(|w| w == IO_URING_SETUP)
-        })
-    };
-    io_uring_limitation_for(setting.as_deref(), in_kernel)
+    io_uring_limitation_for(setting.as_deref(), || has_io_uring(btf))
 }
 
-const IO_URING_SETUP: &[u8] = b"io_uring_setup\0";
+/// Whether the kernel was built with io_uring (its BTF describes the system call).
+fn has_io_uring(btf: &super::btf::Btf) -> bool {
+    ["io_uring_setup", "__x64_sys_io_uring_setup"]
+        .iter()
+        .any(|f| btf.function_id(f).is_some())
+}
 
 /// [`io_uring_limitation`] for the contents of `kernel.io_uring_disabled` (`None`: no such
 /// setting), `in_kernel` telling whether the kernel was built with io_uring.
@@ -279,13 +277,11 @@ mod tests {
     }
 
     #[test]
-    fn the_kernel_btf_search_finds_io_uring_on_this_kernel() {
-        // This kernel has the setting; the search itself must still recognize its io_uring.
-        let btf = std::fs::read("/sys/kernel/btf/vmlinux").expect("kernel BTF");
-        assert!(
-            btf.windows(super::IO_URING_SETUP.len())
-                .any(|w| w == super::IO_URING_SETUP)
-        );
+    fn this_kernel_has_io_uring() {
+        // This kernel has the setting; the fallback for kernels without it must still
+        // recognize io_uring in a kernel's BTF.
+        let btf = super::super::btf::Btf::from_sys_fs().expect("kernel BTF");
+        assert!(super::has_io_uring(&btf));
     }
 
     use super::*;

@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::free_port;
+use crate::free_ports;
 use phi_chain::seal::{Head, check_link, head_of};
 use phi_proto::v1::{Record, SealedRecord};
 use prost::Message as _;
@@ -112,12 +112,13 @@ impl Collector {
             || format!("sqlite:{}", dir.path().join("collector.db").display()),
             str::to_owned,
         );
+        let [port, api_port, metrics_port] = free_ports();
         let mut c = Collector {
             child: None,
             extra: extra.iter().map(|s| (*s).to_owned()).collect(),
-            port: free_port(),
-            api_port: free_port(),
-            metrics_port: free_port(),
+            port,
+            api_port,
+            metrics_port,
             db,
             dir,
             ca: pki.path("ca.pem"),

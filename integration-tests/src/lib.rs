@@ -105,11 +105,16 @@ pub struct Agent {
 
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("free port")
-        .local_addr()
-        .expect("addr")
-        .port()
+    let [port] = free_ports();
+    port
+}
+
+/// `N` distinct free TCP ports on 127.0.0.1: every port stays bound until all are chosen
+/// (the kernel may hand a port just released to the next request).
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let held: [std::net::TcpListener; N] =
+        std::array::from_fn(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("free port"));
+    held.map(|l| l.local_addr().expect("addr").port())
 }
 
 /// Installs Debian `packages` (for a test that needs a server `cargo xtask setup` may not

@@ -69,6 +69,10 @@ pub enum OpenSyscall {
     Openat = 2,
     Openat2 = 3,
     Creat = 4,
+    /// `IORING_OP_OPENAT` completed by an io_uring (no system call of its own).
+    IoUringOpenat = 5,
+    /// `IORING_OP_OPENAT2` completed by an io_uring.
+    IoUringOpenat2 = 6,
 }
 
 impl TryFrom<u8> for OpenSyscall {
@@ -79,6 +83,8 @@ impl TryFrom<u8> for OpenSyscall {
             2 => OpenSyscall::Openat,
             3 => OpenSyscall::Openat2,
             4 => OpenSyscall::Creat,
+            5 => OpenSyscall::IoUringOpenat,
+            6 => OpenSyscall::IoUringOpenat2,
             other => return Err(other),
         })
     }

@@ -27,6 +27,12 @@ pub mod features {
     /// `task_struct.cgroups->dfl_cgrp->kn->id` can be followed with direct loads: the event
     /// header's cgroup id costs a few loads instead of a `bpf_get_current_cgroup_id` call.
     pub const CGROUP_LOADS: u32 = 1 << 7;
+    /// The kernel has io_uring and the fields its completions are read from: opens through
+    /// a ring are recorded and renames through one make remembered verdicts stale.
+    pub const IO_URING: u32 = 1 << 8;
+    /// The ring's table of direct descriptors is an array of pointers to nodes that hold
+    /// the file (Linux 6.13 and later), not an array of the file words themselves.
+    pub const IO_URING_NODES: u32 = 1 << 9;
 }
 
 /// The helper number the programs call where they mean the `bpf_rdonly_cast` kfunc. No
@@ -164,6 +170,21 @@ pub struct KernelOffsets {
     pub sk_type: u32,
     pub sk_protocol: u32,
 
+    // io_uring (features::IO_URING): `io_kiocb.opcode`, `io_kiocb.cqe.res`; the open
+    // request in the command area (`io_kiocb.cmd`, a `struct io_open`): `file_slot`, `dfd`,
+    // `how.flags`, `how.mode`; the ring's direct descriptors: the array pointer and the
+    // number of slots in `io_ring_ctx`, and (with features::IO_URING_NODES) the file word
+    // in each node.
+    pub req_opcode: u32,
+    pub req_res: u32,
+    pub req_open_file_slot: u32,
+    pub req_open_dfd: u32,
+    pub req_open_flags: u32,
+    pub req_open_mode: u32,
+    pub ctx_fixed_files: u32,
+    pub ctx_fixed_count: u32,
+    pub rsrc_node_file: u32,
+
     // BTF type ids of the structs the programs read with direct loads
     // ([`features::DIRECT_LOADS`]).
     pub btf_task_struct: u32,
@@ -267,6 +288,15 @@ impl KernelOffsets {
         sk_v6_rcv_saddr: 0,
         sk_type: 0,
         sk_protocol: 0,
+        req_opcode: 0,
+        req_res: 0,
+        req_open_file_slot: 0,
+        req_open_dfd: 0,
+        req_open_flags: 0,
+        req_open_mode: 0,
+        ctx_fixed_files: 0,
+        ctx_fixed_count: 0,
+        rsrc_node_file: 0,
         btf_task_struct: 0,
         btf_file: 0,
         btf_dentry: 0,

@@ -164,6 +164,13 @@ fn number(v: u64) -> u64 {
     v
 }
 
+/// A pointer argument of a tracepoint as a plain number (see [`number`]), for
+/// `bpf_probe_read_kernel` at offsets the verifier does not know as constants.
+#[inline(always)]
+pub fn untyped(v: u64) -> u64 {
+    number(v)
+}
+
 /// Reads the `T` (a `u64`, `u32` or `u16`: one load instruction) at byte `at` of the `kind`
 /// struct at `base`: a direct load where the kernel allows ([`features::DIRECT_LOADS`]), else
 /// `bpf_probe_read_kernel`.

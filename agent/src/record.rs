@@ -360,6 +360,8 @@ fn open_event(open: &Open, watches: &WatchList) -> Option<pb::Open> {
         KOpenSyscall::Openat => pb::OpenSyscall::Openat,
         KOpenSyscall::Openat2 => pb::OpenSyscall::Openat2,
         KOpenSyscall::Creat => pb::OpenSyscall::Creat,
+        KOpenSyscall::IoUringOpenat => pb::OpenSyscall::IoUringOpenat,
+        KOpenSyscall::IoUringOpenat2 => pb::OpenSyscall::IoUringOpenat2,
     };
     let creates = flags & O_CREAT != 0 || flags & O_TMPFILE == O_TMPFILE;
     Some(pb::Open {

@@ -504,3 +504,23 @@ pub mod is {
         as_u64(&r["process"]["pid"]) == u64::from(pid)
     }
 }
+
+/// Sets `kernel.io_uring_disabled` and restores it when dropped.
+pub struct IoUringSetting(String);
+
+impl IoUringSetting {
+    pub const PATH: &str = "/proc/sys/kernel/io_uring_disabled";
+
+    pub fn set(value: &str) -> IoUringSetting {
+        let old =
+            std::fs::read_to_string(Self::PATH).expect("kernel.io_uring_disabled (Linux 6.6+)");
+        std::fs::write(Self::PATH, value).expect("set kernel.io_uring_disabled");
+        IoUringSetting(old.trim().to_owned())
+    }
+}
+
+impl Drop for IoUringSetting {
+    fn drop(&mut self) {
+        let _ = std::fs::write(Self::PATH, &self.0);
+    }
+}

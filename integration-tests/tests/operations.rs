@@ -10,7 +10,7 @@ use std::{
 };
 
 use integration_tests::{
-    Agent, TestDir,
+    Agent, IoUringSetting, TestDir,
     collector::{Collector, Pki},
     http_get, is, metric,
     postgres::Postgres,
@@ -400,26 +400,6 @@ fn the_start_record_names_the_sensor_of_each_kind_and_tracepoints_can_be_forced(
     }
 }
 
-/// Restores `kernel.io_uring_disabled` when dropped.
-struct IoUringSetting(String);
-
-impl IoUringSetting {
-    const PATH: &str = "/proc/sys/kernel/io_uring_disabled";
-
-    fn set(value: &str) -> IoUringSetting {
-        let old =
-            std::fs::read_to_string(Self::PATH).expect("kernel.io_uring_disabled (Linux 6.6+)");
-        std::fs::write(Self::PATH, value).expect("set kernel.io_uring_disabled");
-        IoUringSetting(old.trim().to_owned())
-    }
-}
-
-impl Drop for IoUringSetting {
-    fn drop(&mut self) {
-        let _ = std::fs::write(Self::PATH, &self.0);
-    }
-}
-
 /// The limitations of the start record (and so of the chain) as one text.
 fn start_limitations(watch: &TestDir) -> String {
     let state = tempfile::tempdir().expect("state");
@@ -444,6 +424,13 @@ fn the_start_record_says_when_io_uring_can_open_files_unseen() {
     assert!(
         open.contains("io_uring is open to every process")
             && open.contains("kernel.io_uring_disabled=2"),
+        "{open}"
+    );
+    // This kernel lets the agent read io_uring completions: opens through a ring are
+    // recorded, only failed ones are not.
+    assert!(
+        open.contains("fails is not recorded")
+            && !open.contains("files opened through an io_uring are not recorded"),
         "{open}"
     );
     std::fs::write(IoUringSetting::PATH, "1").expect("set kernel.io_uring_disabled");

@@ -8,5 +8,6 @@ mod exit;
 mod fexit;
 mod floor;
 mod fork;
+mod io_uring;
 mod open;
 mod syscalls;

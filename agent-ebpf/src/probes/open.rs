@@ -78,6 +78,8 @@ pub fn handle(
             let how = read_user::<[u64; 2]>(a[2]).unwrap_or([0, 0]);
             (a[0] as i32, a[1], how[0] as u32, how[1] as u32)
         }
+        // Not system calls (see `handle_ring`).
+        OpenSyscall::IoUringOpenat | OpenSyscall::IoUringOpenat2 => return Ok(()),
     };
     let slot = OPEN_CALLS.get_ptr_mut(0).ok_or(Error::Scratch)?;
     // SAFETY: this CPU's slot; no other program uses it.
@@ -95,6 +97,52 @@ pub fn handle(
             mode,
             syscall: syscall as u32,
             compat: u32::from(compat),
+        };
+    }
+    match phi_open_process() {
+        0 => Ok(()),
+        code => Err(Error::from_code(code)),
+    }
+}
+
+/// An open an io_uring completed (see `io_uring`): the new file and the request's
+/// arguments.
+pub struct RingOpen {
+    /// The `struct file` opened (from the file table or the ring's direct descriptors).
+    pub file: u64,
+    /// The completion's result: the new descriptor, or 0 / the chosen number for a direct
+    /// descriptor.
+    pub ret: i64,
+    pub syscall: OpenSyscall,
+    pub dirfd: i32,
+    pub flags: u32,
+    pub mode: u32,
+}
+
+/// Judges a file an io_uring opened for the current task `task_btf` (a trusted BTF pointer)
+/// and records it as `handle` does a successful open system call's.
+#[inline(always)]
+pub fn handle_ring(task_btf: u64, open: &RingOpen) -> Result<()> {
+    let path = PathRef::of_file(open.file)?;
+    let Some((watch_id, verdict_flags)) = recorded(path)? else {
+        return Ok(());
+    };
+    let slot = OPEN_CALLS.get_ptr_mut(0).ok_or(Error::Scratch)?;
+    // SAFETY: this CPU's slot, claimed by the caller.
+    unsafe {
+        *slot = Call {
+            task: task_number(task_btf),
+            ret: open.ret,
+            dentry: path.dentry,
+            vfsmnt: path.vfsmnt,
+            watch_id,
+            path_flags: u32::from(verdict_flags),
+            user_path: 0,
+            dirfd: open.dirfd,
+            flags: open.flags,
+            mode: open.mode,
+            syscall: open.syscall as u32,
+            compat: 0,
         };
     }
     match phi_open_process() {

@@ -299,7 +299,7 @@ pub fn fexit_call(select: Select, ret: impl FnOnce() -> Result<i64>) -> Result<(
 /// Runs `f` holding this CPU's claim on the system call state; without the claim (another
 /// program holds it, preempted) the event is counted as lost.
 #[inline(always)]
-fn claimed(f: impl FnOnce() -> Result<()>) -> Result<()> {
+pub fn claimed(f: impl FnOnce() -> Result<()>) -> Result<()> {
     let Some(busy) = SYSCALL_BUSY.get_ptr_mut(0) else {
         return Err(Error::Scratch);
     };

@@ -63,6 +63,8 @@ struct Type {
     /// Size (int, struct, union, enum, float) or referenced type id (ptr, typedef, modifiers).
     size_or_type: u32,
     members: Vec<Member>,
+    /// Number of members, parameters or values (`vlen`).
+    vlen: u32,
 }
 
 /// Parsed BTF types and strings.
@@ -130,6 +132,7 @@ impl Btf {
             name_off: 0,
             size_or_type: 0,
             members: Vec::new(),
+            vlen: 0,
         }];
         let mut enumerators: Vec<(u32, i64)> = Vec::new();
         let mut pos = 0;
@@ -196,6 +199,7 @@ impl Btf {
                 name_off,
                 size_or_type,
                 members,
+                vlen: vlen as u32,
             });
         }
         if pos != types_sec.len() {
@@ -364,6 +368,23 @@ impl Btf {
             .iter()
             .any(|t| t.kind == KIND_TYPEDEF && self.name(t.name_off) == want)
     }
+
+    /// How many arguments the raw tracepoint `name` passes a `tp_btf` program: the
+    /// parameters of `btf_trace_<name>` (a pointer to a function prototype) after the
+    /// hidden data pointer.
+    pub fn btf_tracepoint_args(&self, name: &str) -> Option<u32> {
+        let want = format!("btf_trace_{name}");
+        let typedef = self
+            .types
+            .iter()
+            .find(|t| t.kind == KIND_TYPEDEF && self.name(t.name_off) == want)?;
+        let ptr = self.types.get(typedef.size_or_type as usize)?;
+        if ptr.kind != KIND_PTR {
+            return None;
+        }
+        let proto = self.types.get(ptr.size_or_type as usize)?;
+        (proto.kind == KIND_FUNC_PROTO).then(|| proto.vlen.saturating_sub(1))
+    }
 }
 
 #[cfg(test)]
@@ -458,6 +479,10 @@ mod tests {
             .expect("f_path.dentry");
         assert_eq!(dentry.size, 8);
         assert!(btf.has_btf_tracepoint("sys_exit"));
+        // sys_exit(regs, ret); sched_process_exec(p, old_pid, bprm).
+        assert_eq!(btf.btf_tracepoint_args("sys_exit"), Some(2));
+        assert_eq!(btf.btf_tracepoint_args("sched_process_exec"), Some(3));
+        assert_eq!(btf.btf_tracepoint_args("no_such_tracepoint"), None);
         // A well-known enumerator of the running kernel.
         assert_eq!(btf.enum_value("BPF_MAP_TYPE_RINGBUF"), Some(27));
     }

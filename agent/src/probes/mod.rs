@@ -445,6 +445,15 @@ impl Probes {
             );
         }
 
+        let mut selection = selection;
+        let ring_opens = attach_io_uring(&mut ebpf, &aya_btf, resolved, &mut program_ids);
+        if ring_opens {
+            selection.sensors.push((
+                "io-uring".to_owned(),
+                format!("tp_btf/{IO_URING_TRACEPOINT}"),
+            ));
+        }
+
         for g in sensors::GROUPS {
             if selection.fexit_mask & (1 << g.index) == 0 {
                 continue;
@@ -474,7 +483,7 @@ impl Probes {
             capabilities,
             missing: resolved.missing.clone(),
             selection,
-            io_uring: preflight::io_uring_limitation(kernel_btf),
+            io_uring: preflight::io_uring_limitation(kernel_btf, ring_opens),
         })
     }
 
@@ -552,6 +561,61 @@ impl Probes {
     /// Which hook serves each event kind, as (kind, sensor).
     pub fn sensors(&self) -> Vec<(String, String)> {
         self.selection.sensors.clone()
+    }
+}
+
+/// The tracepoint at which io_uring completes requests.
+const IO_URING_TRACEPOINT: &str = "io_uring_complete";
+
+/// Attaches the io_uring completion program where the kernel has io_uring and the fields it
+/// reads (`features::IO_URING`); true when it is attached. A kernel that refuses it costs
+/// the records of opens through a ring, not the agent: that is logged and the start record
+/// says what is missed.
+fn attach_io_uring(
+    ebpf: &mut Ebpf,
+    btf: &aya::Btf,
+    resolved: &offsets::Resolved,
+    program_ids: &mut Vec<(&'static str, std::os::fd::OwnedFd)>,
+) -> bool {
+    const PROGRAM: &str = "io_uring_complete";
+    if resolved.offsets.features & agent_common::offsets::features::IO_URING == 0 {
+        tracing::info!(
+            "no io_uring completions to read on this kernel (no io_uring, or not the fields \
+             phi-agent reads)"
+        );
+        return false;
+    }
+    let attached = (|| -> Result<(), String> {
+        let program: &mut BtfTracePoint = ebpf
+            .program_mut(PROGRAM)
+            .ok_or("the object has no such program (a broken build)")?
+            .try_into()
+            .map_err(|e: ProgramError| e.to_string())?;
+        let started = std::time::Instant::now();
+        program
+            .load(IO_URING_TRACEPOINT, btf)
+            .map_err(|e| explain_program_error(&e))?;
+        log_verified(PROGRAM, started, program.info().ok());
+        program.attach().map_err(|e| explain_program_error(&e))?;
+        if let Ok(Ok(fd)) = program.fd().map(|fd| fd.as_fd().try_clone_to_owned()) {
+            program_ids.push((PROGRAM, fd));
+        }
+        Ok(())
+    })();
+    match attached {
+        Ok(()) => {
+            tracing::debug!(program = PROGRAM, "attached tp_btf/{IO_URING_TRACEPOINT}");
+            true
+        }
+        Err(reason) => {
+            tracing::warn!(
+                program = PROGRAM,
+                "the kernel refused the io_uring completion program (tp_btf/{}): {reason}; \
+                 opens through an io_uring will not be recorded",
+                IO_URING_TRACEPOINT
+            );
+            false
+        }
     }
 }
 

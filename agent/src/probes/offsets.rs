@@ -196,6 +196,14 @@ pub fn resolve(btf: &Btf) -> Result<Resolved, OffsetsError> {
         btf_cgroup,
         btf_kernfs_node,
     ] = cgroup.unwrap_or([0; 7]);
+    let ring = io_uring(btf);
+    if let Some(r) = &ring {
+        features |= features::IO_URING;
+        if r.nodes {
+            features |= features::IO_URING_NODES;
+        }
+    }
+    let ring = ring.unwrap_or_default();
     let offsets = KernelOffsets {
         features,
         regs_orig_ax: req("pt_regs", &["orig_ax"])?,
@@ -274,6 +282,15 @@ pub fn resolve(btf: &Btf) -> Result<Resolved, OffsetsError> {
         sk_v6_rcv_saddr: sock_common.wrapping_add(sk_v6_rcv_saddr),
         sk_type,
         sk_protocol,
+        req_opcode: ring.opcode,
+        req_res: ring.res,
+        req_open_file_slot: ring.open_file_slot,
+        req_open_dfd: ring.open_dfd,
+        req_open_flags: ring.open_flags,
+        req_open_mode: ring.open_mode,
+        ctx_fixed_files: ring.fixed_files,
+        ctx_fixed_count: ring.fixed_count,
+        rsrc_node_file: ring.node_file,
         btf_task_struct: type_id("task_struct")?,
         btf_file: type_id("file")?,
         btf_dentry: type_id("dentry")?,
@@ -296,6 +313,64 @@ pub fn resolve(btf: &Btf) -> Result<Resolved, OffsetsError> {
         offsets,
         missing,
         rdonly_cast,
+    })
+}
+
+/// Where the io_uring completion program reads a request and its ring.
+#[derive(Default)]
+struct IoUringOffsets {
+    opcode: u32,
+    res: u32,
+    open_file_slot: u32,
+    open_dfd: u32,
+    open_flags: u32,
+    open_mode: u32,
+    fixed_files: u32,
+    fixed_count: u32,
+    node_file: u32,
+    nodes: bool,
+}
+
+/// The io_uring offsets, when the kernel has io_uring, its completion tracepoint and every
+/// field the program reads (`None`: opens through a ring stay unrecorded, which the start
+/// record says).
+fn io_uring(btf: &Btf) -> Option<IoUringOffsets> {
+    if !btf.has_btf_tracepoint("io_uring_complete")
+        || btf.btf_tracepoint_args("io_uring_complete")? < 2
+    {
+        return None;
+    }
+    let at = |s: &str, path: &[&str]| btf.member(s, path).ok().map(|m| m.offset);
+    // The open request lives in the request's command area.
+    let cmd = at("io_kiocb", &["cmd"])?;
+    // Direct descriptors: since 6.13 `file_table.data` { nr, nodes } with the file word in
+    // each node; before, `file_table.files` (the file words) and `nr_user_files`.
+    let (fixed_files, fixed_count, node_file, nodes) =
+        match at("io_ring_ctx", &["file_table", "data", "nodes"]) {
+            Some(table) => (
+                table,
+                at("io_ring_ctx", &["file_table", "data", "nr"])?,
+                at("io_rsrc_node", &["file_ptr"])?,
+                true,
+            ),
+            None => (
+                at("io_ring_ctx", &["file_table", "files"])?,
+                at("io_ring_ctx", &["nr_user_files"])?,
+                at("io_fixed_file", &["file_ptr"])?,
+                false,
+            ),
+        };
+    Some(IoUringOffsets {
+        opcode: at("io_kiocb", &["opcode"])?,
+        res: at("io_kiocb", &["cqe", "res"])?,
+        open_file_slot: cmd + at("io_open", &["file_slot"])?,
+        open_dfd: cmd + at("io_open", &["dfd"])?,
+        open_flags: cmd + at("io_open", &["how", "flags"])?,
+        open_mode: cmd + at("io_open", &["how", "mode"])?,
+        fixed_files,
+        fixed_count,
+        node_file,
+        nodes,
     })
 }
 
@@ -333,5 +408,15 @@ mod tests {
         // And follows the cgroup id with direct loads.
         assert_ne!(o.features & features::CGROUP_LOADS, 0);
         assert!(o.btf_css_set != 0 && o.btf_cgroup != 0 && o.btf_kernfs_node != 0);
+        // io_uring completions can be read; 6.18 keeps direct descriptors in nodes.
+        assert_ne!(o.features & features::IO_URING, 0);
+        assert_ne!(o.features & features::IO_URING_NODES, 0);
+        // `struct io_cqe` { user_data, res }, and the open request's `how` follows its
+        // file, dfd, file_slot and filename.
+        assert_eq!(
+            o.req_res,
+            btf.member("io_kiocb", &["cqe"]).unwrap().offset + 8
+        );
+        assert!(o.req_open_flags > o.req_open_file_slot && o.req_open_mode == o.req_open_flags + 8);
     }
 }

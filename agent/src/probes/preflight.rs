@@ -148,10 +148,12 @@ const IO_URING_DISABLED: &str = "/proc/sys/kernel/io_uring_disabled";
 /// What the records miss because of io_uring, or `None` when no process can use it. A file
 /// opened through an io_uring (`IORING_OP_OPENAT`) is opened by the kernel on the ring's
 /// behalf, not by an `open` system call, so the probes on system call exits do not see it;
-/// likewise a rename through one. `btf` is the running kernel's.
-pub fn io_uring_limitation(btf: &super::btf::Btf) -> Option<String> {
+/// likewise a rename through one. `recorded` tells whether the completion program that sees
+/// them is attached (then only failed opens through a ring stay unrecorded). `btf` is the
+/// running kernel's.
+pub fn io_uring_limitation(btf: &super::btf::Btf, recorded: bool) -> Option<String> {
     let setting = std::fs::read_to_string(IO_URING_DISABLED).ok();
-    io_uring_limitation_for(setting.as_deref(), || has_io_uring(btf))
+    io_uring_limitation_for(setting.as_deref(), recorded, || has_io_uring(btf))
 }
 
 /// Whether the kernel was built with io_uring (its BTF describes the system call).
@@ -165,30 +167,36 @@ fn has_io_uring(btf: &super::btf::Btf) -> bool {
 /// setting), `in_kernel` telling whether the kernel was built with io_uring.
 fn io_uring_limitation_for(
     setting: Option<&str>,
+    recorded: bool,
     in_kernel: impl FnOnce() -> bool,
 ) -> Option<String> {
     const FIX: &str = "set kernel.io_uring_disabled=2 (sysctl) on hosts that hold ePHI";
-    // Renames through a ring do not pass the system calls either, so the kernel's remembered
-    // verdicts of directories are not renewed by them.
-    const MISSED: &str = "files opened through an io_uring are not recorded, and a directory \
+    // Renames through a ring do not pass the system calls either, so without the completion
+    // program the kernel's remembered verdicts of directories are not renewed by them.
+    const UNSEEN: &str = "files opened through an io_uring are not recorded, and a directory \
                           renamed through one may for a while be judged by its old place \
                           (watched or not)";
+    // With it, successful opens are recorded; a failed one has no file, and the kernel has
+    // dropped the name it was given before it reports the failure.
+    const FAILED: &str = "an attempt to open a file through an io_uring that fails is not \
+                          recorded (successful opens through a ring are)";
+    let missed = if recorded { FAILED } else { UNSEEN };
     match setting.map(str::trim) {
         Some("2") => None,
         Some("1") => Some(format!(
             "io_uring is open to root and to the members of kernel.io_uring_group \
-             (kernel.io_uring_disabled=1): {MISSED}; {FIX}"
+             (kernel.io_uring_disabled=1): {missed}; {FIX}"
         )),
         Some("0") => Some(format!(
-            "io_uring is open to every process (kernel.io_uring_disabled=0): {MISSED}; {FIX}"
+            "io_uring is open to every process (kernel.io_uring_disabled=0): {missed}; {FIX}"
         )),
         Some(other) => Some(format!(
             "io_uring may be open to processes (kernel.io_uring_disabled={other}, a value this \
-             agent does not know): {MISSED}; {FIX}"
+             agent does not know): {missed}; {FIX}"
         )),
         None if in_kernel() => Some(format!(
             "io_uring is open to every process and this kernel cannot switch it off (no \
-             kernel.io_uring_disabled before Linux 6.6): {MISSED}; on hosts that hold ePHI use \
+             kernel.io_uring_disabled before Linux 6.6): {missed}; on hosts that hold ePHI use \
              Linux 6.6 or later with kernel.io_uring_disabled=2, or a kernel built without \
              io_uring"
         )),
@@ -257,23 +265,39 @@ mod tests {
     fn io_uring_is_a_limitation_unless_disabled_for_everyone() {
         use super::io_uring_limitation_for as limitation;
         let never = || -> bool { panic!("the kernel is only searched without the setting") };
-        assert_eq!(limitation(Some("2\n"), never), None);
-        let open = limitation(Some("0\n"), never).expect("open to all");
+        for recorded in [false, true] {
+            assert_eq!(limitation(Some("2\n"), recorded, never), None);
+            let open = limitation(Some("0\n"), recorded, never).expect("open to all");
+            assert!(
+                open.contains("every process") && open.contains("kernel.io_uring_disabled=2"),
+                "{open}"
+            );
+            let group = limitation(Some("1\n"), recorded, never).expect("open to a group");
+            assert!(
+                group.contains("io_uring_group") && group.contains("not recorded"),
+                "{group}"
+            );
+            let odd = limitation(Some("7"), recorded, never).expect("unknown value");
+            assert!(odd.contains("kernel.io_uring_disabled=7"), "{odd}");
+            let old = limitation(None, recorded, || true).expect("no switch");
+            assert!(old.contains("Linux 6.6"), "{old}");
+            assert_eq!(limitation(None, recorded, || false), None);
+        }
+        // Without the completion program every open and rename through a ring is unseen;
+        // with it, only failed opens.
+        let unseen = limitation(Some("0"), false, never).expect("open to all");
         assert!(
-            open.contains("every process") && open.contains("kernel.io_uring_disabled=2"),
-            "{open}"
+            unseen.contains("files opened through an io_uring are not recorded")
+                && unseen.contains("renamed through one"),
+            "{unseen}"
         );
-        assert!(open.contains("renamed through one"), "{open}");
-        let group = limitation(Some("1\n"), never).expect("open to a group");
+        let failed = limitation(Some("0"), true, never).expect("open to all");
         assert!(
-            group.contains("io_uring_group") && group.contains("not recorded"),
-            "{group}"
+            failed.contains("fails is not recorded")
+                && failed.contains("successful opens through a ring are")
+                && !failed.contains("renamed"),
+            "{failed}"
         );
-        let odd = limitation(Some("7"), never).expect("unknown value");
-        assert!(odd.contains("kernel.io_uring_disabled=7"), "{odd}");
-        let old = limitation(None, || true).expect("no switch");
-        assert!(old.contains("Linux 6.6"), "{old}");
-        assert_eq!(limitation(None, || false), None);
     }
 
     #[test]

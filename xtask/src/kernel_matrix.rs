@@ -9,7 +9,8 @@
 //! reads the driver's result line from the serial console (kept in
 //! `target/kernel-matrix/logs/`). The same driver also runs directly on the host, against the
 //! running kernel. The driver starts the agent, performs a successful open, a failed open, an
-//! exec, a TCP connect and a rename into the watched tree, stops the agent, and checks that
+//! exec, a TCP connect and a rename into the watched tree, an open and a directory rename
+//! through an io_uring (with this program's `ring`), stops the agent, and checks that
 //! every one of them became a record and that the stop record carries the drop counters.
 
 use std::{
@@ -247,7 +248,8 @@ pub fn run(args: &KernelMatrixArgs) -> anyhow::Result<()> {
     if !boots.is_empty() {
         step("kernel-matrix: initramfs");
         let built = Instant::now();
-        let initrd = build_initramfs(&dir, &agent, &busybox, None)?;
+        let me = std::env::current_exe().context("own path")?;
+        let initrd = build_initramfs(&dir, &agent, &busybox, &me, None)?;
         println!(
             "    {} ({} KiB) in {:.1}s",
             initrd.display(),
@@ -768,11 +770,11 @@ ip link set lo up
 hostname phi-matrix
 read up _ < /proc/uptime
 echo "PHI-MATRIX-BOOTED $(uname -r) uptime=${up}s"
-if [ -x /usr/bin/phi-load ] && grep -q 'phi.sensor_cost=' /proc/cmdline; then
+if [ -r /matrix/sensor-cost.sh ] && grep -q 'phi.sensor_cost=' /proc/cmdline; then
     AGENT=/usr/bin/phi-agent LOAD=/usr/bin/phi-load WORK=/tmp/phi-cost sh /matrix/sensor-cost.sh
 else
-    AGENT=/usr/bin/phi-agent BUSYBOX=/bin/busybox WORK=/tmp/phi-matrix PORT=@PORT@ \
-        START_TIMEOUT=100 sh /matrix/driver.sh
+    AGENT=/usr/bin/phi-agent BUSYBOX=/bin/busybox RING=/usr/bin/phi-load WORK=/tmp/phi-matrix \
+        PORT=@PORT@ START_TIMEOUT=100 sh /matrix/driver.sh
 fi
 sync
 poweroff -f
@@ -843,6 +845,9 @@ rm -rf "$WORK"
 mkdir -p "$EHR" "$OUTSIDE"
 echo '{"note":"chart"}' > "$EHR/chart.json"
 echo '{"note":"moved"}' > "$OUTSIDE/moved.json"
+mkdir -p "$OUTSIDE/ringdir"
+echo '{"note":"ring"}' > "$EHR/ring.json"
+echo '{"note":"ring-moved"}' > "$OUTSIDE/ringdir/chart.json"
 
 t0=$(now)
 for m in $MODES; do
@@ -887,6 +892,16 @@ kill "$listener" 2> /dev/null
 cat "$OUTSIDE/moved.json" > /dev/null
 mv "$OUTSIDE/moved.json" "$EHR/moved.json"
 cat "$EHR/moved.json" > /dev/null
+# Through an io_uring (RING: a program with `ring open|rename`): an open of a watched file,
+# and a rename of a directory (judged unwatched a moment before) into the watched tree.
+ring_error=""
+if [ -n "${RING:-}" ]; then
+    cat "$OUTSIDE/ringdir/chart.json" > /dev/null
+    "$RING" ring open "$EHR/ring.json" > "$WORK/ring.err" 2>&1 \
+        && "$RING" ring rename "$OUTSIDE/ringdir" "$EHR/ringdir" >> "$WORK/ring.err" 2>&1 \
+        || ring_error=$(tail -n 1 "$WORK/ring.err" | cut -c 1-300)
+    cat "$EHR/ringdir/chart.json" > /dev/null 2>&1
+fi
 sleep 0.5
 
 for m in $MODES; do
@@ -918,6 +933,15 @@ for m in $MODES; do
     has '"connect":{' '"address":"127.0.0.1","port":'"$PORT"',' || missing="$missing connect"
     has '"open":{"path":"'"$EHR/moved.json"'"' '"success":true' || missing="$missing rename"
     if has '"path":"'"$OUTSIDE/moved.json"'"'; then missing="$missing outside-open-filtered"; fi
+    ring=""
+    if [ -n "${RING:-}" ]; then
+        [ -z "$ring_error" ] || fail "the io_uring requests failed: $ring_error"
+        has '"open":{"path":"'"$EHR/ring.json"'"' '"syscall":"OPEN_SYSCALL_IO_URING_OPENAT"' \
+            || missing="$missing ring-open"
+        has '"open":{"path":"'"$EHR/ringdir/chart.json"'"' '"success":true' \
+            || missing="$missing ring-rename"
+        ring=" ring-open ring-rename"
+    fi
     has '"phase":"PHASE_STOP"' '"drops":{' || missing="$missing stop-record"
     [ "$status" -eq 0 ] || missing="$missing exit-status-$status"
 
@@ -951,7 +975,7 @@ for m in $MODES; do
             fi ;;
     esac
     fexit=$(printf '%s' "$sensors" | grep -o '"kind":"[a-z-]*","hook":"fexit' | sed 's/"kind":"\([a-z-]*\)".*/\1/' | tr '\n' ',' | sed 's/,$//')
-    summary="$summary [sensors=$MODE${fexit:+ fexit:$fexit}] open open-failed(ENOENT) exec connect(${connect:-?}) rename stop drops=${drops:-none} records=$records agent-start=${start_s}s run=${run_s}s"
+    summary="$summary [sensors=$MODE${fexit:+ fexit:$fexit}] open open-failed(ENOENT) exec connect(${connect:-?}) rename$ring stop drops=${drops:-none} records=$records agent-start=${start_s}s run=${run_s}s"
 done
 echo "PHI-MATRIX-RESULT PASS$summary"
 "#;
@@ -981,7 +1005,8 @@ pub(crate) fn build_initramfs(
     dir: &Path,
     agent: &Path,
     busybox: &Path,
-    load: Option<(&Path, &str)>,
+    load: &Path,
+    sensor_cost: Option<&str>,
 ) -> anyhow::Result<PathBuf> {
     // The guests need the code, not the debug information (a quarter of the size).
     let stripped = dir.join("phi-agent.stripped");
@@ -1018,27 +1043,28 @@ pub(crate) fn build_initramfs(
         INIT.replace("@PORT@", &GUEST_PORT.to_string()).as_bytes(),
     );
     cpio.file("matrix/driver.sh", 0o755, DRIVER.as_bytes());
-    if let Some((load, driver)) = load {
-        let stripped = dir.join("phi-load.stripped");
-        exec(
-            Command::new("strip")
-                .arg("--strip-debug")
-                .arg("-o")
-                .arg(&stripped)
-                .arg(load),
-        )?;
-        cpio.file("usr/bin/phi-load", 0o755, &read(&stripped)?);
-        let ldd = output(Command::new("ldd").arg(load))
-            .with_context(|| format!("ldd {} failed", load.display()))?;
-        for lib in ldd_paths(&ldd) {
-            if !have.contains(&lib) {
-                cpio.file(&lib, 0o755, &read(Path::new(&lib))?);
-            }
+    // This program, for the benchmark workloads and the io_uring requests (`ring`).
+    let stripped = dir.join("phi-load.stripped");
+    exec(
+        Command::new("strip")
+            .arg("--strip-debug")
+            .arg("-o")
+            .arg(&stripped)
+            .arg(load),
+    )?;
+    cpio.file("usr/bin/phi-load", 0o755, &read(&stripped)?);
+    let ldd = output(Command::new("ldd").arg(load))
+        .with_context(|| format!("ldd {} failed", load.display()))?;
+    for lib in ldd_paths(&ldd) {
+        if !have.contains(&lib) {
+            cpio.file(&lib, 0o755, &read(Path::new(&lib))?);
         }
+    }
+    if let Some(driver) = sensor_cost {
         cpio.file("matrix/sensor-cost.sh", 0o755, driver.as_bytes());
     }
 
-    let plain = dir.join(if load.is_some() {
+    let plain = dir.join(if sensor_cost.is_some() {
         "initrd-sensor-cost"
     } else {
         "initrd"
@@ -1198,6 +1224,7 @@ fn run_on_host(dir: &Path, agent: &Path, busybox: &Path) -> Outcome {
         .env("PATH", path)
         .env("AGENT", agent)
         .env("BUSYBOX", busybox)
+        .env("RING", std::env::current_exe().unwrap_or_default())
         .env("WORK", &work)
         .env("PORT", free_port().to_string())
         .env("START_TIMEOUT", "60")

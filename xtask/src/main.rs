@@ -9,6 +9,7 @@ mod deploy_check;
 mod kernel_matrix;
 mod package;
 mod sensor_cost;
+mod ring;
 mod setup;
 mod test;
 
@@ -47,6 +48,9 @@ enum Task {
     /// One benchmark workload in a process of its own (used by `bench`).
     #[command(hide = true)]
     BenchWorker(bench_load::WorkerArgs),
+    /// One open or rename through an io_uring (used by `kernel-matrix`).
+    #[command(hide = true)]
+    Ring(ring::RingArgs),
 }
 
 fn main() -> ExitCode {
@@ -60,6 +64,7 @@ fn main() -> ExitCode {
         Task::Bench(args) => bench::run(&args),
         Task::KernelMatrix(args) => kernel_matrix::run(&args),
         Task::BenchWorker(args) => bench_load::run(&args),
+        Task::Ring(args) => ring::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

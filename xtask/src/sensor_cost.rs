@@ -144,7 +144,7 @@ pub fn measure(agent: &Path, rounds: u32, ops: u64) -> anyhow::Result<Report> {
     let busybox = fetch_busybox(&dir, &busybox_version)?;
     let boot = fetch_kernel(&dir, image)?;
     let me = std::env::current_exe().context("own path")?;
-    let initrd = build_initramfs(&dir, agent, &busybox, Some((&me, DRIVER)))?;
+    let initrd = build_initramfs(&dir, agent, &busybox, &me, Some(DRIVER))?;
     let append = format!(
         "console=ttyS0 panic=-1 quiet lsm={} phi.sensor_cost={rounds},{ops}",
         boot.lsm()

@@ -8,8 +8,8 @@ mod demo;
 mod deploy_check;
 mod kernel_matrix;
 mod package;
-mod sensor_cost;
 mod ring;
+mod sensor_cost;
 mod setup;
 mod test;
 

@@ -415,7 +415,10 @@ mod tests {
         // file, dfd, file_slot and filename.
         assert_eq!(
             o.req_res,
-            btf.member("io_kiocb", &["cqe"]).unwrap().offset + 8
+            btf.member("io_kiocb", &["cqe"])
+                .expect("io_kiocb.cqe")
+                .offset
+                + 8
         );
         assert!(o.req_open_flags > o.req_open_file_slot && o.req_open_mode == o.req_open_flags + 8);
     }

@@ -152,19 +152,17 @@ pub extern "C" fn phi_write_path(slot: u32, tail: u32, dentry: u64, vfsmnt: u64)
             // name's end (inside the dentry's inline name or the slab object of an external
             // one; a load that faults reads 0) land past `pos + len`, which the '/' below,
             // the next name or the end of the path covers or leaves unsent.
-            let mut words = [0u64; SHORT_NAME / 8];
-            for (i, word) in words.iter_mut().enumerate() {
-                match load_u64(name + 8 * i as u64, Kind::Slot, 0) {
-                    Ok(w) => *word = w,
-                    Err(_) => break,
+            // As many words as the name needs.
+            for i in 0..SHORT_NAME / 8 {
+                if 8 * i >= len {
+                    break;
                 }
-            }
-            // SAFETY: `pos <= PATH_MAX`, so `pos + SHORT_NAME <= PATH_REGION`; the map
-            // value allows unaligned stores.
-            unsafe {
-                for (i, word) in words.iter().enumerate() {
-                    buf.add(pos + 8 * i).cast::<u64>().write_unaligned(*word);
-                }
+                let Ok(word) = load_u64(name + 8 * i as u64, Kind::Slot, 0) else {
+                    break;
+                };
+                // SAFETY: `pos <= PATH_MAX` and `8 * i < SHORT_NAME`, so the word ends
+                // within `PATH_REGION`; the map value allows unaligned stores.
+                unsafe { buf.add(pos + 8 * i).cast::<u64>().write_unaligned(word) };
             }
         } else {
             // SAFETY: `pos <= PATH_MAX` and `len <= NAME_MAX`, inside the region.

@@ -60,6 +60,35 @@ pub static WATCH_DENTRIES: HashMap<u64, u32> = HashMap::with_max_entries(MAX_WAT
 pub static VERDICTS: PerCpuArray<VerdictEntry> =
     PerCpuArray::with_max_entries(VERDICT_CACHE_ENTRIES, 0);
 
+/// Bytes of a directory path [`DIR_PATHS`] remembers (longer ones are walked every time).
+pub const DIR_PATH_MAX: usize = 256;
+/// log2 of the entries of [`DIR_PATHS`] per CPU.
+pub const DIR_PATH_BITS: u32 = 8;
+
+/// A directory's path as the path walk wrote it (leaf first, each name followed by '/'),
+/// with what must still match for it to hold: the directory as `VERDICTS` knows it, and the
+/// root the walk stopped at.
+#[repr(C)]
+pub struct DirPath {
+    pub dentry: u64,
+    pub vfsmnt: u64,
+    pub root_dentry: u64,
+    pub root_vfsmnt: u64,
+    pub kernel_generation: u64,
+    pub agent_generation: u64,
+    pub inode: u64,
+    pub sb: u64,
+    pub ino: u64,
+    /// Bytes of `path`; 0: nothing remembered.
+    pub len: u64,
+    pub path: [u8; DIR_PATH_MAX],
+}
+
+/// Paths of the directories files were opened in, per CPU and direct-mapped like
+/// `VERDICTS` (see `path::write_file_path`); used only under the `SYSCALL_BUSY` claim.
+#[map]
+pub static DIR_PATHS: PerCpuArray<DirPath> = PerCpuArray::with_max_entries(1 << DIR_PATH_BITS, 0);
+
 /// Generations that invalidate `VERDICTS`: index `generation::KERNEL` is bumped by the
 /// programs (rename, rmdir, mount changes), `generation::AGENT` by the agent (watch changes).
 #[map]

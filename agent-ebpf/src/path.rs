@@ -15,8 +15,11 @@ use aya_ebpf::{
 
 use crate::{
     emit::scratch,
-    kernel::{Kind, PathRef, has, load_ptr, load_u32, load_u64, off},
-    maps::{CURSOR_OFFSET, PREFIX_KEY, WATCH_PREFIXES},
+    kernel::{Kind, PathRef, cap, dentry_flags_parent, has, load_ptr, load_u32, load_u64, off},
+    maps::{
+        CURSOR_OFFSET, DIR_PATH_BITS, DIR_PATH_MAX, DIR_PATHS, DirPath, PREFIX_KEY, WATCH_PREFIXES,
+    },
+    verdict,
 };
 
 /// Bytes a caller must reserve for [`write_path`]: the logical bound plus one component.
@@ -54,6 +57,156 @@ pub fn write_path(slot: u32, tail: usize, path: PathRef, root: PathRef) -> u32 {
     // SAFETY: the cursor lies in the last bytes of the scratch slot.
     unsafe { (*buf.add(CURSOR_OFFSET).cast::<PathCursor>()).root = root };
     phi_write_path(slot, tail as u32, path.dentry, path.vfsmnt)
+}
+
+/// [`write_path`] for an opened file (`file`, not a directory's): the path of the directory
+/// it is in comes from this CPU's `DIR_PATHS` when that remembers it, so only the file's own
+/// name is read; otherwise the directory is walked and its path remembered. A remembered path
+/// holds as long as the directory's remembered verdict would (same dentry, inode and
+/// generations: renames, directory removals, mount and watch changes all renew it) and the
+/// walk would stop at the same root. Callers hold the `SYSCALL_BUSY` claim.
+#[inline(always)]
+pub fn write_file_path(slot: u32, tail: usize, file: PathRef, root: PathRef) -> u32 {
+    match file_in_dir(file, root) {
+        Some(at) => write_in_dir(slot, tail, &at, root),
+        None => write_path(slot, tail, file, root),
+    }
+}
+
+/// A file whose path is its directory's plus its name, and where its directory's path is
+/// remembered.
+struct InDir {
+    dir: PathRef,
+    id: verdict::Identity,
+    name: u64,
+    name_len: usize,
+    entry: *mut DirPath,
+}
+
+/// `file`'s directory and name, when the path can be built from them: the file is not the
+/// walk's root, nor the root of its file system or mount, and its name is short; `None`
+/// otherwise (and without direct loads, where the plain walk is kept).
+#[inline(always)]
+fn file_in_dir(file: PathRef, root: PathRef) -> Option<InDir> {
+    if !has(features::DIRECT_LOADS) || file == root {
+        return None;
+    }
+    let (_, parent) = dentry_flags_parent(file.dentry).ok()?;
+    let mnt_root = load_ptr(
+        file.vfsmnt - off!(mount_vfsmnt),
+        Kind::Mount,
+        off!(mount_vfsmnt) + off!(vfsmnt_root),
+    )
+    .ok()?;
+    if parent == file.dentry || file.dentry == mnt_root {
+        return None;
+    }
+    let name_len = load_u32(file.dentry, Kind::Dentry, off!(dentry_name_len)).ok()? as usize;
+    if name_len == 0 || name_len > SHORT_NAME {
+        return None;
+    }
+    let name = load_ptr(file.dentry, Kind::Dentry, off!(dentry_name_ptr)).ok()?;
+    let dir = PathRef {
+        dentry: parent,
+        vfsmnt: file.vfsmnt,
+    };
+    let id = verdict::identity(dir).ok()??;
+    let entry = DIR_PATHS.get_ptr_mut(verdict::slot_of(dir, DIR_PATH_BITS))?;
+    Some(InDir {
+        dir,
+        id,
+        name,
+        name_len,
+        entry,
+    })
+}
+
+/// Writes the file's name, then its directory's path (remembered, or walked and then
+/// remembered). Returns `len | flags << 16` as [`write_path`] does.
+#[inline(always)]
+fn write_in_dir(slot: u32, tail: usize, at: &InDir, root: PathRef) -> u32 {
+    let Ok(base) = scratch(slot) else {
+        return u32::from(path_flags::READ_FAILED) << 16;
+    };
+    if tail > TAIL_MAX {
+        return u32::from(path_flags::READ_FAILED) << 16;
+    }
+    // SAFETY: `tail + PATH_REGION <= CURSOR_OFFSET`, inside the slot.
+    let buf = unsafe { base.add(tail) };
+    let name_len = cap(at.name_len, SHORT_NAME);
+    for i in 0..SHORT_NAME / 8 {
+        if 8 * i >= name_len {
+            break;
+        }
+        let Ok(word) = load_u64(at.name + 8 * i as u64, Kind::Slot, 0) else {
+            return u32::from(path_flags::READ_FAILED) << 16;
+        };
+        // SAFETY: `8 * i < SHORT_NAME < PATH_REGION`; unaligned stores are allowed.
+        unsafe { buf.add(8 * i).cast::<u64>().write_unaligned(word) };
+    }
+    // SAFETY: `name_len <= SHORT_NAME`.
+    unsafe { *buf.add(name_len) = b'/' };
+    let leaf = name_len + 1;
+    // SAFETY: this CPU's entry; the caller holds the claim, so nothing else uses it now.
+    let e = unsafe { &mut *at.entry };
+    let id = &at.id;
+    let remembered = e.len != 0
+        && e.dentry == at.dir.dentry
+        && e.vfsmnt == at.dir.vfsmnt
+        && e.root_dentry == root.dentry
+        && e.root_vfsmnt == root.vfsmnt
+        && e.kernel_generation == id.kernel_generation
+        && e.agent_generation == id.agent_generation
+        && e.inode == id.inode
+        && e.sb == id.sb
+        && e.ino == id.ino;
+    if remembered {
+        let len = cap(e.len as usize, DIR_PATH_MAX);
+        let words = e.path.as_ptr().cast::<u64>();
+        for i in 0..DIR_PATH_MAX / 8 {
+            if 8 * i >= len {
+                break;
+            }
+            // SAFETY: word `i` of the entry's path; `leaf + 8 * i + 8 <= SHORT_NAME + 1 +
+            // DIR_PATH_MAX`, inside the region.
+            unsafe {
+                buf.add(leaf + 8 * i)
+                    .cast::<u64>()
+                    .write_unaligned(*words.add(i));
+            }
+        }
+        return (leaf + len) as u32;
+    }
+    let packed = write_path(slot, tail + leaf, at.dir, root);
+    let len = (packed & 0xffff) as usize;
+    let flags = packed >> 16;
+    if flags == 0 && len != 0 && len <= DIR_PATH_MAX {
+        let words = e.path.as_mut_ptr().cast::<u64>();
+        for i in 0..DIR_PATH_MAX / 8 {
+            if 8 * i >= len {
+                break;
+            }
+            // SAFETY: word `i` of the entry's path and of the walked path in the region.
+            unsafe {
+                *words.add(i) = buf.add(leaf + 8 * i).cast::<u64>().read_unaligned();
+            }
+        }
+        e.len = len as u64;
+        e.dentry = at.dir.dentry;
+        e.vfsmnt = at.dir.vfsmnt;
+        e.root_dentry = root.dentry;
+        e.root_vfsmnt = root.vfsmnt;
+        e.kernel_generation = id.kernel_generation;
+        e.agent_generation = id.agent_generation;
+        e.inode = id.inode;
+        e.sb = id.sb;
+        e.ino = id.ino;
+    }
+    let total = leaf + len;
+    if total > PATH_MAX {
+        return PATH_MAX as u32 | (flags | u32::from(path_flags::TRUNCATED)) << 16;
+    }
+    total as u32 | flags << 16
 }
 
 /// The walk of [`write_path`], a global subprogram: the kernel verifies it once per program

@@ -118,17 +118,17 @@ pub extern "C" fn phi_decide_dir(dentry: u64, vfsmnt: u64) -> i64 {
 /// The directory as the cache knows it: its generations, inode, superblock and inode
 /// number (what must still match for a remembered verdict to hold).
 #[derive(Clone, Copy)]
-struct Identity {
-    kernel_generation: u64,
-    agent_generation: u64,
-    inode: u64,
-    sb: u64,
-    ino: u64,
+pub struct Identity {
+    pub kernel_generation: u64,
+    pub agent_generation: u64,
+    pub inode: u64,
+    pub sb: u64,
+    pub ino: u64,
 }
 
 /// The identity of `dir`; `None` for a negative dentry (never cached).
 #[inline(always)]
-fn identity(dir: PathRef) -> Result<Option<Identity>> {
+pub fn identity(dir: PathRef) -> Result<Option<Identity>> {
     let kernel_generation = generation(generation::KERNEL);
     let agent_generation = generation(generation::AGENT);
     let inode = load_u64(dir.dentry, Kind::Dentry, off!(dentry_inode))?;
@@ -212,8 +212,14 @@ fn decide_dir_inner(dir: PathRef) -> Result<Verdict> {
 /// Cache slot of a directory: a multiplicative hash of the dentry and mount addresses.
 #[inline(always)]
 fn cache_slot(dir: PathRef) -> u32 {
+    slot_of(dir, VERDICT_CACHE_BITS)
+}
+
+/// Slot of a directory in a direct-mapped per-CPU cache of `1 << bits` entries.
+#[inline(always)]
+pub fn slot_of(dir: PathRef, bits: u32) -> u32 {
     let mixed = (dir.dentry ^ dir.vfsmnt.rotate_left(29)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    (mixed >> (64 - VERDICT_CACHE_BITS)) as u32
+    (mixed >> (64 - bits)) as u32
 }
 
 #[inline(always)]

@@ -1,9 +1,10 @@
-//! The kernel remembers which directories are outside the watched trees. Renames and mounts
-//! change that, and must be noticed at once: these tests open files before and after.
+//! The kernel remembers which directories are outside the watched trees, and the paths of
+//! the directories files are opened in. Renames and mounts change both, and must be noticed
+//! at once: these tests open files before and after.
 
-use std::process::Command;
+use std::{ffi::CString, os::unix::ffi::OsStrExt as _, process::Command};
 
-use integration_tests::{Agent, TestDir, is, summary};
+use integration_tests::{Agent, TestDir, as_u64, is, summary};
 
 /// A mount made by a test: unmounted explicitly, or lazily when dropped so that a failing
 /// test leaves no mounts behind.
@@ -84,6 +85,74 @@ fn a_directory_renamed_into_the_tree_is_watched_at_once_and_out_of_it_is_not() {
         is::open_of(&deep_moved),
     );
     assert!(!deep_dir.exists());
+    agent.stop();
+}
+
+#[test]
+fn a_file_is_named_from_its_directory_s_new_place_and_from_its_opener_s_root() {
+    let w = TestDir::new("dir-paths");
+    let file = w.file("ward/a/chart.txt", "x\n");
+    let marker = w.file("marker.txt", "m\n");
+    let mut agent = Agent::start(["--watch".as_ref(), w.path().as_os_str()]);
+
+    // The directory's path is remembered after the first open.
+    for _ in 0..3 {
+        std::fs::read(&file).expect("read");
+    }
+    agent.wait_for("the open before the rename", is::open_of(&file));
+
+    // An ancestor renamed inside the tree: the next open carries the new path.
+    let unit = w.path().join("unit");
+    std::fs::rename(w.path().join("ward"), &unit).expect("rename the ancestor");
+    let moved = unit.join("a/chart.txt");
+    std::fs::read(&moved).expect("read after the rename");
+    agent.wait_for("the open after the rename", is::open_of(&moved));
+    std::fs::read(&moved).expect("read again");
+
+    // A process whose root is `unit` names the same file from its own root.
+    let root = CString::new(unit.as_os_str().as_bytes()).expect("no NUL");
+    // SAFETY: the child only makes system calls (chroot, open, _exit), which are safe after
+    // fork in a threaded process.
+    let child = unsafe { libc::fork() };
+    assert!(child >= 0, "fork");
+    if child == 0 {
+        // SAFETY: plain system calls on NUL-terminated strings; the child exits at once.
+        unsafe {
+            let ok = libc::chroot(root.as_ptr()) == 0
+                && libc::chdir(c"/".as_ptr()) == 0
+                && libc::open(c"/a/chart.txt".as_ptr(), libc::O_RDONLY) >= 0;
+            libc::_exit(if ok { 0 } else { 1 });
+        }
+    }
+    let mut status = 0;
+    // SAFETY: waits for the child just forked.
+    unsafe { libc::waitpid(child, &mut status, 0) };
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "the chrooted child could not open its file (status {status})"
+    );
+    let r = agent.wait_for("the chrooted open", |r| {
+        r["open"].is_object() && as_u64(&r["process"]["pid"]) == child as u64
+    });
+    assert_eq!(r["open"]["path"], "/a/chart.txt", "{}", summary(&r));
+
+    // And a process at the host's root still gets the whole path.
+    std::fs::read(&moved).expect("read after the chrooted open");
+    std::fs::read(&marker).expect("read marker");
+    let after = agent.records_until("the marker", is::open_of(&marker));
+    let last = after
+        .iter()
+        .rev()
+        .find(|r| {
+            as_u64(&r["process"]["pid"]) == u64::from(std::process::id()) && r["open"].is_object()
+        })
+        .expect("this process's open before the marker");
+    assert_eq!(
+        last["open"]["path"].as_str(),
+        moved.to_str(),
+        "{}",
+        summary(last)
+    );
     agent.stop();
 }
 

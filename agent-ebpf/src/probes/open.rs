@@ -21,7 +21,7 @@ use crate::{
     error::{Error, Result},
     kernel::{PathRef, current_task_btf, dentry_ino_dev, fd_file, has, read_user, task_number},
     maps::slot,
-    path::{prefix_lookup, write_path},
+    path::{prefix_lookup, write_file_path, write_path},
     verdict::{self, Verdict},
 };
 
@@ -228,12 +228,17 @@ fn body(buf: *mut u8) -> *mut OpenEvent {
     unsafe { buf.add(tail_offset::<()>()).cast::<OpenEvent>() }
 }
 
-/// Writes the resolved path of `path` at the start of the tail; returns its length.
+/// Writes the resolved path of `path` (an opened file when `file`, else a directory) at the
+/// start of the tail; returns its length.
 #[inline(always)]
-fn put_base(buf: *mut u8, task: u64, path: PathRef, extra_flags: u16) -> Result<usize> {
+fn put_base(buf: *mut u8, task: u64, path: PathRef, extra_flags: u16, file: bool) -> Result<usize> {
     let root = PathRef::root_of(task)?;
     // SAFETY: the tail region of the scratch slot is larger than `PATH_REGION`.
-    let packed = write_path(slot::SYSCALL, TAIL, path, root);
+    let packed = if file {
+        write_file_path(slot::SYSCALL, TAIL, path, root)
+    } else {
+        write_path(slot::SYSCALL, TAIL, path, root)
+    };
     let len = (packed & 0xffff) as usize;
     let len = if len > PATH_MAX { PATH_MAX } else { len };
     let flags = (packed >> 16) as u16 | extra_flags;
@@ -294,7 +299,7 @@ fn opened(call: &Call) -> Result<()> {
             (*body(buf)).dev = dev;
         }
     }
-    let len = put_base(buf, call.task, path, extra)?;
+    let len = put_base(buf, call.task, path, extra, true)?;
     submit(buf, TAIL + len)
 }
 
@@ -341,7 +346,7 @@ fn failed(call: &Call, user_path: u64) -> Result<()> {
         0
     };
     let base_len = match base {
-        Some(base) => put_base(buf, call.task, base, undecided)?,
+        Some(base) => put_base(buf, call.task, base, undecided, false)?,
         None => {
             // SAFETY: see `body`.
             unsafe { (*body(buf)).path_flags = undecided };

@@ -363,9 +363,18 @@ fn the_start_record_names_the_sensor_of_each_kind_and_tracepoints_can_be_forced(
         ]);
         let sensors = sensors_of(&agent.history[0]);
         let kinds: Vec<&str> = sensors.iter().map(|(k, _)| k.as_str()).collect();
+        // This kernel has io_uring: its completions are read in both modes.
         assert_eq!(
             kinds,
-            ["open", "connect", "path-changes", "exec", "fork", "exit"],
+            [
+                "open",
+                "connect",
+                "path-changes",
+                "exec",
+                "fork",
+                "exit",
+                "io-uring"
+            ],
             "{mode}: every kind is named once"
         );
         for (kind, hook) in &sensors {
@@ -373,6 +382,7 @@ fn the_start_record_names_the_sensor_of_each_kind_and_tracepoints_can_be_forced(
                 "exec" | "fork" | "exit" => {
                     assert_eq!(hook, &format!("tp_btf/sched_process_{kind}"))
                 }
+                "io-uring" => assert_eq!(hook, "tp_btf/io_uring_complete"),
                 _ if mode == "tracepoints" => {
                     assert_eq!(hook, "tp_btf/sys_exit", "{mode}: {kind}")
                 }

@@ -240,15 +240,15 @@ pub fn run(args: &KernelMatrixArgs) -> anyhow::Result<()> {
         prune(&dir.join("debian"), &used);
     }
 
+    let me = own_copy(&dir)?;
     let mut outcomes = Vec::new();
     if run_host {
         step("kernel-matrix: the driver on the host kernel");
-        outcomes.push(run_on_host(&dir, &agent, &busybox));
+        outcomes.push(run_on_host(&dir, &agent, &busybox, &me));
     }
     if !boots.is_empty() {
         step("kernel-matrix: initramfs");
         let built = Instant::now();
-        let me = std::env::current_exe().context("own path")?;
         let initrd = build_initramfs(&dir, &agent, &busybox, &me, None)?;
         println!(
             "    {} ({} KiB) in {:.1}s",
@@ -754,6 +754,18 @@ fn ldd_paths(ldd: &str) -> Vec<String> {
         .collect()
 }
 
+/// A copy of this program in `dir` (`phi-load`: the benchmark workloads and `ring` for the
+/// drivers), taken from `/proc/self/exe`, which stays readable when the build has replaced
+/// the file this process was started from (as `cargo xtask test` does before it runs the
+/// matrix).
+pub(crate) fn own_copy(dir: &Path) -> anyhow::Result<PathBuf> {
+    let copy = dir.join("phi-load");
+    let _ = fs::remove_file(&copy);
+    fs::copy("/proc/self/exe", &copy)
+        .with_context(|| format!("cannot copy this program to {}", copy.display()))?;
+    Ok(copy)
+}
+
 /// The guest's `/init`: mounts, loopback, the driver, power-off.
 const INIT: &str = r#"#!/bin/sh
 /bin/busybox --install -s /bin
@@ -1181,7 +1193,7 @@ fn free_port() -> u16 {
 }
 
 /// The driver straight on the host, with the cached busybox for its tools.
-fn run_on_host(dir: &Path, agent: &Path, busybox: &Path) -> Outcome {
+fn run_on_host(dir: &Path, agent: &Path, busybox: &Path, ring: &Path) -> Outcome {
     let started = Instant::now();
     let log = dir.join("logs").join(format!("{HOST}.log"));
     let release = fs::read_to_string("/proc/sys/kernel/osrelease")
@@ -1224,7 +1236,7 @@ fn run_on_host(dir: &Path, agent: &Path, busybox: &Path) -> Outcome {
         .env("PATH", path)
         .env("AGENT", agent)
         .env("BUSYBOX", busybox)
-        .env("RING", std::env::current_exe().unwrap_or_default())
+        .env("RING", ring)
         .env("WORK", &work)
         .env("PORT", free_port().to_string())
         .env("START_TIMEOUT", "60")

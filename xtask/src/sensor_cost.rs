@@ -27,7 +27,9 @@ use crate::{
     bench::median,
     bench_load::Workload,
     cmd,
-    kernel_matrix::{KERNELS, build_initramfs, fetch_busybox, fetch_kernel, qemu, resolve},
+    kernel_matrix::{
+        KERNELS, build_initramfs, fetch_busybox, fetch_kernel, own_copy, qemu, resolve,
+    },
 };
 
 /// The agent modes compared, in the order of the report.
@@ -143,7 +145,7 @@ pub fn measure(agent: &Path, rounds: u32, ops: u64) -> anyhow::Result<Report> {
     let image = images.first().context("no image resolved")?;
     let busybox = fetch_busybox(&dir, &busybox_version)?;
     let boot = fetch_kernel(&dir, image)?;
-    let me = std::env::current_exe().context("own path")?;
+    let me = own_copy(&dir)?;
     let initrd = build_initramfs(&dir, agent, &busybox, &me, Some(DRIVER))?;
     let append = format!(
         "console=ttyS0 panic=-1 quiet lsm={} phi.sensor_cost={rounds},{ops}",

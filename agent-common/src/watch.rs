@@ -26,13 +26,13 @@ pub const fn kernel_dev(major: u32, minor: u32) -> u32 {
     (major << 20) | (minor & 0xfffff)
 }
 
-/// A remembered verdict for a directory, in a per-CPU direct-mapped cache: whether it lies
-/// under a watched tree. The slot holds its key (dentry, mount); it is used only while both
-/// generations are unchanged and the dentry still holds the same inode (`inode`, `sb` and
-/// `ino` guard against the dentry's memory being reused for another directory).
+/// A directory as the in-kernel caches know it: what must still hold for something remembered
+/// about it (its verdict, its path) to be used. The dentry and mount are the cache key; both
+/// generations must be unchanged, and the dentry must still hold the same inode (`inode`, `sb`
+/// and `ino` guard against the dentry's memory being reused for another directory).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct VerdictEntry {
+pub struct DirIdentity {
     /// `struct dentry *` of the directory.
     pub dentry: u64,
     /// `struct vfsmount *` it was reached through.
@@ -44,6 +44,14 @@ pub struct VerdictEntry {
     pub inode: u64,
     pub sb: u64,
     pub ino: u64,
+}
+
+/// A remembered verdict for a directory, in a per-CPU direct-mapped cache: whether it lies
+/// under a watched tree, valid while `dir` still describes the directory.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VerdictEntry {
+    pub dir: DirIdentity,
     /// Watch id, 0 for "not under any watched tree".
     pub watch_id: u32,
     pub _pad: u32,

@@ -6,7 +6,7 @@ use agent_common::{
         DEFAULT_RING_BUFFER_BYTES, MAX_WATCHES, SCRATCH_SIZE, VERDICT_CACHE_ENTRIES,
         WATCH_PREFIX_MAX,
     },
-    watch::{VerdictEntry, WatchKey, generation},
+    watch::{DirIdentity, VerdictEntry, WatchKey, generation},
 };
 use aya_ebpf::{
     macros::map,
@@ -70,15 +70,9 @@ pub const DIR_PATH_BITS: u32 = 8;
 /// root the walk stopped at.
 #[repr(C)]
 pub struct DirPath {
-    pub dentry: u64,
-    pub vfsmnt: u64,
+    pub dir: DirIdentity,
     pub root_dentry: u64,
     pub root_vfsmnt: u64,
-    pub kernel_generation: u64,
-    pub agent_generation: u64,
-    pub inode: u64,
-    pub sb: u64,
-    pub ino: u64,
     /// Bytes of `path`; 0: nothing remembered.
     pub len: u64,
     pub path: [u8; DIR_PATH_MAX],

@@ -7,6 +7,7 @@ use agent_common::{
     event::path_flags,
     limits::{NAME_MAX, PATH_DEPTH_MAX, PATH_MAX, WATCH_PREFIX_MAX},
     offsets::features,
+    watch::DirIdentity,
 };
 use aya_ebpf::{
     helpers::generated::{bpf_probe_read_kernel, bpf_probe_read_user_str},
@@ -15,7 +16,7 @@ use aya_ebpf::{
 
 use crate::{
     emit::scratch,
-    kernel::{Kind, PathRef, cap, dentry_flags_parent, has, load_ptr, load_u32, load_u64, off},
+    kernel::{Kind, PathRef, cap, has, load_ptr, load_u32, load_u64, off},
     maps::{
         CURSOR_OFFSET, DIR_PATH_BITS, DIR_PATH_MAX, DIR_PATHS, DirPath, PREFIX_KEY, WATCH_PREFIXES,
     },
@@ -64,10 +65,11 @@ pub fn write_path(slot: u32, tail: usize, path: PathRef, root: PathRef) -> u32 {
 /// name is read; otherwise the directory is walked and its path remembered. A remembered path
 /// holds as long as the directory's remembered verdict would (same dentry, inode and
 /// generations: renames, directory removals, mount and watch changes all renew it) and the
-/// walk would stop at the same root. Callers hold the `SYSCALL_BUSY` claim.
+/// walk would stop at the same root. `parent` is the file's parent dentry, as
+/// `verdict::for_file` read it. Callers hold the `SYSCALL_BUSY` claim.
 #[inline(always)]
-pub fn write_file_path(slot: u32, tail: usize, file: PathRef, root: PathRef) -> u32 {
-    match file_in_dir(file, root) {
+pub fn write_file_path(slot: u32, tail: usize, file: PathRef, parent: u64, root: PathRef) -> u32 {
+    match file_in_dir(file, parent, root) {
         Some(at) => write_in_dir(slot, tail, &at, root),
         None => write_path(slot, tail, file, root),
     }
@@ -77,7 +79,7 @@ pub fn write_file_path(slot: u32, tail: usize, file: PathRef, root: PathRef) -> 
 /// remembered.
 struct InDir {
     dir: PathRef,
-    id: verdict::Identity,
+    id: DirIdentity,
     name: u64,
     name_len: usize,
     entry: *mut DirPath,
@@ -87,11 +89,10 @@ struct InDir {
 /// walk's root, nor the root of its file system or mount, and its name is short; `None`
 /// otherwise (and without direct loads, where the plain walk is kept).
 #[inline(always)]
-fn file_in_dir(file: PathRef, root: PathRef) -> Option<InDir> {
+fn file_in_dir(file: PathRef, parent: u64, root: PathRef) -> Option<InDir> {
     if !has(features::DIRECT_LOADS) || file == root {
         return None;
     }
-    let (_, parent) = dentry_flags_parent(file.dentry).ok()?;
     let mnt_root = load_ptr(
         file.vfsmnt - off!(mount_vfsmnt),
         Kind::Mount,
@@ -150,16 +151,8 @@ fn write_in_dir(slot: u32, tail: usize, at: &InDir, root: PathRef) -> u32 {
     // SAFETY: this CPU's entry; the caller holds the claim, so nothing else uses it now.
     let e = unsafe { &mut *at.entry };
     let id = &at.id;
-    let remembered = e.len != 0
-        && e.dentry == at.dir.dentry
-        && e.vfsmnt == at.dir.vfsmnt
-        && e.root_dentry == root.dentry
-        && e.root_vfsmnt == root.vfsmnt
-        && e.kernel_generation == id.kernel_generation
-        && e.agent_generation == id.agent_generation
-        && e.inode == id.inode
-        && e.sb == id.sb
-        && e.ino == id.ino;
+    let remembered =
+        e.len != 0 && e.dir == *id && e.root_dentry == root.dentry && e.root_vfsmnt == root.vfsmnt;
     if remembered {
         let len = cap(e.len as usize, DIR_PATH_MAX);
         let words = e.path.as_ptr().cast::<u64>();
@@ -192,15 +185,9 @@ fn write_in_dir(slot: u32, tail: usize, at: &InDir, root: PathRef) -> u32 {
             }
         }
         e.len = len as u64;
-        e.dentry = at.dir.dentry;
-        e.vfsmnt = at.dir.vfsmnt;
+        e.dir = *id;
         e.root_dentry = root.dentry;
         e.root_vfsmnt = root.vfsmnt;
-        e.kernel_generation = id.kernel_generation;
-        e.agent_generation = id.agent_generation;
-        e.inode = id.inode;
-        e.sb = id.sb;
-        e.ino = id.ino;
     }
     let total = leaf + len;
     if total > PATH_MAX {

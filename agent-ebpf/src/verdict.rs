@@ -10,7 +10,7 @@
 
 use agent_common::{
     limits::{PATH_DEPTH_MAX, VERDICT_CACHE_BITS},
-    watch::{VerdictEntry, generation},
+    watch::{DirIdentity, VerdictEntry, generation},
 };
 
 use crate::{
@@ -31,24 +31,23 @@ pub enum Verdict {
 }
 
 /// Verdict for an opened file: the file itself may be a watched directory; otherwise its
-/// directory decides.
+/// directory decides. Also returns the file's parent dentry (itself at the root of its
+/// filesystem), which naming the file needs next.
 #[inline(always)]
-pub fn for_file(path: PathRef) -> Result<Verdict> {
+pub fn for_file(path: PathRef) -> Result<(Verdict, u64)> {
     let (flags, parent) = dentry_flags_parent(path.dentry)?;
     let kind = flags & (off!(dcache_type_mask) as u32);
     if (kind == off!(dcache_directory_type) as u32 || kind == off!(dcache_autodir_type) as u32)
         && let Some(id) = watched_dentry(path.dentry)
     {
-        return Ok(Verdict::Watched(id));
+        return Ok((Verdict::Watched(id), parent));
     }
-    if parent == path.dentry {
-        // The root of its filesystem: its mount decides.
-        return for_dir(path);
-    }
-    for_dir(PathRef {
+    // At the root of its filesystem, its mount decides (`for_dir` of the file itself).
+    let verdict = for_dir(PathRef {
         dentry: parent,
         vfsmnt: path.vfsmnt,
-    })
+    })?;
+    Ok((verdict, parent))
 }
 
 /// Verdict for a directory (itself or an ancestor watched): from the cache when it holds
@@ -115,20 +114,9 @@ pub extern "C" fn phi_decide_dir(dentry: u64, vfsmnt: u64) -> i64 {
     }
 }
 
-/// The directory as the cache knows it: its generations, inode, superblock and inode
-/// number (what must still match for a remembered verdict to hold).
-#[derive(Clone, Copy)]
-pub struct Identity {
-    pub kernel_generation: u64,
-    pub agent_generation: u64,
-    pub inode: u64,
-    pub sb: u64,
-    pub ino: u64,
-}
-
-/// The identity of `dir`; `None` for a negative dentry (never cached).
+/// `dir` as the caches know it now; `None` for a negative dentry (never cached).
 #[inline(always)]
-pub fn identity(dir: PathRef) -> Result<Option<Identity>> {
+pub fn identity(dir: PathRef) -> Result<Option<DirIdentity>> {
     let kernel_generation = generation(generation::KERNEL);
     let agent_generation = generation(generation::AGENT);
     let inode = load_u64(dir.dentry, Kind::Dentry, off!(dentry_inode))?;
@@ -136,7 +124,9 @@ pub fn identity(dir: PathRef) -> Result<Option<Identity>> {
         return Ok(None);
     }
     let (sb, ino) = inode_sb_ino(inode)?;
-    Ok(Some(Identity {
+    Ok(Some(DirIdentity {
+        dentry: dir.dentry,
+        vfsmnt: dir.vfsmnt,
         kernel_generation,
         agent_generation,
         inode,
@@ -147,19 +137,13 @@ pub fn identity(dir: PathRef) -> Result<Option<Identity>> {
 
 /// The cache slot of `dir`, and the verdict it remembers for `dir` if it still holds.
 #[inline(always)]
-fn lookup(dir: PathRef, id: Identity) -> Result<(*mut VerdictEntry, Option<Verdict>)> {
+fn lookup(dir: PathRef, id: DirIdentity) -> Result<(*mut VerdictEntry, Option<Verdict>)> {
     let slot = VERDICTS
         .get_ptr_mut(cache_slot(dir))
         .ok_or(Error::Scratch)?;
     // SAFETY: this CPU's slot; only the programs on this CPU touch the cache, one at a time.
     let e = unsafe { &*slot };
-    let hit = e.dentry == dir.dentry
-        && e.vfsmnt == dir.vfsmnt
-        && e.kernel_generation == id.kernel_generation
-        && e.agent_generation == id.agent_generation
-        && e.inode == id.inode
-        && e.sb == id.sb
-        && e.ino == id.ino;
+    let hit = e.dir == id;
     let verdict = match (hit, e.watch_id) {
         (false, _) => None,
         (true, 0) => Some(Verdict::Unwatched),
@@ -195,13 +179,7 @@ fn decide_dir_inner(dir: PathRef) -> Result<Verdict> {
     // SAFETY: as in `lookup`.
     unsafe {
         *slot = VerdictEntry {
-            dentry: dir.dentry,
-            vfsmnt: dir.vfsmnt,
-            kernel_generation: id.kernel_generation,
-            agent_generation: id.agent_generation,
-            inode: id.inode,
-            sb: id.sb,
-            ino: id.ino,
+            dir: id,
             watch_id,
             _pad: 0,
         };

@@ -257,6 +257,16 @@ pub fn summary(r: &Value) -> String {
     )
 }
 
+/// Summaries of the open records among `records` whose path satisfies `path` (for asserting
+/// that none were recorded where none should be).
+pub fn opens_where(records: &[Value], path: impl Fn(&str) -> bool) -> Vec<String> {
+    records
+        .iter()
+        .filter(|r| r["open"]["path"].as_str().is_some_and(&path))
+        .map(summary)
+        .collect()
+}
+
 impl Agent {
     /// Starts `phi-agent run --stdout <args>` and waits for its start record.
     pub fn start<I, S>(args: I) -> Agent

@@ -3,7 +3,7 @@
 
 use std::{ffi::CString, os::unix::ffi::OsStrExt as _, path::Path};
 
-use integration_tests::{Agent, IoUringSetting, TestDir, as_i64, as_u64, is, summary};
+use integration_tests::{Agent, IoUringSetting, TestDir, as_i64, as_u64, is, opens_where, summary};
 use io_uring::{IoUring, opcode, squeue, types};
 
 fn cstr(p: &Path) -> CString {
@@ -174,15 +174,8 @@ fn opens_through_an_io_uring_are_recorded_like_open_calls() {
     }
     std::fs::read(&marker).expect("read marker");
     let before = agent.records_until("the marker open", is::open_of(&marker));
-    let leaked: Vec<String> = before
-        .iter()
-        .filter(|r| {
-            r["open"]["path"]
-                .as_str()
-                .is_some_and(|p| p.starts_with(&*other.path().to_string_lossy()))
-        })
-        .map(summary)
-        .collect();
+    let outside = other.path().to_string_lossy().into_owned();
+    let leaked = opens_where(&before, |p| p.starts_with(&outside));
     assert!(
         leaked.is_empty(),
         "unwatched opens were recorded: {leaked:#?}"

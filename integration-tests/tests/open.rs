@@ -10,7 +10,9 @@ use std::{
     process::Command,
 };
 
-use integration_tests::{Agent, TestDir, as_i64, as_u64, gettid, is, set_mode, summary};
+use integration_tests::{
+    Agent, TestDir, as_i64, as_u64, gettid, is, opens_where, set_mode, summary,
+};
 use serde_json::Value;
 
 fn cstr(p: &Path) -> CString {
@@ -219,15 +221,10 @@ fn opens_outside_the_watched_trees_produce_no_record() {
         .output();
     std::fs::read(&marker).expect("read marker");
     let before = agent.records_until("the marker open", is::open_of(&marker));
-    let leaked: Vec<String> = before
-        .iter()
-        .filter(|r| {
-            r["open"]["path"].as_str().is_some_and(|p| {
-                !p.starts_with(&*w.path().to_string_lossy()) || p.starts_with(&prefix_twin)
-            })
-        })
-        .map(summary)
-        .collect();
+    let watched = w.path().to_string_lossy().into_owned();
+    let leaked = opens_where(&before, |p| {
+        !p.starts_with(&watched) || p.starts_with(&prefix_twin)
+    });
     assert!(
         leaked.is_empty(),
         "unwatched opens were recorded: {leaked:#?}"

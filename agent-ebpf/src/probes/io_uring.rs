@@ -47,7 +47,8 @@ pub fn io_uring_complete(ctx: BtfTracePointContext) -> i32 {
 
 #[inline(always)]
 fn try_complete(ring: u64, req: u64) -> Result<()> {
-    if !has(features::IO_URING) || req == 0 {
+    // Attached only when the request's offsets resolved (`features::IO_URING`).
+    if req == 0 {
         // A completion without a request (the ring's own notices).
         return Ok(());
     }

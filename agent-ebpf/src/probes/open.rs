@@ -53,21 +53,22 @@ pub fn handle(
     a: [u64; 4],
     compat: bool,
 ) -> Result<()> {
-    let (path, watch_id, verdict_flags) = if ret >= 0 && has(features::DIRECT_LOADS) {
+    let judged = if ret >= 0 && has(features::DIRECT_LOADS) {
         let path = PathRef::of_file(fd_file(task_btf, ret)?)?;
-        let Some((id, flags)) = recorded(path)? else {
+        let Some(judged) = recorded(path)? else {
             return Ok(());
         };
-        (path, id, flags)
+        judged
     } else {
-        (
-            PathRef {
+        Recorded {
+            path: PathRef {
                 dentry: 0,
                 vfsmnt: 0,
             },
-            0,
-            0,
-        )
+            parent: 0,
+            watch_id: 0,
+            flags: 0,
+        }
     };
     let (dirfd, user_path, flags, mode) = match syscall {
         OpenSyscall::Open => (AT_FDCWD, a[0], a[1] as u32, a[2] as u32),
@@ -87,10 +88,11 @@ pub fn handle(
         *slot = Call {
             task: task_number(task_btf),
             ret,
-            dentry: path.dentry,
-            vfsmnt: path.vfsmnt,
-            watch_id,
-            path_flags: u32::from(verdict_flags),
+            dentry: judged.path.dentry,
+            vfsmnt: judged.path.vfsmnt,
+            parent: judged.parent,
+            watch_id: judged.watch_id,
+            path_flags: u32::from(judged.flags),
             user_path,
             dirfd,
             flags,
@@ -123,8 +125,7 @@ pub struct RingOpen {
 /// and records it as `handle` does a successful open system call's.
 #[inline(always)]
 pub fn handle_ring(task_btf: u64, open: &RingOpen) -> Result<()> {
-    let path = PathRef::of_file(open.file)?;
-    let Some((watch_id, verdict_flags)) = recorded(path)? else {
+    let Some(judged) = recorded(PathRef::of_file(open.file)?)? else {
         return Ok(());
     };
     let slot = OPEN_CALLS.get_ptr_mut(0).ok_or(Error::Scratch)?;
@@ -133,10 +134,11 @@ pub fn handle_ring(task_btf: u64, open: &RingOpen) -> Result<()> {
         *slot = Call {
             task: task_number(task_btf),
             ret: open.ret,
-            dentry: path.dentry,
-            vfsmnt: path.vfsmnt,
-            watch_id,
-            path_flags: u32::from(verdict_flags),
+            dentry: judged.path.dentry,
+            vfsmnt: judged.path.vfsmnt,
+            parent: judged.parent,
+            watch_id: judged.watch_id,
+            path_flags: u32::from(judged.flags),
             user_path: 0,
             dirfd: open.dirfd,
             flags: open.flags,
@@ -181,6 +183,8 @@ pub struct Call {
     /// judged yet.
     dentry: u64,
     vfsmnt: u64,
+    /// Its parent dentry (itself at the root of its filesystem).
+    parent: u64,
     /// Its verdict: the watch id, and `path_flags::UNDECIDED` when the kernel cannot tell.
     watch_id: u32,
     path_flags: u32,
@@ -228,16 +232,21 @@ fn body(buf: *mut u8) -> *mut OpenEvent {
     unsafe { buf.add(tail_offset::<()>()).cast::<OpenEvent>() }
 }
 
-/// Writes the resolved path of `path` (an opened file when `file`, else a directory) at the
-/// start of the tail; returns its length.
+/// Writes the resolved path of `path` (an opened file when `file_parent` holds its parent
+/// dentry, else a directory) at the start of the tail; returns its length.
 #[inline(always)]
-fn put_base(buf: *mut u8, task: u64, path: PathRef, extra_flags: u16, file: bool) -> Result<usize> {
+fn put_base(
+    buf: *mut u8,
+    task: u64,
+    path: PathRef,
+    extra_flags: u16,
+    file_parent: Option<u64>,
+) -> Result<usize> {
     let root = PathRef::root_of(task)?;
     // SAFETY: the tail region of the scratch slot is larger than `PATH_REGION`.
-    let packed = if file {
-        write_file_path(slot::SYSCALL, TAIL, path, root)
-    } else {
-        write_path(slot::SYSCALL, TAIL, path, root)
+    let packed = match file_parent {
+        Some(parent) => write_file_path(slot::SYSCALL, TAIL, path, parent, root),
+        None => write_path(slot::SYSCALL, TAIL, path, root),
     };
     let len = (packed & 0xffff) as usize;
     let len = if len > PATH_MAX { PATH_MAX } else { len };
@@ -264,34 +273,56 @@ fn count_path_flags(flags: u16) {
     }
 }
 
-/// Whether an opened file is recorded: its watch id and path flags (`UNDECIDED`, with watch id
-/// 0, when the kernel cannot tell and user space decides), or `None` outside every watched tree.
+/// An opened file that is to be recorded.
+struct Recorded {
+    path: PathRef,
+    /// Its parent dentry, as the verdict read it.
+    parent: u64,
+    /// Its watch id, 0 with the path flag `UNDECIDED` when the kernel cannot tell and user
+    /// space decides.
+    watch_id: u32,
+    flags: u16,
+}
+
+/// Whether an opened file is recorded; `None` outside every watched tree.
 #[inline(always)]
-fn recorded(path: PathRef) -> Result<Option<(u32, u16)>> {
-    Ok(match verdict::for_file(path)? {
-        Verdict::Watched(id) => Some((id, 0)),
-        Verdict::Unwatched => None,
-        Verdict::Undecided => Some((0, path_flags::UNDECIDED)),
-    })
+fn recorded(path: PathRef) -> Result<Option<Recorded>> {
+    let (verdict, parent) = verdict::for_file(path)?;
+    let (watch_id, flags) = match verdict {
+        Verdict::Watched(id) => (id, 0),
+        Verdict::Unwatched => return Ok(None),
+        Verdict::Undecided => (0, path_flags::UNDECIDED),
+    };
+    Ok(Some(Recorded {
+        path,
+        parent,
+        watch_id,
+        flags,
+    }))
 }
 
 /// Successful open: judge the new file (unless `handle` did) and name it.
 #[inline(always)]
 fn opened(call: &Call) -> Result<()> {
-    let (path, watch_id, extra) = if call.dentry != 0 {
-        let path = PathRef {
-            dentry: call.dentry,
-            vfsmnt: call.vfsmnt,
-        };
-        (path, call.watch_id, call.path_flags as u16)
+    let judged = if call.dentry != 0 {
+        Recorded {
+            path: PathRef {
+                dentry: call.dentry,
+                vfsmnt: call.vfsmnt,
+            },
+            parent: call.parent,
+            watch_id: call.watch_id,
+            flags: call.path_flags as u16,
+        }
     } else {
         let path = PathRef::of_file(fd_file(current_task_btf(), call.ret)?)?;
-        let Some((id, flags)) = recorded(path)? else {
+        let Some(judged) = recorded(path)? else {
             return Ok(());
         };
-        (path, id, flags)
+        judged
     };
-    let buf = start_event(call, PathOrigin::File, watch_id)?;
+    let path = judged.path;
+    let buf = start_event(call, PathOrigin::File, judged.watch_id)?;
     if let Ok((ino, dev)) = dentry_ino_dev(path.dentry) {
         // SAFETY: see `body`.
         unsafe {
@@ -299,7 +330,7 @@ fn opened(call: &Call) -> Result<()> {
             (*body(buf)).dev = dev;
         }
     }
-    let len = put_base(buf, call.task, path, extra, true)?;
+    let len = put_base(buf, call.task, path, judged.flags, Some(judged.parent))?;
     submit(buf, TAIL + len)
 }
 
@@ -346,7 +377,7 @@ fn failed(call: &Call, user_path: u64) -> Result<()> {
         0
     };
     let base_len = match base {
-        Some(base) => put_base(buf, call.task, base, undecided, false)?,
+        Some(base) => put_base(buf, call.task, base, undecided, None)?,
         None => {
             // SAFETY: see `body`.
             unsafe { (*body(buf)).path_flags = undecided };

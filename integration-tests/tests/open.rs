@@ -10,9 +10,7 @@ use std::{
     process::Command,
 };
 
-use integration_tests::{
-    Agent, TestDir, as_i64, as_u64, gettid, is, opens_where, set_mode, summary,
-};
+use integration_tests::{Agent, TestDir, as_i64, as_u64, gettid, is, opens_where, set_mode};
 use serde_json::Value;
 
 fn cstr(p: &Path) -> CString {

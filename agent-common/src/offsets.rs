@@ -33,6 +33,10 @@ pub mod features {
     /// The ring's table of direct descriptors is an array of pointers to nodes that hold
     /// the file (Linux 6.13 and later), not an array of the file words themselves.
     pub const IO_URING_NODES: u32 = 1 << 9;
+    /// The kernel traces io_uring submissions with the request (`io_uring_submit_req`) and
+    /// the open request's name can be read there: a failed open through a ring is recorded
+    /// with the name it was given.
+    pub const IO_URING_NAMES: u32 = 1 << 10;
 }
 
 /// The helper number the programs call where they mean the `bpf_rdonly_cast` kfunc. No
@@ -184,6 +188,9 @@ pub struct KernelOffsets {
     pub ctx_fixed_files: u32,
     pub ctx_fixed_count: u32,
     pub rsrc_node_file: u32,
+    // (features::IO_URING_NAMES) the open request's `struct filename *` and its `name`.
+    pub req_open_filename: u32,
+    pub filename_name: u32,
 
     // BTF type ids of the structs the programs read with direct loads
     // ([`features::DIRECT_LOADS`]).
@@ -297,6 +304,8 @@ impl KernelOffsets {
         ctx_fixed_files: 0,
         ctx_fixed_count: 0,
         rsrc_node_file: 0,
+        req_open_filename: 0,
+        filename_name: 0,
         btf_task_struct: 0,
         btf_file: 0,
         btf_dentry: 0,

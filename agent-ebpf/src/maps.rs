@@ -3,14 +3,14 @@
 use agent_common::{
     drops::DropReason,
     limits::{
-        DEFAULT_RING_BUFFER_BYTES, MAX_WATCHES, SCRATCH_SIZE, VERDICT_CACHE_ENTRIES,
+        DEFAULT_RING_BUFFER_BYTES, MAX_WATCHES, PATH_MAX, SCRATCH_SIZE, VERDICT_CACHE_ENTRIES,
         WATCH_PREFIX_MAX,
     },
     watch::{DirIdentity, VerdictEntry, WatchKey, generation},
 };
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
 };
 
 /// Events to user space. Its size is set by the agent at load time.
@@ -118,3 +118,20 @@ pub static SENSOR_HITS: PerCpuArray<u64> =
 /// on the same CPU.
 #[map]
 pub static SYSCALL_BUSY: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// The name an open request submitted to an io_uring was given (NUL-terminated), kept from
+/// its submission to its completion: by then the kernel has dropped its own copy, and a
+/// failed open has nothing else to name it by.
+#[repr(C)]
+pub struct RingName {
+    pub name: [u8; PATH_MAX],
+}
+
+/// Open requests in flight in io_uring instances, by `struct io_kiocb *`. Least recently
+/// used entries give way (a request that never completes, or completes without a completion
+/// entry, is not waited for).
+#[map]
+pub static RING_NAMES: LruHashMap<u64, RingName> = LruHashMap::with_max_entries(RING_NAMES_MAX, 0);
+
+/// Open requests [`RING_NAMES`] holds at most (each takes `PATH_MAX` bytes).
+pub const RING_NAMES_MAX: u32 = 256;

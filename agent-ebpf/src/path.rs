@@ -10,7 +10,9 @@ use agent_common::{
     watch::DirIdentity,
 };
 use aya_ebpf::{
-    helpers::generated::{bpf_probe_read_kernel, bpf_probe_read_user_str},
+    helpers::generated::{
+        bpf_probe_read_kernel, bpf_probe_read_kernel_str, bpf_probe_read_user_str,
+    },
     maps::lpm_trie::Key,
 };
 
@@ -331,13 +333,34 @@ pub extern "C" fn phi_write_path(slot: u32, tail: u32, dentry: u64, vfsmnt: u64)
     pos as u32 | (u32::from(flags) << 16)
 }
 
-/// Looks a failed open's absolute string up in the watch prefix trie. `user_path` is the
-/// caller's pointer. Returns the watch id, 0 when no watched path is a prefix, or `None` when
-/// the string cannot be read. Also says whether the string contains `..` (then a prefix miss
-/// does not prove the path is unwatched).
+/// Where the name of an open comes from: the caller's memory (a system call's argument), or
+/// the kernel's (an io_uring request's name, kept since its submission).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum NameIn {
+    User = 0,
+    Kernel = 1,
+}
+
+/// Copies the NUL-terminated string at `src` (in `from`'s memory) into `dst`, at most `max`
+/// bytes with the NUL; returns the bytes copied with the NUL, or a negative error.
 #[inline(always)]
-pub fn prefix_lookup(user_path: u64) -> Option<(u32, bool)> {
-    let r = phi_prefix_lookup(user_path);
+pub fn read_str(dst: *mut u8, max: u32, src: u64, from: NameIn) -> i64 {
+    // SAFETY: the helpers validate `src`; callers give a `dst` with `max` bytes.
+    unsafe {
+        match from {
+            NameIn::User => bpf_probe_read_user_str(dst.cast(), max, src as *const _),
+            NameIn::Kernel => bpf_probe_read_kernel_str(dst.cast(), max, src as *const _),
+        }
+    }
+}
+
+/// Looks a failed open's absolute string up in the watch prefix trie. `path` is the name's
+/// address in `from`'s memory. Returns the watch id, 0 when no watched path is a prefix, or
+/// `None` when the string cannot be read. Also says whether the string contains `..` (then a
+/// prefix miss does not prove the path is unwatched).
+#[inline(always)]
+pub fn prefix_lookup(path: u64, from: NameIn) -> Option<(u32, bool)> {
+    let r = phi_prefix_lookup(path, from as u32);
     if r < 0 {
         return None;
     }
@@ -347,23 +370,25 @@ pub fn prefix_lookup(user_path: u64) -> Option<(u32, bool)> {
 /// [`prefix_lookup`] as a global subprogram: `id | dotdot << 32`, or -1.
 #[unsafe(no_mangle)]
 #[inline(never)]
-pub extern "C" fn phi_prefix_lookup(user_path: u64) -> i64 {
-    match prefix_lookup_inner(user_path) {
+pub extern "C" fn phi_prefix_lookup(path: u64, kernel: u32) -> i64 {
+    let from = if kernel != 0 {
+        NameIn::Kernel
+    } else {
+        NameIn::User
+    };
+    match prefix_lookup_inner(path, from) {
         Some((id, dotdot)) => i64::from(id) | (i64::from(dotdot) << 32),
         None => -1,
     }
 }
 
 #[inline(always)]
-fn prefix_lookup_inner(user_path: u64) -> Option<(u32, bool)> {
+fn prefix_lookup_inner(path: u64, from: NameIn) -> Option<(u32, bool)> {
     let key = PREFIX_KEY.get_ptr_mut(0)?;
     // SAFETY: `key` is this CPU's key buffer of `WATCH_PREFIX_MAX` data bytes.
     let key = unsafe { &mut *key };
     let data = key.data.as_mut_ptr();
-    // SAFETY: reads at most `WATCH_PREFIX_MAX` bytes into the buffer.
-    let n = unsafe {
-        bpf_probe_read_user_str(data.cast(), WATCH_PREFIX_MAX as u32, user_path as *const _)
-    };
+    let n = read_str(data, WATCH_PREFIX_MAX as u32, path, from);
     if n <= 0 {
         return None;
     }
@@ -375,7 +400,7 @@ fn prefix_lookup_inner(user_path: u64) -> Option<(u32, bool)> {
     };
     key.prefix_len = (n * 8) as u32;
     let id = WATCH_PREFIXES.get(&*key).copied().unwrap_or(0);
-    // The scan ends at the NUL that bpf_probe_read_user_str always writes inside the
+    // The scan ends at the NUL that the string helpers always write inside the
     // buffer, not at `n`: the compiler folds `i < n` and `i < WATCH_PREFIX_MAX` into one
     // counter whose bound verifiers before 6.8 cannot follow.
     let mut dotdot = false;

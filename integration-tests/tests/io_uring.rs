@@ -44,9 +44,10 @@ fn opens_through_an_io_uring_are_recorded_like_open_calls() {
     let mut agent = Agent::start(["--watch".as_ref(), w.path().as_os_str()]);
     let sensors = &agent.history[0]["agent"]["sensors"];
     assert!(
-        sensors.as_array().is_some_and(|s| s
-            .iter()
-            .any(|s| s["kind"] == "io-uring" && s["hook"] == "tp_btf/io_uring_complete")),
+        sensors
+            .as_array()
+            .is_some_and(|s| s.iter().any(|s| s["kind"] == "io-uring"
+                && s["hook"] == "tp_btf/io_uring_complete, tp_btf/io_uring_submit_req")),
         "{sensors}"
     );
 
@@ -182,6 +183,136 @@ fn opens_through_an_io_uring_are_recorded_like_open_calls() {
     );
     let stopped = agent.stop();
     assert!(stopped.status.success(), "{}", stopped.stderr);
+}
+
+#[test]
+fn failed_opens_through_an_io_uring_are_recorded_with_the_name_they_were_given() {
+    let w = TestDir::new("ring-fail");
+    let marker = w.file("marker.txt", "m\n");
+    let other = TestDir::new("ring-fail-outside");
+    let (mut ring, _setting) = ring();
+    let mut agent = Agent::start(["--watch".as_ref(), w.path().as_os_str()]);
+    let sensors = &agent.history[0]["agent"]["sensors"];
+    assert!(
+        sensors
+            .as_array()
+            .is_some_and(|s| s.iter().any(|s| s["kind"] == "io-uring"
+                && s["hook"] == "tp_btf/io_uring_complete, tp_btf/io_uring_submit_req")),
+        "{sensors}"
+    );
+    assert!(
+        agent.history[0]["agent"]["limitations"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .all(|l| !l.as_str().unwrap_or("").contains("fails is not recorded")),
+        "{}",
+        agent.history[0]["agent"]
+    );
+
+    // ENOENT, absolute; the buffer holding the name is overwritten as soon as the request
+    // is submitted, so the record can only carry the name the kernel was given.
+    let missing = w.path().join("missing.txt");
+    let mut name = cstr(&missing).into_bytes_with_nul();
+    // SAFETY: `name` outlives the submission, which copies it.
+    unsafe {
+        ring.submission()
+            .push(
+                &opcode::OpenAt::new(types::Fd(libc::AT_FDCWD), name.as_ptr().cast())
+                    .flags(libc::O_RDONLY)
+                    .build(),
+            )
+            .expect("room in the submission queue");
+    }
+    ring.submit().expect("io_uring_enter");
+    name.fill(b'x');
+    ring.submit_and_wait(1).expect("wait for the completion");
+    let res = ring.completion().next().expect("one completion").result();
+    assert_eq!(res, -libc::ENOENT);
+    let r = agent.wait_for("the ring's failed open", is::open_of(&missing));
+    let o = &r["open"];
+    assert_eq!(
+        o["syscall"],
+        "OPEN_SYSCALL_IO_URING_OPENAT",
+        "{}",
+        summary(&r)
+    );
+    assert_eq!(o["outcome"]["success"], false);
+    assert_eq!(o["outcome"]["errno"], "ENOENT");
+    assert_eq!(as_i64(&o["outcome"]["ret"]), -2);
+    assert_eq!(o["pathSource"], "PATH_SOURCE_ATTEMPTED");
+    assert_eq!(o["watch"].as_str(), w.path().to_str());
+    assert_eq!(as_u64(&r["process"]["pid"]), u64::from(std::process::id()));
+
+    // Relative to a directory descriptor, through openat2, done by a ring worker thread:
+    // named by the directory's path and the name given.
+    let dir = std::fs::File::open(w.path()).expect("open the watched directory");
+    let name = CString::new("gone.txt").expect("name");
+    let how = types::OpenHow::new().flags(libc::O_RDONLY as u64);
+    let res = complete(
+        &mut ring,
+        opcode::OpenAt2::new(
+            types::Fd(std::os::fd::AsRawFd::as_raw_fd(&dir)),
+            name.as_ptr(),
+            &how,
+        )
+        .build()
+        .flags(squeue::Flags::ASYNC),
+    );
+    assert_eq!(res, -libc::ENOENT);
+    let gone = w.path().join("gone.txt");
+    let r = agent.wait_for("the ring worker's failed openat2", is::open_of(&gone));
+    assert_eq!(r["open"]["syscall"], "OPEN_SYSCALL_IO_URING_OPENAT2");
+    assert_eq!(r["open"]["requested"], "gone.txt");
+    assert_eq!(r["open"]["outcome"]["errno"], "ENOENT");
+    assert_eq!(as_u64(&r["process"]["pid"]), u64::from(std::process::id()));
+    drop(dir);
+
+    // A successful open that asks for no completion entry on success
+    // (IOSQE_CQE_SKIP_SUCCESS) is recorded all the same.
+    let skipped = w.file("skipped.txt", "synthetic\n");
+    let path = cstr(&skipped);
+    // SAFETY: `path` outlives the submission, which copies it.
+    unsafe {
+        ring.submission()
+            .push(
+                &opcode::OpenAt::new(types::Fd(libc::AT_FDCWD), path.as_ptr())
+                    .flags(libc::O_RDONLY)
+                    .build()
+                    .flags(squeue::Flags::SKIP_SUCCESS),
+            )
+            .expect("room in the submission queue");
+    }
+    ring.submit().expect("io_uring_enter");
+    let r = agent.wait_for(
+        "the ring's open that posts no completion entry",
+        is::open_of(&skipped),
+    );
+    assert_eq!(r["open"]["outcome"]["success"], true);
+
+    // Failures outside every watched tree: nothing.
+    let absent = other.path().join("absent.txt");
+    let path = cstr(&absent);
+    for _ in 0..5 {
+        let res = complete(
+            &mut ring,
+            opcode::OpenAt::new(types::Fd(libc::AT_FDCWD), path.as_ptr())
+                .flags(libc::O_RDONLY)
+                .build(),
+        );
+        assert_eq!(res, -libc::ENOENT);
+    }
+    std::fs::read(&marker).expect("read marker");
+    let before = agent.records_until("the marker open", is::open_of(&marker));
+    let outside = other.path().to_string_lossy().into_owned();
+    let leaked = opens_where(&before, |p| p.starts_with(&outside));
+    assert!(
+        leaked.is_empty(),
+        "unwatched opens were recorded: {leaked:#?}"
+    );
+    let stopped = agent.stop();
+    assert!(stopped.status.success(), "{}", stopped.stderr);
+    assert_eq!(stopped.drops("read_failure"), 0, "{}", stopped.stderr);
 }
 
 #[test]

@@ -11,17 +11,22 @@
 //! tracepoint passes it as `void *`); it runs once per completion of any ring, and returns
 //! after one read for every request that is not an open, rename or unlink.
 //!
-//! A failed open through a ring is not recorded: the kernel drops the requested name before
-//! it completes the request (the start record says so).
+//! A failed open has no file, and the kernel drops the name it was given before it completes
+//! the request: `io_uring_submit_req` (where the kernel has it) keeps each open request's
+//! name from its submission, in `RING_NAMES`, so that a failure is judged and recorded by
+//! the name as a failed open system call is. Without it, failed opens through a ring are
+//! not recorded (the start record says so).
 
-use agent_common::{event::OpenSyscall, offsets::features};
+use agent_common::{drops::DropReason, event::OpenSyscall, limits::PATH_MAX, offsets::features};
 use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
 
 use super::{open, syscalls::claimed};
 use crate::{
-    emit::account,
+    emit::{account, count_drop, scratch},
     error::{Error, Result},
     kernel::{btf_load, current_task_btf, fd_file, has, off, read, setting, untyped},
+    maps::{RING_NAMES, RingName, slot},
+    path::{NameIn, read_str},
     verdict,
 };
 
@@ -67,12 +72,35 @@ fn try_complete(ring: u64, req: u64) -> Result<()> {
         _ => return Ok(()),
     };
     let res: i32 = read(req, off!(req_res))?;
-    if res < 0 {
-        return Ok(());
-    }
     let task = current_task_btf();
     if btf_load!(u32, task, task_tgid) == setting!(self_tgid) {
         return Ok(());
+    }
+    let request = open::RingOpen {
+        ret: i64::from(res),
+        syscall,
+        dirfd: read(req, off!(req_open_dfd))?,
+        flags: read::<u64>(req, off!(req_open_flags))? as u32,
+        mode: read::<u64>(req, off!(req_open_mode))? as u32,
+    };
+    if res < 0 {
+        if !has(features::IO_URING_NAMES) {
+            return Ok(());
+        }
+        // SAFETY: a map value pointer; only this request's completion removes its entry.
+        let Some(name) = (unsafe { RING_NAMES.get(&req) }) else {
+            // Submitted before the agent started, or pushed out of the map: the attempt
+            // cannot be named, so it is counted as lost.
+            count_drop(DropReason::ReadFailure);
+            return Ok(());
+        };
+        let name = name.name.as_ptr() as u64;
+        let result = claimed(|| open::handle_ring_failed(task, name, &request));
+        let _ = RING_NAMES.remove(&req);
+        return result;
+    }
+    if has(features::IO_URING_NAMES) {
+        let _ = RING_NAMES.remove(&req);
     }
     let slot: u32 = read(req, off!(req_open_file_slot))?;
     let file = if slot == 0 {
@@ -82,15 +110,47 @@ fn try_complete(ring: u64, req: u64) -> Result<()> {
     } else {
         direct_descriptor(ring, slot - 1)?
     };
-    let request = open::RingOpen {
-        file,
-        ret: i64::from(res),
-        syscall,
-        dirfd: read(req, off!(req_open_dfd))?,
-        flags: read::<u64>(req, off!(req_open_flags))? as u32,
-        mode: read::<u64>(req, off!(req_open_mode))? as u32,
-    };
-    claimed(|| open::handle_ring(task, &request))
+    claimed(|| open::handle_ring(task, file, &request))
+}
+
+/// `io_uring_submit_req`: a request a task submits to a ring, after the kernel prepared it
+/// (an open request then holds its own copy of the name). Keeps each open request's name
+/// until it completes (see the module's notes). Attached only where the kernel passes the
+/// request alone and its fields resolved (`features::IO_URING_NAMES`).
+#[btf_tracepoint(function = "io_uring_submit_req")]
+pub fn io_uring_submit_req(ctx: BtfTracePointContext) -> i32 {
+    let req: u64 = untyped(ctx.arg(0));
+    account(&ctx, try_submit(req));
+    0
+}
+
+#[inline(always)]
+fn try_submit(req: u64) -> Result<()> {
+    let opcode: u8 = read(req, off!(req_opcode))?;
+    if opcode != IORING_OP_OPENAT && opcode != IORING_OP_OPENAT2 {
+        return Ok(());
+    }
+    let task = current_task_btf();
+    if btf_load!(u32, task, task_tgid) == setting!(self_tgid) {
+        return Ok(());
+    }
+    let filename: u64 = read(req, off!(req_open_filename))?;
+    let name: u64 = read(filename, off!(filename_name))?;
+    claimed(|| keep_name(req, name))
+}
+
+/// Copies the name at `name` (kernel memory) into `RING_NAMES` for request `req`, through
+/// this CPU's system call scratch slot (held by the caller's claim).
+#[inline(always)]
+fn keep_name(req: u64, name: u64) -> Result<()> {
+    let buf = scratch(slot::SYSCALL)?;
+    if read_str(buf, PATH_MAX as u32, name, NameIn::Kernel) <= 0 {
+        return Err(Error::Read);
+    }
+    // SAFETY: the scratch slot is larger than a `RingName`, whose bytes the copy set up to
+    // and including the NUL (the rest is never read).
+    let kept = unsafe { &*buf.cast::<RingName>() };
+    RING_NAMES.insert(&req, kept, 0).map_err(|_| Error::Read)
 }
 
 /// The file in the ring's direct descriptor `index`.

@@ -12,16 +12,16 @@ use agent_common::{
     limits::PATH_MAX,
     offsets::features,
 };
-use aya_ebpf::helpers::generated::bpf_probe_read_user_str;
-
 use aya_ebpf::{macros::map, maps::PerCpuArray};
 
 use crate::{
     emit::{count_drop, fill_header, scratch, submit},
     error::{Error, Result},
-    kernel::{PathRef, current_task_btf, dentry_ino_dev, fd_file, has, read_user, task_number},
+    kernel::{
+        PathRef, current_task_btf, dentry_ino_dev, fd_file, has, read, read_user, task_number,
+    },
     maps::slot,
-    path::{prefix_lookup, write_file_path, write_path},
+    path::{NameIn, prefix_lookup, read_str, write_file_path, write_path},
     verdict::{self, Verdict},
 };
 
@@ -94,6 +94,7 @@ pub fn handle(
             watch_id: judged.watch_id,
             path_flags: u32::from(judged.flags),
             user_path,
+            name_in: NameIn::User as u32,
             dirfd,
             flags,
             mode,
@@ -107,13 +108,10 @@ pub fn handle(
     }
 }
 
-/// An open an io_uring completed (see `io_uring`): the new file and the request's
-/// arguments.
+/// An open request an io_uring completed (see `io_uring`): its arguments and result.
 pub struct RingOpen {
-    /// The `struct file` opened (from the file table or the ring's direct descriptors).
-    pub file: u64,
     /// The completion's result: the new descriptor, or 0 / the chosen number for a direct
-    /// descriptor.
+    /// descriptor, or a negative error.
     pub ret: i64,
     pub syscall: OpenSyscall,
     pub dirfd: i32,
@@ -121,11 +119,11 @@ pub struct RingOpen {
     pub mode: u32,
 }
 
-/// Judges a file an io_uring opened for the current task `task_btf` (a trusted BTF pointer)
-/// and records it as `handle` does a successful open system call's.
+/// Judges `file` (the `struct file` an io_uring opened for the current task `task_btf`, a
+/// trusted BTF pointer) and records it as `handle` does a successful open system call's.
 #[inline(always)]
-pub fn handle_ring(task_btf: u64, open: &RingOpen) -> Result<()> {
-    let Some(judged) = recorded(PathRef::of_file(open.file)?)? else {
+pub fn handle_ring(task_btf: u64, file: u64, open: &RingOpen) -> Result<()> {
+    let Some(judged) = recorded(PathRef::of_file(file)?)? else {
         return Ok(());
     };
     let slot = OPEN_CALLS.get_ptr_mut(0).ok_or(Error::Scratch)?;
@@ -140,6 +138,7 @@ pub fn handle_ring(task_btf: u64, open: &RingOpen) -> Result<()> {
             watch_id: judged.watch_id,
             path_flags: u32::from(judged.flags),
             user_path: 0,
+            name_in: NameIn::User as u32,
             dirfd: open.dirfd,
             flags: open.flags,
             mode: open.mode,
@@ -174,6 +173,37 @@ pub extern "C" fn phi_open_process() -> u32 {
     }
 }
 
+/// Judges and records an open request of the current task `task_btf` that an io_uring failed,
+/// as `handle` does a failed open system call's; `name` is the address of the name it was
+/// given, kept in kernel memory since its submission.
+#[inline(always)]
+pub fn handle_ring_failed(task_btf: u64, name: u64, open: &RingOpen) -> Result<()> {
+    let slot = OPEN_CALLS.get_ptr_mut(0).ok_or(Error::Scratch)?;
+    // SAFETY: this CPU's slot, claimed by the caller.
+    unsafe {
+        *slot = Call {
+            task: task_number(task_btf),
+            ret: open.ret,
+            dentry: 0,
+            vfsmnt: 0,
+            parent: 0,
+            watch_id: 0,
+            path_flags: 0,
+            user_path: name,
+            name_in: NameIn::Kernel as u32,
+            dirfd: open.dirfd,
+            flags: open.flags,
+            mode: open.mode,
+            syscall: open.syscall as u32,
+            compat: 0,
+        };
+    }
+    match phi_open_process() {
+        0 => Ok(()),
+        code => Err(Error::from_code(code)),
+    }
+}
+
 /// One open call, as parked in `OPEN_CALLS`.
 #[repr(C)]
 pub struct Call {
@@ -188,7 +218,9 @@ pub struct Call {
     /// Its verdict: the watch id, and `path_flags::UNDECIDED` when the kernel cannot tell.
     watch_id: u32,
     path_flags: u32,
+    /// The name the caller gave, in the memory `name_in` says (a `NameIn`).
     user_path: u64,
+    name_in: u32,
     dirfd: i32,
     flags: u32,
     mode: u32,
@@ -341,9 +373,17 @@ fn failed(call: &Call, user_path: u64) -> Result<()> {
         // Nothing was named, so nothing was attempted on a file.
         return Ok(());
     }
-    let first: u8 = read_user(user_path)?;
+    let from = if call.name_in == NameIn::Kernel as u32 {
+        NameIn::Kernel
+    } else {
+        NameIn::User
+    };
+    let first: u8 = match from {
+        NameIn::User => read_user(user_path)?,
+        NameIn::Kernel => read(user_path, 0)?,
+    };
     let (origin, watch_id, base) = if first == b'/' {
-        let Some((id, dotdot)) = prefix_lookup(user_path) else {
+        let Some((id, dotdot)) = prefix_lookup(user_path, from) else {
             return Err(Error::Read);
         };
         if id == 0 && !dotdot {
@@ -361,7 +401,7 @@ fn failed(call: &Call, user_path: u64) -> Result<()> {
             Verdict::Undecided => 0,
             Verdict::Unwatched => {
                 // `..` can climb from an unwatched directory into a watched one.
-                match prefix_lookup(user_path) {
+                match prefix_lookup(user_path, from) {
                     Some((_, true)) => 0,
                     Some((_, false)) => return Ok(()),
                     None => return Err(Error::Read),
@@ -386,13 +426,12 @@ fn failed(call: &Call, user_path: u64) -> Result<()> {
     };
     // SAFETY: `base_len <= PATH_MAX`; the string gets at most `PATH_MAX` bytes after it,
     // inside the scratch slot.
-    let n = unsafe {
-        bpf_probe_read_user_str(
-            buf.add(TAIL + base_len).cast(),
-            PATH_MAX as u32,
-            user_path as *const _,
-        )
-    };
+    let n = read_str(
+        unsafe { buf.add(TAIL + base_len) },
+        PATH_MAX as u32,
+        user_path,
+        from,
+    );
     let (user_len, user_flags) = if n < 0 {
         count_drop(DropReason::ReadFailure);
         (0, path_flags::READ_FAILED)

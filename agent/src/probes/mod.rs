@@ -446,12 +446,17 @@ impl Probes {
         }
 
         let mut selection = selection;
-        let ring_opens = attach_io_uring(&mut ebpf, &aya_btf, resolved, &mut program_ids);
-        if ring_opens {
-            selection.sensors.push((
+        let ring = attach_io_uring(&mut ebpf, &aya_btf, resolved, &mut program_ids);
+        match ring {
+            RingCoverage::None => {}
+            RingCoverage::Opens => selection.sensors.push((
                 "io-uring".to_owned(),
                 format!("tp_btf/{IO_URING_TRACEPOINT}"),
-            ));
+            )),
+            RingCoverage::OpensAndFailures => selection.sensors.push((
+                "io-uring".to_owned(),
+                format!("tp_btf/{IO_URING_TRACEPOINT}, tp_btf/{IO_URING_SUBMIT_TRACEPOINT}"),
+            )),
         }
 
         for g in sensors::GROUPS {
@@ -483,7 +488,7 @@ impl Probes {
             capabilities,
             missing: resolved.missing.clone(),
             selection,
-            io_uring: preflight::io_uring_limitation(kernel_btf, ring_opens),
+            io_uring: preflight::io_uring_limitation(kernel_btf, ring),
         })
     }
 
@@ -566,57 +571,110 @@ impl Probes {
 
 /// The tracepoint at which io_uring completes requests.
 const IO_URING_TRACEPOINT: &str = "io_uring_complete";
+/// The tracepoint at which a task submits a request to an io_uring.
+const IO_URING_SUBMIT_TRACEPOINT: &str = "io_uring_submit_req";
+
+/// What the io_uring programs record on this kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RingCoverage {
+    /// Nothing: opens and renames through a ring pass unseen.
+    None,
+    /// Successful opens (and renames); a failed open is not recorded.
+    Opens,
+    /// Opens, failed ones included, and renames.
+    OpensAndFailures,
+}
 
 /// Attaches the io_uring completion program where the kernel has io_uring and the fields it
-/// reads (`features::IO_URING`); true when it is attached. A kernel that refuses it costs
-/// the records of opens through a ring, not the agent: that is logged and the start record
-/// says what is missed.
+/// reads (`features::IO_URING`), and the submission program that keeps open requests' names
+/// where it can (`features::IO_URING_NAMES`). A kernel that refuses them costs the records
+/// of opens through a ring, not the agent: that is logged and the start record says what is
+/// missed.
 fn attach_io_uring(
     ebpf: &mut Ebpf,
     btf: &aya::Btf,
     resolved: &offsets::Resolved,
     program_ids: &mut Vec<(&'static str, std::os::fd::OwnedFd)>,
-) -> bool {
-    const PROGRAM: &str = "io_uring_complete";
-    if resolved.offsets.features & agent_common::offsets::features::IO_URING == 0 {
+) -> RingCoverage {
+    use agent_common::offsets::features;
+    let features = resolved.offsets.features;
+    if features & features::IO_URING == 0 {
         tracing::info!(
             "no io_uring completions to read on this kernel (no io_uring, or not the fields \
              phi-agent reads)"
         );
-        return false;
+        return RingCoverage::None;
     }
-    let attached = (|| -> Result<(), String> {
-        let program: &mut BtfTracePoint = ebpf
-            .program_mut(PROGRAM)
-            .ok_or("the object has no such program (a broken build)")?
-            .try_into()
-            .map_err(|e: ProgramError| e.to_string())?;
-        let started = std::time::Instant::now();
-        program
-            .load(IO_URING_TRACEPOINT, btf)
-            .map_err(|e| explain_program_error(&e))?;
-        log_verified(PROGRAM, started, program.info().ok());
-        program.attach().map_err(|e| explain_program_error(&e))?;
-        if let Ok(Ok(fd)) = program.fd().map(|fd| fd.as_fd().try_clone_to_owned()) {
-            program_ids.push((PROGRAM, fd));
-        }
-        Ok(())
-    })();
-    match attached {
-        Ok(()) => {
-            tracing::debug!(program = PROGRAM, "attached tp_btf/{IO_URING_TRACEPOINT}");
-            true
-        }
+    // The submission program first: a request submitted between the two attaches then has
+    // its name kept before its completion is looked at.
+    let names = features & features::IO_URING_NAMES != 0
+        && match attach_tp_btf(
+            ebpf,
+            btf,
+            "io_uring_submit_req",
+            IO_URING_SUBMIT_TRACEPOINT,
+            program_ids,
+        ) {
+            Ok(()) => true,
+            Err(reason) => {
+                tracing::warn!(
+                    "the kernel refused the io_uring submission program (tp_btf/{}): {reason}; \
+                     failed opens through an io_uring will not be recorded",
+                    IO_URING_SUBMIT_TRACEPOINT
+                );
+                false
+            }
+        };
+    if features & features::IO_URING_NAMES == 0 {
+        tracing::info!(
+            "io_uring submissions cannot be read on this kernel: failed opens through an \
+             io_uring will not be recorded"
+        );
+    }
+    match attach_tp_btf(
+        ebpf,
+        btf,
+        "io_uring_complete",
+        IO_URING_TRACEPOINT,
+        program_ids,
+    ) {
+        Ok(()) if names => RingCoverage::OpensAndFailures,
+        Ok(()) => RingCoverage::Opens,
         Err(reason) => {
             tracing::warn!(
-                program = PROGRAM,
                 "the kernel refused the io_uring completion program (tp_btf/{}): {reason}; \
                  opens through an io_uring will not be recorded",
                 IO_URING_TRACEPOINT
             );
-            false
+            RingCoverage::None
         }
     }
+}
+
+/// Loads and attaches the `tp_btf` program `program` to `tracepoint`, keeping its descriptor
+/// for the statistics; the error says why the kernel refused it.
+fn attach_tp_btf(
+    ebpf: &mut Ebpf,
+    btf: &aya::Btf,
+    program: &'static str,
+    tracepoint: &str,
+    program_ids: &mut Vec<(&'static str, std::os::fd::OwnedFd)>,
+) -> Result<(), String> {
+    let prog: &mut BtfTracePoint = ebpf
+        .program_mut(program)
+        .ok_or("the object has no such program (a broken build)")?
+        .try_into()
+        .map_err(|e: ProgramError| e.to_string())?;
+    let started = std::time::Instant::now();
+    prog.load(tracepoint, btf)
+        .map_err(|e| explain_program_error(&e))?;
+    log_verified(program, started, prog.info().ok());
+    prog.attach().map_err(|e| explain_program_error(&e))?;
+    if let Ok(Ok(fd)) = prog.fd().map(|fd| fd.as_fd().try_clone_to_owned()) {
+        program_ids.push((program, fd));
+    }
+    tracing::debug!(program, "attached tp_btf/{tracepoint}");
+    Ok(())
 }
 
 /// Logs (at debug level) how long the kernel took to verify and load a program and how many

@@ -202,6 +202,9 @@ pub fn resolve(btf: &Btf) -> Result<Resolved, OffsetsError> {
         if r.nodes {
             features |= features::IO_URING_NODES;
         }
+        if r.names.is_some() {
+            features |= features::IO_URING_NAMES;
+        }
     }
     let ring = ring.unwrap_or_default();
     let offsets = KernelOffsets {
@@ -291,6 +294,8 @@ pub fn resolve(btf: &Btf) -> Result<Resolved, OffsetsError> {
         ctx_fixed_files: ring.fixed_files,
         ctx_fixed_count: ring.fixed_count,
         rsrc_node_file: ring.node_file,
+        req_open_filename: ring.names.map_or(0, |n| n.0),
+        filename_name: ring.names.map_or(0, |n| n.1),
         btf_task_struct: type_id("task_struct")?,
         btf_file: type_id("file")?,
         btf_dentry: type_id("dentry")?,
@@ -329,6 +334,9 @@ struct IoUringOffsets {
     fixed_count: u32,
     node_file: u32,
     nodes: bool,
+    /// `io_open.filename` (in the command area) and `filename.name`, where the submission
+    /// tracepoint passes the request (`features::IO_URING_NAMES`).
+    names: Option<(u32, u32)>,
 }
 
 /// The io_uring offsets, when the kernel has io_uring, its completion tracepoint and every
@@ -371,7 +379,21 @@ fn io_uring(btf: &Btf) -> Option<IoUringOffsets> {
         fixed_count,
         node_file,
         nodes,
+        names: io_uring_names(btf, cmd),
     })
+}
+
+/// Where a submitted open request's name is (`io_open.filename` in the command area at
+/// `cmd`, then `filename.name`), when the submission tracepoint passes the request alone.
+fn io_uring_names(btf: &Btf, cmd: u32) -> Option<(u32, u32)> {
+    if !btf.has_btf_tracepoint("io_uring_submit_req")
+        || btf.btf_tracepoint_args("io_uring_submit_req")? != 1
+    {
+        return None;
+    }
+    let filename = btf.member("io_open", &["filename"]).ok()?.offset;
+    let name = btf.member("filename", &["name"]).ok()?.offset;
+    Some((cmd + filename, name))
 }
 
 #[cfg(test)]
@@ -411,6 +433,8 @@ mod tests {
         // io_uring completions can be read; 6.18 keeps direct descriptors in nodes.
         assert_ne!(o.features & features::IO_URING, 0);
         assert_ne!(o.features & features::IO_URING_NODES, 0);
+        assert_ne!(o.features & features::IO_URING_NAMES, 0);
+        assert!(o.req_open_filename != 0 && o.req_open_filename != o.req_open_dfd);
         // `struct io_cqe` { user_data, res }, and the open request's `how` follows its
         // file, dfd, file_slot and filename.
         assert_eq!(

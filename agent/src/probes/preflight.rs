@@ -145,13 +145,12 @@ pub fn kernel_release() -> String {
 /// Where the kernel says who may use io_uring (Linux 6.6 and later).
 const IO_URING_DISABLED: &str = "/proc/sys/kernel/io_uring_disabled";
 
-/// What the records miss because of io_uring, or `None` when no process can use it. A file
-/// opened through an io_uring (`IORING_OP_OPENAT`) is opened by the kernel on the ring's
-/// behalf, not by an `open` system call, so the probes on system call exits do not see it;
-/// likewise a rename through one. `recorded` tells whether the completion program that sees
-/// them is attached (then only failed opens through a ring stay unrecorded). `btf` is the
-/// running kernel's.
-pub fn io_uring_limitation(btf: &super::btf::Btf, recorded: bool) -> Option<String> {
+/// What the records miss because of io_uring, or `None` when no process can use it or
+/// nothing is missed. A file opened through an io_uring (`IORING_OP_OPENAT`) is opened by the
+/// kernel on the ring's behalf, not by an `open` system call, so the probes on system call
+/// exits do not see it; likewise a rename through one. `recorded` tells what the io_uring
+/// programs attached here record. `btf` is the running kernel's.
+pub fn io_uring_limitation(btf: &super::btf::Btf, recorded: super::RingCoverage) -> Option<String> {
     let setting = std::fs::read_to_string(IO_URING_DISABLED).ok();
     io_uring_limitation_for(setting.as_deref(), recorded, || has_io_uring(btf))
 }
@@ -167,7 +166,7 @@ fn has_io_uring(btf: &super::btf::Btf) -> bool {
 /// setting), `in_kernel` telling whether the kernel was built with io_uring.
 fn io_uring_limitation_for(
     setting: Option<&str>,
-    recorded: bool,
+    recorded: super::RingCoverage,
     in_kernel: impl FnOnce() -> bool,
 ) -> Option<String> {
     const FIX: &str = "set kernel.io_uring_disabled=2 (sysctl) on hosts that hold ePHI";
@@ -180,7 +179,11 @@ fn io_uring_limitation_for(
     // dropped the name it was given before it reports the failure.
     const FAILED: &str = "an attempt to open a file through an io_uring that fails is not \
                           recorded (successful opens through a ring are)";
-    let missed = if recorded { FAILED } else { UNSEEN };
+    let missed = match recorded {
+        super::RingCoverage::None => UNSEEN,
+        super::RingCoverage::Opens => FAILED,
+        super::RingCoverage::OpensAndFailures => return None,
+    };
     match setting.map(str::trim) {
         Some("2") => None,
         Some("1") => Some(format!(
@@ -265,7 +268,8 @@ mod tests {
     fn io_uring_is_a_limitation_unless_disabled_for_everyone() {
         use super::io_uring_limitation_for as limitation;
         let never = || -> bool { panic!("the kernel is only searched without the setting") };
-        for recorded in [false, true] {
+        use crate::probes::RingCoverage;
+        for recorded in [RingCoverage::None, RingCoverage::Opens] {
             assert_eq!(limitation(Some("2\n"), recorded, never), None);
             let open = limitation(Some("0\n"), recorded, never).expect("open to all");
             assert!(
@@ -285,19 +289,28 @@ mod tests {
         }
         // Without the completion program every open and rename through a ring is unseen;
         // with it, only failed opens.
-        let unseen = limitation(Some("0"), false, never).expect("open to all");
+        let unseen = limitation(Some("0"), RingCoverage::None, never).expect("open to all");
         assert!(
             unseen.contains("files opened through an io_uring are not recorded")
                 && unseen.contains("renamed through one"),
             "{unseen}"
         );
-        let failed = limitation(Some("0"), true, never).expect("open to all");
+        let failed = limitation(Some("0"), RingCoverage::Opens, never).expect("open to all");
         assert!(
             failed.contains("fails is not recorded")
                 && failed.contains("successful opens through a ring are")
                 && !failed.contains("renamed"),
             "{failed}"
         );
+        // With the submission program too, nothing through a ring goes unrecorded, whoever
+        // may use it.
+        for setting in [Some("0"), Some("1"), Some("2"), Some("7"), None] {
+            assert_eq!(
+                limitation(setting, RingCoverage::OpensAndFailures, || true),
+                None,
+                "{setting:?}"
+            );
+        }
     }
 
     #[test]

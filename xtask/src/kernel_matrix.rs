@@ -904,12 +904,13 @@ kill "$listener" 2> /dev/null
 cat "$OUTSIDE/moved.json" > /dev/null
 mv "$OUTSIDE/moved.json" "$EHR/moved.json"
 cat "$EHR/moved.json" > /dev/null
-# Through an io_uring (RING: a program with `ring open|rename`): an open of a watched file,
-# and a rename of a directory (judged unwatched a moment before) into the watched tree.
+# Through an io_uring (RING: a program with `ring open|open-missing|rename`): an open of a
+# watched file, a failed open of a missing one, and a rename of a directory (judged unwatched a moment before) into the watched tree.
 ring_error=""
 if [ -n "${RING:-}" ]; then
     cat "$OUTSIDE/ringdir/chart.json" > /dev/null
     "$RING" ring open "$EHR/ring.json" > "$WORK/ring.err" 2>&1 \
+        && "$RING" ring open-missing "$EHR/ring-missing.json" >> "$WORK/ring.err" 2>&1 \
         && "$RING" ring rename "$OUTSIDE/ringdir" "$EHR/ringdir" >> "$WORK/ring.err" 2>&1 \
         || ring_error=$(tail -n 1 "$WORK/ring.err" | cut -c 1-300)
     cat "$EHR/ringdir/chart.json" > /dev/null 2>&1
@@ -953,6 +954,15 @@ for m in $MODES; do
         has '"open":{"path":"'"$EHR/ringdir/chart.json"'"' '"success":true' \
             || missing="$missing ring-rename"
         ring=" ring-open ring-rename"
+        # Failed opens through a ring, where the kernel lets the agent keep the names of
+        # submitted requests (the start record's sensors say so).
+        case "$sensors" in
+            *io_uring_submit_*)
+                has '"open":{"path":"'"$EHR/ring-missing.json"'"' '"errno":"ENOENT"' \
+                    || missing="$missing ring-open-failed"
+                ring="$ring ring-open-failed"
+                ;;
+        esac
     fi
     has '"phase":"PHASE_STOP"' '"drops":{' || missing="$missing stop-record"
     [ "$status" -eq 0 ] || missing="$missing exit-status-$status"

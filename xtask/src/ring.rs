@@ -17,6 +17,8 @@ pub struct RingArgs {
 enum Request {
     /// IORING_OP_OPENAT of a file for reading (closed again at once).
     Open { path: PathBuf },
+    /// IORING_OP_OPENAT of a file that does not exist: fails unless the ring reports ENOENT.
+    OpenMissing { path: PathBuf },
     /// IORING_OP_RENAMEAT.
     Rename { from: PathBuf, to: PathBuf },
 }
@@ -58,6 +60,26 @@ pub fn run(args: &RingArgs) -> anyhow::Result<()> {
             }
             // SAFETY: the descriptor the ring just opened, closed once.
             unsafe { libc::close(fd) };
+        }
+        Request::OpenMissing { path } => {
+            let name = cstr(path)?;
+            let res = complete(
+                opcode::OpenAt::new(types::Fd(libc::AT_FDCWD), name.as_ptr())
+                    .flags(libc::O_RDONLY | libc::O_CLOEXEC)
+                    .build(),
+            )?;
+            if res >= 0 {
+                // SAFETY: the descriptor the ring just opened, closed once.
+                unsafe { libc::close(res) };
+                bail!("{} exists: the failed open was not made", path.display());
+            }
+            if res != -libc::ENOENT {
+                bail!(
+                    "open of missing {} through an io_uring: {} (not ENOENT)",
+                    path.display(),
+                    std::io::Error::from_raw_os_error(-res)
+                );
+            }
         }
         Request::Rename { from, to } => {
             let (old, new) = (cstr(from)?, cstr(to)?);

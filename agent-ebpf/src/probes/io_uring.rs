@@ -88,7 +88,7 @@ fn try_complete(ring: u64, req: u64) -> Result<()> {
             return Ok(());
         }
         // SAFETY: a map value pointer; only this request's completion removes its entry.
-        let Some(name) = (unsafe { RING_NAMES.get(&req) }) else {
+        let Some(name) = (unsafe { RING_NAMES.get(req) }) else {
             // Submitted before the agent started, or pushed out of the map: the attempt
             // cannot be named, so it is counted as lost.
             count_drop(DropReason::ReadFailure);
@@ -96,11 +96,11 @@ fn try_complete(ring: u64, req: u64) -> Result<()> {
         };
         let name = name.name.as_ptr() as u64;
         let result = claimed(|| open::handle_ring_failed(task, name, &request));
-        let _ = RING_NAMES.remove(&req);
+        let _ = RING_NAMES.remove(req);
         return result;
     }
     if has(features::IO_URING_NAMES) {
-        let _ = RING_NAMES.remove(&req);
+        let _ = RING_NAMES.remove(req);
     }
     let slot: u32 = read(req, off!(req_open_file_slot))?;
     let file = if slot == 0 {
@@ -150,7 +150,7 @@ fn keep_name(req: u64, name: u64) -> Result<()> {
     // SAFETY: the scratch slot is larger than a `RingName`, whose bytes the copy set up to
     // and including the NUL (the rest is never read).
     let kept = unsafe { &*buf.cast::<RingName>() };
-    RING_NAMES.insert(&req, kept, 0).map_err(|_| Error::Read)
+    RING_NAMES.insert(req, kept, 0).map_err(|_| Error::Read)
 }
 
 /// The file in the ring's direct descriptor `index`.

@@ -336,6 +336,7 @@ impl Probes {
                     offsets: resolved.offsets,
                     missing,
                     rdonly_cast: None,
+                    ring_submit: resolved.ring_submit,
                 };
                 fallback.offsets.features &= !agent_common::offsets::features::DIRECT_LOADS;
                 Self::load_resolved(opts, &kernel_btf, &fallback, capabilities)
@@ -453,9 +454,9 @@ impl Probes {
                 "io-uring".to_owned(),
                 format!("tp_btf/{IO_URING_TRACEPOINT}"),
             )),
-            RingCoverage::OpensAndFailures => selection.sensors.push((
+            RingCoverage::OpensAndFailures(submit) => selection.sensors.push((
                 "io-uring".to_owned(),
-                format!("tp_btf/{IO_URING_TRACEPOINT}, tp_btf/{IO_URING_SUBMIT_TRACEPOINT}"),
+                format!("tp_btf/{IO_URING_TRACEPOINT}, tp_btf/{submit}"),
             )),
         }
 
@@ -571,8 +572,6 @@ impl Probes {
 
 /// The tracepoint at which io_uring completes requests.
 const IO_URING_TRACEPOINT: &str = "io_uring_complete";
-/// The tracepoint at which a task submits a request to an io_uring.
-const IO_URING_SUBMIT_TRACEPOINT: &str = "io_uring_submit_req";
 
 /// What the io_uring programs record on this kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -581,8 +580,8 @@ pub enum RingCoverage {
     None,
     /// Successful opens (and renames); a failed open is not recorded.
     Opens,
-    /// Opens, failed ones included, and renames.
-    OpensAndFailures,
+    /// Opens, failed ones included, and renames; submissions are seen at this tracepoint.
+    OpensAndFailures(&'static str),
 }
 
 /// Attaches the io_uring completion program where the kernel has io_uring and the fields it
@@ -607,30 +606,28 @@ fn attach_io_uring(
     }
     // The submission program first: a request submitted between the two attaches then has
     // its name kept before its completion is looked at.
-    let names = features & features::IO_URING_NAMES != 0
-        && match attach_tp_btf(
-            ebpf,
-            btf,
-            "io_uring_submit_req",
-            IO_URING_SUBMIT_TRACEPOINT,
-            program_ids,
-        ) {
-            Ok(()) => true,
-            Err(reason) => {
-                tracing::warn!(
-                    "the kernel refused the io_uring submission program (tp_btf/{}): {reason}; \
-                     failed opens through an io_uring will not be recorded",
-                    IO_URING_SUBMIT_TRACEPOINT
-                );
-                false
+    let submit = match resolved.ring_submit {
+        Some(tracepoint) if features & features::IO_URING_NAMES != 0 => {
+            match attach_tp_btf(ebpf, btf, "io_uring_submit_req", tracepoint, program_ids) {
+                Ok(()) => Some(tracepoint),
+                Err(reason) => {
+                    tracing::warn!(
+                        "the kernel refused the io_uring submission program (tp_btf/\
+                         {tracepoint}): {reason}; failed opens through an io_uring will not \
+                         be recorded"
+                    );
+                    None
+                }
             }
-        };
-    if features & features::IO_URING_NAMES == 0 {
-        tracing::info!(
-            "io_uring submissions cannot be read on this kernel: failed opens through an \
-             io_uring will not be recorded"
-        );
-    }
+        }
+        _ => {
+            tracing::info!(
+                "io_uring submissions cannot be read on this kernel: failed opens through an \
+                 io_uring will not be recorded"
+            );
+            None
+        }
+    };
     match attach_tp_btf(
         ebpf,
         btf,
@@ -638,7 +635,7 @@ fn attach_io_uring(
         IO_URING_TRACEPOINT,
         program_ids,
     ) {
-        Ok(()) if names => RingCoverage::OpensAndFailures,
+        Ok(()) if let Some(tracepoint) = submit => RingCoverage::OpensAndFailures(tracepoint),
         Ok(()) => RingCoverage::Opens,
         Err(reason) => {
             tracing::warn!(

@@ -18,6 +18,9 @@ pub struct Resolved {
     /// The BTF id of the `bpf_rdonly_cast` kfunc, when the kernel has it (then
     /// `features::DIRECT_LOADS` is set).
     pub rdonly_cast: Option<u32>,
+    /// The tracepoint that passes each request submitted to an io_uring, when the kernel has
+    /// one the submission program can read (then `features::IO_URING_NAMES` is set).
+    pub ring_submit: Option<&'static str>,
 }
 
 /// The kfunc behind direct loads of kernel structs (Linux 6.2 and later).
@@ -206,6 +209,7 @@ pub fn resolve(btf: &Btf) -> Result<Resolved, OffsetsError> {
             features |= features::IO_URING_NAMES;
         }
     }
+    let ring_submit = ring.as_ref().and_then(|r| r.names).map(|n| n.0);
     let ring = ring.unwrap_or_default();
     let offsets = KernelOffsets {
         features,
@@ -294,8 +298,8 @@ pub fn resolve(btf: &Btf) -> Result<Resolved, OffsetsError> {
         ctx_fixed_files: ring.fixed_files,
         ctx_fixed_count: ring.fixed_count,
         rsrc_node_file: ring.node_file,
-        req_open_filename: ring.names.map_or(0, |n| n.0),
-        filename_name: ring.names.map_or(0, |n| n.1),
+        req_open_filename: ring.names.map_or(0, |n| n.1),
+        filename_name: ring.names.map_or(0, |n| n.2),
         btf_task_struct: type_id("task_struct")?,
         btf_file: type_id("file")?,
         btf_dentry: type_id("dentry")?,
@@ -318,6 +322,7 @@ pub fn resolve(btf: &Btf) -> Result<Resolved, OffsetsError> {
         offsets,
         missing,
         rdonly_cast,
+        ring_submit,
     })
 }
 
@@ -334,9 +339,10 @@ struct IoUringOffsets {
     fixed_count: u32,
     node_file: u32,
     nodes: bool,
-    /// `io_open.filename` (in the command area) and `filename.name`, where the submission
-    /// tracepoint passes the request (`features::IO_URING_NAMES`).
-    names: Option<(u32, u32)>,
+    /// The submission tracepoint, `io_open.filename` (in the command area) and
+    /// `filename.name`, where the submission tracepoint passes the request first
+    /// (`features::IO_URING_NAMES`).
+    names: Option<(&'static str, u32, u32)>,
 }
 
 /// The io_uring offsets, when the kernel has io_uring, its completion tracepoint and every
@@ -383,17 +389,21 @@ fn io_uring(btf: &Btf) -> Option<IoUringOffsets> {
     })
 }
 
-/// Where a submitted open request's name is (`io_open.filename` in the command area at
-/// `cmd`, then `filename.name`), when the submission tracepoint passes the request alone.
-fn io_uring_names(btf: &Btf, cmd: u32) -> Option<(u32, u32)> {
-    if !btf.has_btf_tracepoint("io_uring_submit_req")
-        || btf.btf_tracepoint_args("io_uring_submit_req")? != 1
-    {
-        return None;
-    }
+/// The tracepoint at which submitted requests are seen, and where a submitted open request's
+/// name is (`io_open.filename` in the command area at `cmd`, then `filename.name`): the
+/// request is the tracepoint's first argument, after the kernel prepared it
+/// (`io_uring_submit_req`, Linux 6.4 and later; `io_uring_submit_sqe` before, with a second
+/// argument).
+fn io_uring_names(btf: &Btf, cmd: u32) -> Option<(&'static str, u32, u32)> {
+    let tracepoint = [("io_uring_submit_req", 1), ("io_uring_submit_sqe", 2)]
+        .into_iter()
+        .find(|&(name, args)| {
+            btf.has_btf_tracepoint(name) && btf.btf_tracepoint_args(name) == Some(args)
+        })?
+        .0;
     let filename = btf.member("io_open", &["filename"]).ok()?.offset;
     let name = btf.member("filename", &["name"]).ok()?.offset;
-    Some((cmd + filename, name))
+    Some((tracepoint, cmd + filename, name))
 }
 
 #[cfg(test)]

@@ -182,7 +182,7 @@ fn io_uring_limitation_for(
     let missed = match recorded {
         super::RingCoverage::None => UNSEEN,
         super::RingCoverage::Opens => FAILED,
-        super::RingCoverage::OpensAndFailures => return None,
+        super::RingCoverage::OpensAndFailures(_) => return None,
     };
     match setting.map(str::trim) {
         Some("2") => None,
@@ -306,7 +306,11 @@ mod tests {
         // may use it.
         for setting in [Some("0"), Some("1"), Some("2"), Some("7"), None] {
             assert_eq!(
-                limitation(setting, RingCoverage::OpensAndFailures, || true),
+                limitation(
+                    setting,
+                    RingCoverage::OpensAndFailures("io_uring_submit_req"),
+                    || true
+                ),
                 None,
                 "{setting:?}"
             );

@@ -325,16 +325,11 @@ fn publish(metrics: &AgentMetrics, pipeline: &Pipeline, kernel: probes::Counters
 
 /// Handles up to `max` ring-buffer items; returns how many there were.
 fn drain(
-    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
+    ring: &mut crate::probes::events::EventRing,
     pipeline: &mut Pipeline,
     max: usize,
 ) -> anyhow::Result<usize> {
-    let mut handled = 0;
-    while handled < max {
-        let Some(item) = ring.next() else { break };
-        pipeline.handle(&item)?;
-        handled += 1;
-    }
+    let handled = ring.drain(max, |record| pipeline.handle(record))?;
     if handled > 0 {
         pipeline.flush()?;
     }

@@ -1,5 +1,6 @@
 //! Loading, attaching and reading the kernel programs.
 
+pub mod events;
 pub mod btf;
 pub mod offsets;
 pub mod preflight;
@@ -13,7 +14,7 @@ use agent_common::{
 };
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf, lpm_trie::LpmTrie},
+    maps::{Array, HashMap, MapData, PerCpuArray, lpm_trie::LpmTrie},
     programs::{BtfTracePoint, ProgramError},
 };
 
@@ -493,15 +494,31 @@ impl Probes {
         })
     }
 
-    /// Takes the event ring buffer (once).
-    pub fn take_events(&mut self) -> Result<RingBuf<MapData>, ProbeError> {
+    /// Takes the event ring buffer (once), mapped for reading.
+    pub fn take_events(&mut self) -> Result<events::EventRing, ProbeError> {
         let map = self
             .ebpf
             .take_map("EVENTS")
             .ok_or(ProbeError::MissingMap("EVENTS"))?;
-        RingBuf::try_from(map).map_err(|source| ProbeError::Map {
+        let aya::maps::Map::RingBuf(data) = map else {
+            return Err(ProbeError::Map {
+                map: "EVENTS",
+                source: aya::maps::MapError::InvalidMapType { map_type: 0 },
+            });
+        };
+        let size = data
+            .info()
+            .map_err(|source| ProbeError::Map {
+                map: "EVENTS",
+                source,
+            })?
+            .max_entries() as usize;
+        events::EventRing::new(data, size).map_err(|e| ProbeError::Map {
             map: "EVENTS",
-            source,
+            source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                call: "mmap",
+                io_error: e,
+            }),
         })
     }
 

@@ -87,19 +87,23 @@ pub fn fill_header(buf: *mut u8, kind: EventKind, task: u64) -> Result<()> {
 /// the current task): three pointers and the id, with direct loads where the kernel allows.
 #[inline(always)]
 fn cgroup_id(task: u64) -> u64 {
-    if has(features::CGROUP_LOADS) {
-        let id = (|| -> Result<u64> {
-            let cset = load_ptr(task, Kind::Task, off!(task_cgroups))?;
-            let cgrp = load_ptr(cset, Kind::CssSet, off!(css_set_dfl_cgrp))?;
-            let kn = load_ptr(cgrp, Kind::Cgroup, off!(cgroup_kn))?;
-            load_u64(kn, Kind::KernfsNode, off!(kernfs_node_id))
-        })();
-        if let Ok(id) = id {
-            return id;
-        }
+    if has(features::CGROUP_LOADS)
+        && let Ok(id) = cgroup_id_loaded(task)
+    {
+        return id;
     }
     // SAFETY: helper without preconditions.
     unsafe { bpf_get_current_cgroup_id() }
+}
+
+/// [`cgroup_id`] by direct loads (a function, not a closure, so that it is inlined rather
+/// than called as a subprogram for every event).
+#[inline(always)]
+fn cgroup_id_loaded(task: u64) -> Result<u64> {
+    let cset = load_ptr(task, Kind::Task, off!(task_cgroups))?;
+    let cgrp = load_ptr(cset, Kind::CssSet, off!(css_set_dfl_cgrp))?;
+    let kn = load_ptr(cgrp, Kind::Cgroup, off!(cgroup_kn))?;
+    load_u64(kn, Kind::KernfsNode, off!(kernfs_node_id))
 }
 
 /// `bpf_ringbuf_output` flags: no wakeup, forced wakeup.

@@ -1,7 +1,7 @@
 //! Loading, attaching and reading the kernel programs.
 
-pub mod events;
 pub mod btf;
+pub mod events;
 pub mod offsets;
 pub mod preflight;
 pub mod sensors;

@@ -4,9 +4,10 @@
 //! The kernel reads the consumer position on every record it reserves, and the consumer
 //! position lives in a cache line of its own that this process writes. Publishing it after
 //! every record would make each event the programs send wait for that line to come back
-//! from this process's CPU; here it is published once per [`PUBLISH_BYTES`] of records and
-//! whenever a drain ends, so the producers mostly find it in their own cache. Space is
-//! freed a little later than it could be; the ring is far larger than what is held back.
+//! from this process's CPU; here it is published once per [`PUBLISH_BYTES`] of records (a
+//! quarter of the ring, if that is less) and whenever a drain ends, so the producers mostly
+//! find it in their own cache. Space is freed a little later than it could be, never more
+//! than that share of the ring.
 
 use std::{
     os::fd::{AsFd as _, AsRawFd, RawFd},
@@ -71,6 +72,8 @@ pub struct EventRing {
     producer: Mapping,
     page: usize,
     mask: usize,
+    /// Bytes of records taken between two publications of the consumer position.
+    publish_bytes: usize,
     /// Where this consumer is, and what the kernel was last told.
     pos: usize,
     published: usize,
@@ -93,6 +96,7 @@ impl EventRing {
             producer,
             page,
             mask: size - 1,
+            publish_bytes: PUBLISH_BYTES.min(size / 4),
             pos: 0,
             published: 0,
         };
@@ -172,7 +176,7 @@ impl EventRing {
             }
             self.pos += (HEADER + len).next_multiple_of(8);
             handled += 1;
-            if self.pos - self.published >= PUBLISH_BYTES {
+            if self.pos - self.published >= self.publish_bytes {
                 self.publish();
             }
         };

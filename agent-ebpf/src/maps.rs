@@ -25,6 +25,17 @@ pub static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DropReason::C
 #[map]
 pub static WAKE_BYTES: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
+/// The clock as this CPU last read it: the tick (`jiffies`) and the time then (see
+/// `emit::event_time`).
+#[repr(C)]
+pub struct TickTime {
+    pub tick: u64,
+    pub ns: u64,
+}
+
+#[map]
+pub static TICK_TIME: PerCpuArray<TickTime> = PerCpuArray::with_max_entries(1, 0);
+
 /// A buffer in which one event is assembled before it is copied to the ring buffer.
 #[repr(C)]
 pub struct Scratch {

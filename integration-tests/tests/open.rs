@@ -297,3 +297,42 @@ fn names_of_every_length_are_copied_exactly() {
     }
     agent.stop();
 }
+
+/// Record times are the kernel's: an open is stamped when it happened (the clock is read at
+/// most once per kernel tick on each CPU, so a stamp can be up to one tick early, never late
+/// beyond the time it takes to see it), and the time between two opens is the time that
+/// passed between them.
+#[test]
+fn records_are_stamped_with_the_time_the_kernel_saw_them() {
+    let w = TestDir::new("time");
+    let first = w.file("first.txt", "1\n");
+    let second = w.file("second.txt", "2\n");
+    let mut agent = Agent::start(["--watch".as_ref(), w.path().as_os_str()]);
+    let time_of = |r: &Value| -> chrono::DateTime<chrono::Utc> {
+        let text = r["time"].as_str().expect("a time");
+        chrono::DateTime::parse_from_rfc3339(text)
+            .unwrap_or_else(|e| panic!("time {text}: {e}"))
+            .with_timezone(&chrono::Utc)
+    };
+    // A tick is at most 10 ms (HZ >= 100); the boot clock's conversion to UTC adds a little.
+    let early = chrono::TimeDelta::milliseconds(25);
+
+    let before = chrono::Utc::now();
+    std::fs::read(&first).expect("read first");
+    let after = chrono::Utc::now();
+    let t1 = time_of(&open_record(&mut agent, "first open", &first));
+    assert!(
+        t1 >= before - early && t1 <= after + early,
+        "first open stamped {t1}, done between {before} and {after}"
+    );
+
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    std::fs::read(&second).expect("read second");
+    let t2 = time_of(&open_record(&mut agent, "second open", &second));
+    let between = (t2 - t1).num_milliseconds();
+    assert!(
+        (1500 - 25..=1500 + 250).contains(&between),
+        "1.5 s passed between the opens; the records say {between} ms"
+    );
+    agent.stop();
+}

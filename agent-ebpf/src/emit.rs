@@ -161,11 +161,23 @@ fn wakeup_flags(len: usize) -> u64 {
 /// Copies the first `len` bytes of `buf` (an assembled event) to the ring buffer.
 #[inline(always)]
 pub fn submit(buf: *mut u8, len: usize) -> Result<()> {
-    let len = if len > SCRATCH_SIZE {
-        SCRATCH_SIZE
+    // Every event is shorter than its scratch slot. Clamped, then masked where the compiler
+    // cannot drop the mask: some verifiers (Linux 6.1) lose the bound a compare sets when the
+    // compiler compares one copy of the length and passes another.
+    let mut len = if len >= SCRATCH_SIZE {
+        SCRATCH_SIZE - 1
     } else {
         len
     };
+    // SAFETY: arithmetic on a register.
+    unsafe {
+        core::arch::asm!(
+            "{len} &= {mask}",
+            len = inout(reg) len,
+            mask = const SCRATCH_SIZE - 1,
+            options(pure, nomem, nostack),
+        );
+    }
     // SAFETY: the header is at the start of `buf`.
     unsafe { (*buf.cast::<EventHeader>()).len = len as u32 };
     // SAFETY: `buf` is a scratch slot of `SCRATCH_SIZE` bytes and `len` is bounded by it.
@@ -174,6 +186,8 @@ pub fn submit(buf: *mut u8, len: usize) -> Result<()> {
         .output::<[u8]>(event, wakeup_flags(len))
         .map_err(|_| Error::RingFull)
 }
+
+const _: () = assert!(SCRATCH_SIZE.is_power_of_two());
 
 /// Thin entry helper: counts the drop reason of an error. A missing scratch slot means the
 /// loader and the programs disagree; that is also logged (aya-log) for the agent's log.

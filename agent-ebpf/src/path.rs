@@ -341,6 +341,18 @@ pub enum NameIn {
     Kernel = 1,
 }
 
+impl NameIn {
+    /// From its number, as passed to subprograms and parked in maps.
+    #[inline(always)]
+    pub fn of(raw: u32) -> NameIn {
+        if raw == NameIn::Kernel as u32 {
+            NameIn::Kernel
+        } else {
+            NameIn::User
+        }
+    }
+}
+
 /// Copies the NUL-terminated string at `src` (in `from`'s memory) into `dst`, at most `max`
 /// bytes with the NUL; returns the bytes copied with the NUL, or a negative error.
 #[inline(always)]
@@ -370,13 +382,8 @@ pub fn prefix_lookup(path: u64, from: NameIn) -> Option<(u32, bool)> {
 /// [`prefix_lookup`] as a global subprogram: `id | dotdot << 32`, or -1.
 #[unsafe(no_mangle)]
 #[inline(never)]
-pub extern "C" fn phi_prefix_lookup(path: u64, kernel: u32) -> i64 {
-    let from = if kernel != 0 {
-        NameIn::Kernel
-    } else {
-        NameIn::User
-    };
-    match prefix_lookup_inner(path, from) {
+pub extern "C" fn phi_prefix_lookup(path: u64, from: u32) -> i64 {
+    match prefix_lookup_inner(path, NameIn::of(from)) {
         Some((id, dotdot)) => i64::from(id) | (i64::from(dotdot) << 32),
         None => -1,
     }

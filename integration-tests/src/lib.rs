@@ -198,8 +198,14 @@ impl Stopped {
             .unwrap_or_else(|| panic!("no stop record; stderr:\n{}", self.stderr))
     }
 
-    /// A drop counter from the stop record (64-bit values are strings in proto3 JSON).
+    /// A drop counter from the stop record (64-bit values are strings in proto3 JSON, and a
+    /// zero counter is left out). `name` is the proto3 JSON name (`readFailure`): a field
+    /// name (`read_failure`) would never be found and always read as 0.
     pub fn drops(&self, name: &str) -> u64 {
+        assert!(
+            !name.contains('_'),
+            "drop counter {name:?}: use its proto3 JSON (lowerCamelCase) name"
+        );
         as_u64(&self.stop_record()["agent"]["drops"][name])
     }
 }

@@ -42,15 +42,20 @@ fn complete(entry: squeue::Entry) -> anyhow::Result<i32> {
         .result())
 }
 
+/// IORING_OP_OPENAT of `path` for reading: the new descriptor, or `-errno`.
+fn open(path: &std::path::Path) -> anyhow::Result<i32> {
+    let name = cstr(path)?;
+    complete(
+        opcode::OpenAt::new(types::Fd(libc::AT_FDCWD), name.as_ptr())
+            .flags(libc::O_RDONLY | libc::O_CLOEXEC)
+            .build(),
+    )
+}
+
 pub fn run(args: &RingArgs) -> anyhow::Result<()> {
     match &args.request {
         Request::Open { path } => {
-            let name = cstr(path)?;
-            let fd = complete(
-                opcode::OpenAt::new(types::Fd(libc::AT_FDCWD), name.as_ptr())
-                    .flags(libc::O_RDONLY | libc::O_CLOEXEC)
-                    .build(),
-            )?;
+            let fd = open(path)?;
             if fd < 0 {
                 bail!(
                     "open of {} through an io_uring: {}",
@@ -62,12 +67,7 @@ pub fn run(args: &RingArgs) -> anyhow::Result<()> {
             unsafe { libc::close(fd) };
         }
         Request::OpenMissing { path } => {
-            let name = cstr(path)?;
-            let res = complete(
-                opcode::OpenAt::new(types::Fd(libc::AT_FDCWD), name.as_ptr())
-                    .flags(libc::O_RDONLY | libc::O_CLOEXEC)
-                    .build(),
-            )?;
+            let res = open(path)?;
             if res >= 0 {
                 // SAFETY: the descriptor the ring just opened, closed once.
                 unsafe { libc::close(res) };

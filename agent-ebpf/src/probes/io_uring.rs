@@ -72,6 +72,10 @@ fn try_complete(ring: u64, req: u64) -> Result<()> {
         _ => return Ok(()),
     };
     let res: i32 = read(req, off!(req_res))?;
+    if res < 0 && !has(features::IO_URING_NAMES) {
+        // Nothing names a failed open here (the start record says so).
+        return Ok(());
+    }
     let task = current_task_btf();
     if btf_load!(u32, task, task_tgid) == setting!(self_tgid) {
         return Ok(());
@@ -84,9 +88,6 @@ fn try_complete(ring: u64, req: u64) -> Result<()> {
         mode: read::<u64>(req, off!(req_open_mode))? as u32,
     };
     if res < 0 {
-        if !has(features::IO_URING_NAMES) {
-            return Ok(());
-        }
         // SAFETY: a map value pointer; only this request's completion removes its entry.
         let Some(name) = (unsafe { RING_NAMES.get(req) }) else {
             // Submitted before the agent started, or pushed out of the map: the attempt

@@ -60,15 +60,7 @@ pub fn handle(
         };
         judged
     } else {
-        Recorded {
-            path: PathRef {
-                dentry: 0,
-                vfsmnt: 0,
-            },
-            parent: 0,
-            watch_id: 0,
-            flags: 0,
-        }
+        Recorded::NOT_JUDGED
     };
     let (dirfd, user_path, flags, mode) = match syscall {
         OpenSyscall::Open => (AT_FDCWD, a[0], a[1] as u32, a[2] as u32),
@@ -82,26 +74,31 @@ pub fn handle(
         // Not system calls (see `handle_ring`).
         OpenSyscall::IoUringOpenat | OpenSyscall::IoUringOpenat2 => return Ok(()),
     };
+    process(Call {
+        task: task_number(task_btf),
+        ret,
+        dentry: judged.path.dentry,
+        vfsmnt: judged.path.vfsmnt,
+        parent: judged.parent,
+        watch_id: judged.watch_id,
+        path_flags: u32::from(judged.flags),
+        user_path,
+        name_in: NameIn::User as u32,
+        dirfd,
+        flags,
+        mode,
+        syscall: syscall as u32,
+        compat: u32::from(compat),
+    })
+}
+
+/// Parks `call` in this CPU's `OPEN_CALLS` slot and processes it (see `handle`). Callers
+/// hold the `SYSCALL_BUSY` claim.
+#[inline(always)]
+fn process(call: Call) -> Result<()> {
     let slot = OPEN_CALLS.get_ptr_mut(0).ok_or(Error::Scratch)?;
-    // SAFETY: this CPU's slot; no other program uses it.
-    unsafe {
-        *slot = Call {
-            task: task_number(task_btf),
-            ret,
-            dentry: judged.path.dentry,
-            vfsmnt: judged.path.vfsmnt,
-            parent: judged.parent,
-            watch_id: judged.watch_id,
-            path_flags: u32::from(judged.flags),
-            user_path,
-            name_in: NameIn::User as u32,
-            dirfd,
-            flags,
-            mode,
-            syscall: syscall as u32,
-            compat: u32::from(compat),
-        };
-    }
+    // SAFETY: this CPU's slot; the claim keeps every other program off it.
+    unsafe { *slot = call };
     match phi_open_process() {
         0 => Ok(()),
         code => Err(Error::from_code(code)),
@@ -126,29 +123,37 @@ pub fn handle_ring(task_btf: u64, file: u64, open: &RingOpen) -> Result<()> {
     let Some(judged) = recorded(PathRef::of_file(file)?)? else {
         return Ok(());
     };
-    let slot = OPEN_CALLS.get_ptr_mut(0).ok_or(Error::Scratch)?;
-    // SAFETY: this CPU's slot, claimed by the caller.
-    unsafe {
-        *slot = Call {
+    process(open.call(task_btf, &judged, 0, NameIn::User))
+}
+
+/// Judges and records an open request of the current task `task_btf` that an io_uring failed,
+/// as `handle` does a failed open system call's; `name` is the address of the name it was
+/// given, kept in kernel memory since its submission.
+#[inline(always)]
+pub fn handle_ring_failed(task_btf: u64, name: u64, open: &RingOpen) -> Result<()> {
+    process(open.call(task_btf, &Recorded::NOT_JUDGED, name, NameIn::Kernel))
+}
+
+impl RingOpen {
+    /// The request as a parked call: its file as judged, and its name where it is known.
+    #[inline(always)]
+    fn call(&self, task_btf: u64, judged: &Recorded, name: u64, name_in: NameIn) -> Call {
+        Call {
             task: task_number(task_btf),
-            ret: open.ret,
+            ret: self.ret,
             dentry: judged.path.dentry,
             vfsmnt: judged.path.vfsmnt,
             parent: judged.parent,
             watch_id: judged.watch_id,
             path_flags: u32::from(judged.flags),
-            user_path: 0,
-            name_in: NameIn::User as u32,
-            dirfd: open.dirfd,
-            flags: open.flags,
-            mode: open.mode,
-            syscall: open.syscall as u32,
+            user_path: name,
+            name_in: name_in as u32,
+            dirfd: self.dirfd,
+            flags: self.flags,
+            mode: self.mode,
+            syscall: self.syscall as u32,
             compat: 0,
-        };
-    }
-    match phi_open_process() {
-        0 => Ok(()),
-        code => Err(Error::from_code(code)),
+        }
     }
 }
 
@@ -170,37 +175,6 @@ pub extern "C" fn phi_open_process() -> u32 {
     match result {
         Ok(()) => 0,
         Err(e) => e as u32,
-    }
-}
-
-/// Judges and records an open request of the current task `task_btf` that an io_uring failed,
-/// as `handle` does a failed open system call's; `name` is the address of the name it was
-/// given, kept in kernel memory since its submission.
-#[inline(always)]
-pub fn handle_ring_failed(task_btf: u64, name: u64, open: &RingOpen) -> Result<()> {
-    let slot = OPEN_CALLS.get_ptr_mut(0).ok_or(Error::Scratch)?;
-    // SAFETY: this CPU's slot, claimed by the caller.
-    unsafe {
-        *slot = Call {
-            task: task_number(task_btf),
-            ret: open.ret,
-            dentry: 0,
-            vfsmnt: 0,
-            parent: 0,
-            watch_id: 0,
-            path_flags: 0,
-            user_path: name,
-            name_in: NameIn::Kernel as u32,
-            dirfd: open.dirfd,
-            flags: open.flags,
-            mode: open.mode,
-            syscall: open.syscall as u32,
-            compat: 0,
-        };
-    }
-    match phi_open_process() {
-        0 => Ok(()),
-        code => Err(Error::from_code(code)),
     }
 }
 
@@ -316,6 +290,20 @@ struct Recorded {
     flags: u16,
 }
 
+impl Recorded {
+    /// No file judged yet: `opened` judges it (kernels without direct loads), or there is
+    /// none (a failed open).
+    const NOT_JUDGED: Recorded = Recorded {
+        path: PathRef {
+            dentry: 0,
+            vfsmnt: 0,
+        },
+        parent: 0,
+        watch_id: 0,
+        flags: 0,
+    };
+}
+
 /// Whether an opened file is recorded; `None` outside every watched tree.
 #[inline(always)]
 fn recorded(path: PathRef) -> Result<Option<Recorded>> {
@@ -373,11 +361,7 @@ fn failed(call: &Call, user_path: u64) -> Result<()> {
         // Nothing was named, so nothing was attempted on a file.
         return Ok(());
     }
-    let from = if call.name_in == NameIn::Kernel as u32 {
-        NameIn::Kernel
-    } else {
-        NameIn::User
-    };
+    let from = NameIn::of(call.name_in);
     let first: u8 = match from {
         NameIn::User => read_user(user_path)?,
         NameIn::Kernel => read(user_path, 0)?,

@@ -622,9 +622,10 @@ fn attach_io_uring(
         return RingCoverage::None;
     }
     // The submission program first: a request submitted between the two attaches then has
-    // its name kept before its completion is looked at.
+    // its name kept before its completion is looked at. `ring_submit` is set exactly when
+    // `features::IO_URING_NAMES` is.
     let submit = match resolved.ring_submit {
-        Some(tracepoint) if features & features::IO_URING_NAMES != 0 => {
+        Some(tracepoint) => {
             match attach_tp_btf(ebpf, btf, "io_uring_submit_req", tracepoint, program_ids) {
                 Ok(()) => Some(tracepoint),
                 Err(reason) => {
@@ -637,7 +638,7 @@ fn attach_io_uring(
                 }
             }
         }
-        _ => {
+        None => {
             tracing::info!(
                 "io_uring submissions cannot be read on this kernel: failed opens through an \
                  io_uring will not be recorded"

@@ -386,7 +386,20 @@ fn start_mode(mode: Mode, p: &Paths) -> anyhow::Result<(Running, Option<(u32, u1
 
 /// Runs one workload in a fresh worker process pinned to CPU 0.
 fn worker(p: &Paths, w: Workload, ops: u64, rate: u64) -> anyhow::Result<Value> {
-    let out = Command::new(&p.worker)
+    let out = spawn_worker(p, w, ops, rate, 0)?
+        .wait_with_output()
+        .context("cannot run the workload")?;
+    worker_report(w, &out)
+}
+
+fn spawn_worker(
+    p: &Paths,
+    w: Workload,
+    ops: u64,
+    rate: u64,
+    cpu: usize,
+) -> anyhow::Result<std::process::Child> {
+    Command::new(&p.worker)
         .args([
             "bench-worker",
             "--workload",
@@ -394,15 +407,37 @@ fn worker(p: &Paths, w: Workload, ops: u64, rate: u64) -> anyhow::Result<Value> 
             "--ops",
             &ops.to_string(),
         ])
-        .args(["--rate", &rate.to_string(), "--cpu", "0", "--dir"])
+        .args([
+            "--rate",
+            &rate.to_string(),
+            "--cpu",
+            &cpu.to_string(),
+            "--dir",
+        ])
         .arg(&p.dir)
+        .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
-        .output()
-        .context("cannot run the workload")?;
+        .spawn()
+        .context("cannot run the workload")
+}
+
+fn worker_report(w: Workload, out: &std::process::Output) -> anyhow::Result<Value> {
     if !out.status.success() {
         bail!("the {} workload failed", w.arg());
     }
     serde_json::from_slice(&out.stdout).context("the workload's report")
+}
+
+/// `w` unpaced in one process per CPU at once, `ops` each; the reports in CPU order.
+fn workers_on_every_cpu(p: &Paths, w: Workload, ops: u64) -> anyhow::Result<Vec<Value>> {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let children = (0..cpus)
+        .map(|cpu| spawn_worker(p, w, ops, 0, cpu))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    children
+        .into_iter()
+        .map(|c| worker_report(w, &c.wait_with_output().context("cannot run the workload")?))
+        .collect()
 }
 
 /// The median (NaN for none).
@@ -487,8 +522,8 @@ fn host_overhead(p: &Paths, s: &Sizes) -> anyhow::Result<HostRuns> {
                 // Only the inside workload opens watched files.
                 let after = settled_counts(port)?;
                 delivered.inside_ops += s.ops(Workload::OpenInside);
-                delivered.opens += (after.0 - before.0) as u64;
-                delivered.lost += (after.1 - before.1) as u64;
+                delivered.opens += (after.opens - before.opens) as u64;
+                delivered.lost += (after.lost - before.lost) as u64;
             }
             drop(guard);
         }
@@ -522,11 +557,16 @@ fn cpu_seconds(pid: u32) -> f64 {
 }
 
 struct LoadRow {
+    /// Operations per second each worker is paced at (0: unpaced).
     target: u64,
+    /// Workload processes at once, one per CPU.
+    workers: usize,
     achieved: f64,
     produced: u64,
     recorded: u64,
     lost: u64,
+    /// Gap records the agent sealed meanwhile (each accounts for some of `lost`).
+    gaps: u64,
     drain_seconds: f64,
     /// From the workload's start to the last record sealed.
     seconds: f64,
@@ -534,13 +574,28 @@ struct LoadRow {
     rss_kib: u64,
 }
 
-/// The agent's (open records sealed, events lost) so far, from its metrics.
-fn agent_counts(port: u16) -> anyhow::Result<(f64, f64)> {
+/// What the agent's metrics say it has done so far.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct AgentCounts {
+    /// Open records sealed.
+    opens: f64,
+    /// Events counted as lost (truncated and depth-exceeded events are still delivered).
+    lost: f64,
+    /// Gap records sealed.
+    gaps: f64,
+}
+
+fn agent_counts(port: u16) -> anyhow::Result<AgentCounts> {
     let (_, page) = http_get(port, "/metrics").context("agent metrics")?;
-    Ok((
-        metric_sum(&page, "phi_agent_records_total{kind=\"open\"}"),
-        // Losses only: truncated and depth-exceeded events are still delivered.
-        [
+    let records = |kind: &str| {
+        metric_sum(
+            &page,
+            &format!("phi_agent_records_total{{kind=\"{kind}\"}}"),
+        )
+    };
+    Ok(AgentCounts {
+        opens: records("open"),
+        lost: [
             "ring_buffer_full",
             "read_failure",
             "program_busy",
@@ -555,12 +610,13 @@ fn agent_counts(port: u16) -> anyhow::Result<(f64, f64)> {
             )
         })
         .sum(),
-    ))
+        gaps: records("gap"),
+    })
 }
 
 /// [`agent_counts`] once they have stopped changing (the agent has drained its ring buffer
 /// and reported its losses; it publishes its metrics once a second), waiting at most 6 s.
-fn settled_counts(port: u16) -> anyhow::Result<(f64, f64)> {
+fn settled_counts(port: u16) -> anyhow::Result<AgentCounts> {
     let mut last = agent_counts(port)?;
     let started = Instant::now();
     let mut stable_since = Instant::now();
@@ -583,32 +639,43 @@ fn completeness(p: &Paths, s: &Sizes) -> anyhow::Result<(Vec<LoadRow>, u64)> {
     let (pid, port) = (agent.pid, agent.metrics);
     std::thread::sleep(Duration::from_secs(2));
     let idle_rss = vm_rss_kib(pid);
-    let read = || agent_counts(port);
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // Paced rates and one unpaced worker, then (above what one worker can produce) one
+    // unpaced worker on every CPU, which also takes the agent's CPU from it.
+    let mut runs: Vec<(u64, usize)> = s.rates.iter().map(|&r| (r, 1)).collect();
+    if cpus > 1 {
+        runs.push((0, cpus));
+    }
     let mut rows = Vec::new();
-    for &rate in &s.rates {
+    for (rate, workers) in runs {
         let ops = if rate == 0 {
             (s.rate_seconds * 150_000.0) as u64
         } else {
             (s.rate_seconds * rate as f64) as u64
         };
-        let (rec0, lost0) = read()?;
+        let produced = ops * workers as u64;
+        let before = agent_counts(port)?;
         let cpu0 = cpu_seconds(pid);
         let started = Instant::now();
-        let w = worker(p, Workload::OpenInside, ops, rate)?;
+        let reports = if workers == 1 {
+            vec![worker(p, Workload::OpenInside, ops, rate)?]
+        } else {
+            workers_on_every_cpu(p, Workload::OpenInside, ops)?
+        };
         let ran = started.elapsed();
         // Wait until the agent has handled everything it will handle.
-        let mut last = (rec0, lost0);
+        let mut last = before;
         let mut stable_since = Instant::now();
         let mut rss = vm_rss_kib(pid);
         loop {
             std::thread::sleep(Duration::from_millis(100));
             rss = rss.max(vm_rss_kib(pid));
-            let now = read()?;
+            let now = agent_counts(port)?;
             if now != last {
                 last = now;
                 stable_since = Instant::now();
             }
-            let done = now.0 - rec0 + now.1 - lost0 >= ops as f64;
+            let done = now.opens - before.opens + now.lost - before.lost >= produced as f64;
             if (done && stable_since.elapsed() > Duration::from_millis(300))
                 || stable_since.elapsed() > Duration::from_secs(3)
             {
@@ -617,14 +684,19 @@ fn completeness(p: &Paths, s: &Sizes) -> anyhow::Result<(Vec<LoadRow>, u64)> {
         }
         // The last change seen (polled every 100 ms), not the end of the quiet wait.
         let drained = stable_since.duration_since(started);
-        let recorded = (last.0 - rec0) as u64;
+        let recorded = (last.opens - before.opens) as u64;
         let cpu = cpu_seconds(pid) - cpu0;
         rows.push(LoadRow {
             target: rate,
-            achieved: w["rate"].as_f64().unwrap_or(0.0),
-            produced: ops,
+            workers,
+            achieved: reports
+                .iter()
+                .map(|w| w["rate"].as_f64().unwrap_or(0.0))
+                .sum(),
+            produced,
             recorded,
-            lost: (last.1 - lost0) as u64,
+            lost: (last.lost - before.lost) as u64,
+            gaps: (last.gaps - before.gaps) as u64,
             drain_seconds: (drained.saturating_sub(ran)).as_secs_f64(),
             seconds: drained.as_secs_f64(),
             cpu_per_10k: if recorded > 0 {
@@ -979,9 +1051,13 @@ fn render(
         &mut o,
         &format!(
             "Opens of a file inside the watched tree at a paced rate for {:.0} s (\"max\": \
-             unpaced), through one running phi-agent. Produced: opens performed. Recorded: open \
-             records the agent sealed. Lost: events the agent counted as lost (each also a gap \
-             record). Drain: how long after the workload the last record was sealed. Agent \
+             unpaced, one process on CPU 0; \"max on all CPUs\": one unpaced process on every \
+             CPU at once, which produces more than the agent can take, the more so as the \
+             workload then also takes the agent's CPU), through one running phi-agent. \
+             Produced: opens performed. Recorded: open records the agent sealed. Lost: events \
+             the agent counted as lost. Gap records: records the agent sealed into its chain \
+             saying how many events were lost and why (one per reason, each second losses \
+             occur). Drain: how long after the workload the last record was sealed. Agent \
              resident memory at idle: {:.1} MiB.\n",
             s.rate_seconds,
             idle_rss as f64 / 1024.0
@@ -989,11 +1065,11 @@ fn render(
     );
     w(
         &mut o,
-        "| target rate /s | achieved /s | produced | recorded | lost | unaccounted | drain | agent CPU per 10,000 records | agent RSS (max) |",
+        "| target rate /s | achieved /s | produced | recorded | lost | gap records | unaccounted | drain | agent CPU per 10,000 records | agent RSS (max) |",
     );
     w(
         &mut o,
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     );
     let mut best_zero_loss = 0.0f64;
     for r in load {
@@ -1004,16 +1080,17 @@ fn render(
         w(
             &mut o,
             &format!(
-                "| {} | {:.0} | {} | {} | {} | {} | {:.2} s | {:.0} ms | {:.1} MiB |",
-                if r.target == 0 {
-                    "max".to_owned()
-                } else {
-                    r.target.to_string()
+                "| {} | {:.0} | {} | {} | {} | {} | {} | {:.2} s | {:.0} ms | {:.1} MiB |",
+                match (r.target, r.workers) {
+                    (0, 1) => "max".to_owned(),
+                    (0, n) => format!("max on all {n} CPUs"),
+                    (rate, _) => rate.to_string(),
                 },
                 r.achieved,
                 r.produced,
                 r.recorded,
                 r.lost,
+                r.gaps,
                 unaccounted,
                 r.drain_seconds,
                 r.cpu_per_10k * 1000.0,
@@ -1031,6 +1108,7 @@ fn render(
              processes' events lost while the ring buffer was full. Agent memory target ≤ 64 MiB.\n"
         ),
     );
+    w(&mut o, &overload_summary(load));
     w(&mut o, &pipeline_summary(load));
 
     w(&mut o, "## Sensor cost where the kernel allows fexit\n");
@@ -1071,6 +1149,35 @@ fn render(
     o
 }
 
+/// What the run above the agent's capacity showed: losses counted and written, or silence.
+fn overload_summary(load: &[LoadRow]) -> String {
+    let Some(r) = load.iter().find(|r| r.workers > 1) else {
+        return String::new();
+    };
+    let unaccounted = r.produced as i64 - r.recorded as i64 - r.lost as i64;
+    let verdict = if unaccounted > 0 {
+        format!("**{unaccounted} opens are unaccounted for: events were lost silently.**")
+    } else if r.lost > 0 && r.gaps == 0 {
+        "**Losses were counted but no gap record was sealed.**".to_owned()
+    } else if r.lost == 0 {
+        "Nothing was lost even then.".to_owned()
+    } else {
+        "Every open is either recorded or counted as lost in the chain.".to_owned()
+    };
+    format!(
+        "Above the agent's capacity (one unpaced worker on each of the {} CPUs, {:.0} opens/s \
+         in all): {} of {} opens recorded, {} events counted as lost and reported in {} gap \
+         record{}. {verdict}\n",
+        r.workers,
+        r.achieved,
+        r.recorded,
+        r.produced,
+        r.lost,
+        r.gaps,
+        if r.gaps == 1 { "" } else { "s" }
+    )
+}
+
 /// The agent's pipeline throughput, from the completeness runs: how many records it carried
 /// per second while saturated (the unpaced run: more events than it can take, the rest
 /// counted as lost), and per second of its own CPU time at every rate.
@@ -1082,7 +1189,7 @@ fn pipeline_summary(load: &[LoadRow]) -> String {
         .collect();
     let Some(saturated) = load
         .iter()
-        .find(|r| r.target == 0 && r.seconds > 0.0)
+        .find(|r| r.target == 0 && r.workers == 1 && r.seconds > 0.0)
         .map(|r| r.recorded as f64 / r.seconds)
     else {
         return String::new();
@@ -1183,23 +1290,67 @@ mod tests {
     fn pipeline_throughput_comes_from_the_unpaced_run_and_the_cpu_per_record() {
         let row = |target, recorded, seconds, cpu_per_10k| LoadRow {
             target,
+            workers: 1,
             achieved: 0.0,
             produced: recorded,
             recorded,
             lost: 0,
+            gaps: 0,
             drain_seconds: 1.0,
             seconds,
             cpu_per_10k,
             rss_kib: 0,
         };
-        let load = [row(10_000, 40_000, 5.0, 0.2), row(0, 300_000, 5.0, 0.125)];
+        let overload = LoadRow {
+            workers: 2,
+            ..row(0, 100_000, 1.0, 0.1)
+        };
+        let load = [
+            row(10_000, 40_000, 5.0, 0.2),
+            row(0, 300_000, 5.0, 0.125),
+            overload,
+        ];
         let t = pipeline_summary(&load);
         assert!(t.contains("**60000 records/s** while saturated"), "{t}");
         assert!(
-            t.contains("50000-80000 records per second of the agent's CPU"),
+            t.contains("50000-100000 records per second of the agent's CPU"),
             "{t}"
         );
         assert_eq!(pipeline_summary(&load[..1]), "", "no unpaced run, no claim");
+    }
+
+    #[test]
+    fn the_overload_run_is_judged_by_what_it_accounts_for() {
+        let run = |produced, recorded, lost, gaps| LoadRow {
+            target: 0,
+            workers: 2,
+            achieved: 600_000.0,
+            produced,
+            recorded,
+            lost,
+            gaps,
+            drain_seconds: 0.2,
+            seconds: 1.0,
+            cpu_per_10k: 0.02,
+            rss_kib: 0,
+        };
+        let t = overload_summary(&[run(300_000, 160_000, 140_000, 2)]);
+        assert!(
+            t.contains("160000 of 300000 opens recorded, 140000 events counted as lost and reported in 2 gap records."),
+            "{t}"
+        );
+        assert!(
+            t.contains("Every open is either recorded or counted as lost"),
+            "{t}"
+        );
+        let t = overload_summary(&[run(300_000, 160_000, 139_000, 1)]);
+        assert!(t.contains("in 1 gap record."), "{t}");
+        assert!(t.contains("**1000 opens are unaccounted for"), "{t}");
+        let t = overload_summary(&[run(300_000, 160_000, 140_000, 0)]);
+        assert!(t.contains("no gap record was sealed"), "{t}");
+        let t = overload_summary(&[run(300_000, 300_000, 0, 0)]);
+        assert!(t.contains("Nothing was lost even then."), "{t}");
+        assert_eq!(overload_summary(&[]), "", "no overload run, no claim");
     }
 
     #[test]

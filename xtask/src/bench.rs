@@ -49,18 +49,22 @@ pub struct BenchArgs {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Mode {
     None,
+    Compute,
     Floor,
     Agent,
+    AgentPaused,
     SyscallPair,
     Auditd,
     Bpftrace,
 }
 
 impl Mode {
-    const ALL: [Mode; 6] = [
+    const ALL: [Mode; 8] = [
         Mode::None,
+        Mode::Compute,
         Mode::Floor,
         Mode::Agent,
+        Mode::AgentPaused,
         Mode::SyscallPair,
         Mode::Auditd,
         Mode::Bpftrace,
@@ -69,8 +73,14 @@ impl Mode {
     fn label(self) -> &'static str {
         match self {
             Mode::None => "(a) no auditing",
+            Mode::Compute => {
+                "(a′) no auditing, SHA-256 on the other CPU (no system calls, no shared data)"
+            }
             Mode::Floor => "empty hooks alone (the agent's 4 tp_btf hooks, empty programs)",
             Mode::Agent => "(b) phi-agent",
+            Mode::AgentPaused => {
+                "(b′) phi-agent stopped (SIGSTOP) while each workload runs: its kernel side alone"
+            }
             Mode::SyscallPair => "empty syscall tracepoint pair (raw_syscalls enter+exit)",
             Mode::Auditd => "(c) auditd, equivalent rules",
             Mode::Bpftrace => "(d) bpftrace, equivalent probes",
@@ -155,7 +165,7 @@ struct AgentHandle {
     metrics: u16,
 }
 
-fn start_agent(p: &Paths) -> anyhow::Result<AgentHandle> {
+fn start_agent(p: &Paths, extra: &[&str]) -> anyhow::Result<AgentHandle> {
     let state = p.dir.join("agent-state");
     let _ = std::fs::remove_dir_all(&state);
     let port = free_port()?;
@@ -165,6 +175,7 @@ fn start_agent(p: &Paths) -> anyhow::Result<AgentHandle> {
         .arg("--state-dir")
         .arg(&state)
         .args(["--metrics-listen", &format!("127.0.0.1:{port}")])
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
@@ -365,12 +376,34 @@ fn start_floor(p: &Paths) -> anyhow::Result<Running> {
     )
 }
 
+/// Ring buffer of the stopped agent: 256 MiB.
+const PAUSED_RING_BYTES: &str = "268435456";
+
+/// SHA-256 on every CPU but the workloads' CPU 0.
+fn start_compute(p: &Paths) -> anyhow::Result<Running> {
+    start_until(
+        Command::new(&p.worker)
+            .args(["bench-worker", "--workload", Workload::Compute.arg()])
+            .args(["--ops", "0", "--cpu", "0", "--dir"])
+            .arg(&p.dir),
+        "SHA-256 on the other CPUs",
+        Stream::Stdout,
+        "computing",
+    )
+}
+
 fn start_mode(mode: Mode, p: &Paths) -> anyhow::Result<(Running, Option<(u32, u16)>)> {
     Ok(match mode {
         Mode::None => (Running::none(), None),
+        Mode::Compute => (start_compute(p)?, None),
         Mode::Floor => (start_floor(p)?, None),
         Mode::Agent => {
-            let a = start_agent(p)?;
+            let a = start_agent(p, &[])?;
+            (a.guard, Some((a.pid, a.metrics)))
+        }
+        Mode::AgentPaused => {
+            // Room for every record of the longest run while nobody reads them.
+            let a = start_agent(p, &["--ring-buffer-bytes", PAUSED_RING_BYTES])?;
             (a.guard, Some((a.pid, a.metrics)))
         }
         Mode::SyscallPair => (
@@ -382,6 +415,27 @@ fn start_mode(mode: Mode, p: &Paths) -> anyhow::Result<(Running, Option<(u32, u1
         Mode::Auditd => (start_auditd(p)?, None),
         Mode::Bpftrace => (start_bpftrace(&bpftrace_script(p))?, None),
     })
+}
+
+/// A process stopped with SIGSTOP until dropped (SIGCONT).
+struct Paused(i32);
+
+impl Paused {
+    fn new(pid: u32) -> anyhow::Result<Paused> {
+        let pid = i32::try_from(pid)?;
+        // SAFETY: signalling a child this program started.
+        if unsafe { libc::kill(pid, libc::SIGSTOP) } != 0 {
+            bail!("cannot stop {pid}: {}", std::io::Error::last_os_error());
+        }
+        Ok(Paused(pid))
+    }
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        // SAFETY: as above.
+        unsafe { libc::kill(self.0, libc::SIGCONT) };
+    }
 }
 
 /// Runs one workload in a fresh worker process pinned to CPU 0.
@@ -469,6 +523,7 @@ impl Sizes {
             Workload::OpenOutside | Workload::OpenInside | Workload::Pread => self.opens,
             Workload::Exec => self.execs,
             Workload::Connect => self.connects,
+            Workload::Compute => 0,
         }
     }
 }
@@ -515,10 +570,15 @@ fn host_overhead(p: &Paths, s: &Sizes) -> anyhow::Result<HostRuns> {
                 None => None,
             };
             for (wi, w) in Workload::ALL.iter().enumerate() {
+                let paused = match (mode, agent) {
+                    (Mode::AgentPaused, Some((pid, _))) => Some(Paused::new(pid)?),
+                    _ => None,
+                };
                 let r = worker(p, *w, s.ops(*w), 0)?;
+                drop(paused);
                 ns[mi][wi].push(r["ns_per_op"].as_f64().unwrap_or(f64::NAN));
             }
-            if let (Some((_, port)), Some(before)) = (agent, before) {
+            if let (Mode::Agent, Some((_, port)), Some(before)) = (mode, agent, before) {
                 // Only the inside workload opens watched files.
                 let after = settled_counts(port)?;
                 delivered.inside_ops += s.ops(Workload::OpenInside);
@@ -635,7 +695,7 @@ fn settled_counts(port: u16) -> anyhow::Result<AgentCounts> {
 
 fn completeness(p: &Paths, s: &Sizes) -> anyhow::Result<(Vec<LoadRow>, u64)> {
     step("completeness under load: PHI opens at increasing rates through phi-agent");
-    let agent = start_agent(p)?;
+    let agent = start_agent(p, &[])?;
     let (pid, port) = (agent.pid, agent.metrics);
     std::thread::sleep(Duration::from_secs(2));
     let idle_rss = vm_rss_kib(pid);
@@ -1006,7 +1066,10 @@ fn render(
              place, so that no workload process carries an audit context: once auditd has run \
              on a host, the kernel otherwise gives every new process one until reboot, and \
              every system call then pays audit's bookkeeping even with auditd stopped (the \
-             bench deletes its audit rules when it ends).\n",
+             bench deletes its audit rules when it ends). Two control rows locate the agent's \
+             cost: (a′) runs SHA-256 in a loop on every other CPU and audits nothing; (b′) is \
+             phi-agent stopped with SIGSTOP for the length of each workload, so only its kernel \
+             side runs.\n",
             s.opens, s.execs, s.connects, s.rounds
         ),
     );
@@ -1039,6 +1102,7 @@ fn render(
             delivered.opens, delivered.inside_ops, delivered.lost
         ),
     );
+    w(&mut o, &inside_breakdown(ns));
     w(
         &mut o,
         "\nTargets: outside the watched tree ≤ 1.10× of (a); inside it ≤ 1.25× with every event \
@@ -1147,6 +1211,55 @@ fn render(
         &format!("Host measurements took {host_seconds:.0} s.\n"),
     );
     o
+}
+
+/// Where the agent's cost on the inside workload comes from, by the control rows: its kernel
+/// side alone (b′) and the price of any busy other CPU (a′), round by round.
+fn inside_breakdown(ns: &[Vec<Vec<f64>>]) -> String {
+    let at = |m: Mode| Mode::ALL.iter().position(|x| *x == m).unwrap_or(0);
+    let Some(inside) = Workload::ALL
+        .iter()
+        .position(|w| *w == Workload::OpenInside)
+    else {
+        return String::new();
+    };
+    let ratio = |a: Mode| {
+        median(
+            ns[at(a)][inside]
+                .iter()
+                .zip(&ns[at(Mode::None)][inside])
+                .map(|(x, y)| x / y)
+                .collect(),
+        )
+    };
+    let (compute, kernel, agent) = (
+        ratio(Mode::Compute),
+        ratio(Mode::AgentPaused),
+        ratio(Mode::Agent),
+    );
+    if ![compute, kernel, agent].iter().all(|r| r.is_finite()) {
+        return String::new();
+    }
+    let other_cpu = if compute >= 1.02 {
+        format!(
+            "The rest is the agent working on the other CPU, which slows CPU 0 on this machine \
+             even when it shares nothing with the workload: SHA-256 there (a′), the agent's \
+             heaviest step per record, costs {compute:.2}× (the two virtual CPUs evidently \
+             share one core's execution units, as hyperthreads do)."
+        )
+    } else {
+        format!(
+            "The rest is the agent's work on the other CPU reaching CPU 0 through what they \
+             share (caches, memory, kernel state): SHA-256 there alone (a′) costs {compute:.2}×."
+        )
+    };
+    format!(
+        "\nInside the watched tree, phi-agent costs {agent:.2}×; with its process stopped while \
+         the workload runs (b′; the records wait in a {} MiB ring buffer and are taken when it \
+         resumes), {kernel:.2}×: the kernel programs, the hooks and the ring buffer. \
+         {other_cpu}\n",
+        PAUSED_RING_BYTES.parse::<u64>().unwrap_or(0) >> 20
+    )
 }
 
 /// What the run above the agent's capacity showed: losses counted and written, or silence.
@@ -1317,6 +1430,37 @@ mod tests {
             "{t}"
         );
         assert_eq!(pipeline_summary(&load[..1]), "", "no unpaced run, no claim");
+    }
+
+    #[test]
+    fn the_inside_breakdown_compares_each_control_with_no_auditing_round_by_round() {
+        let inside = Workload::ALL
+            .iter()
+            .position(|w| *w == Workload::OpenInside)
+            .expect("an inside workload");
+        let rows = |compute: f64| {
+            let mut ns = vec![vec![vec![1.0; 2]; Workload::ALL.len()]; Mode::ALL.len()];
+            let mut set = |m: Mode, v: [f64; 2]| {
+                let mi = Mode::ALL.iter().position(|x| *x == m).expect("a mode");
+                ns[mi][inside] = v.to_vec();
+            };
+            set(Mode::None, [1000.0, 2000.0]);
+            set(Mode::Compute, [1000.0 * compute, 2000.0 * compute]);
+            set(Mode::AgentPaused, [1200.0, 2500.0]);
+            set(Mode::Agent, [1400.0, 2800.0]);
+            ns
+        };
+        let t = inside_breakdown(&rows(1.1));
+        assert!(t.contains("phi-agent costs 1.40×"), "{t}");
+        assert!(t.contains("(b′; the records wait in a 256 MiB"), "{t}");
+        assert!(t.contains("1.23×: the kernel programs"), "{t}");
+        assert!(
+            t.contains("costs 1.10× (the two virtual CPUs evidently share"),
+            "{t}"
+        );
+        let t = inside_breakdown(&rows(1.0));
+        assert!(t.contains("SHA-256 there alone (a′) costs 1.00×."), "{t}");
+        assert!(!t.contains("hyperthreads"), "{t}");
     }
 
     #[test]

@@ -26,6 +26,9 @@ pub enum Workload {
     /// A one-byte `pread` of a file opened once: a system call the agent does not watch
     /// (not in [`Workload::ALL`]; the sensor-cost comparison uses it).
     Pread,
+    /// SHA-256 on every CPU but `--cpu` until killed: no system calls, no memory shared with
+    /// anything, only the other CPUs kept busy (not in [`Workload::ALL`]).
+    Compute,
 }
 
 impl Workload {
@@ -43,6 +46,7 @@ impl Workload {
             Workload::Exec => "exec storm (fork+exec /bin/true)",
             Workload::Connect => "connect storm (TCP, loopback)",
             Workload::Pread => "1-byte pread (a system call not watched)",
+            Workload::Compute => "SHA-256 on the other CPUs",
         }
     }
 
@@ -53,6 +57,7 @@ impl Workload {
             Workload::Exec => "exec",
             Workload::Connect => "connect",
             Workload::Pread => "pread",
+            Workload::Compute => "compute",
         }
     }
 }
@@ -170,6 +175,35 @@ fn spawn_true(prog: &CString) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Keeps every CPU but `spared` busy hashing a buffer of its own with SHA-256 (the agent's
+/// heaviest step per record), with no system calls and no memory shared with anything, until
+/// killed; says `computing` on stdout once every thread runs.
+fn compute_elsewhere(spared: usize) -> ! {
+    use sha2::Digest as _;
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let others: Vec<usize> = (0..cpus).filter(|&cpu| cpu != spared).collect();
+    let (started, running) = std::sync::mpsc::channel();
+    for &cpu in &others {
+        let started = started.clone();
+        std::thread::spawn(move || {
+            pin(cpu);
+            let _ = started.send(());
+            let mut block = [0u8; 4096];
+            loop {
+                let digest = sha2::Sha256::digest(block);
+                block[..32].copy_from_slice(&digest);
+            }
+        });
+    }
+    for _ in &others {
+        let _ = running.recv();
+    }
+    println!("computing");
+    loop {
+        std::thread::park();
+    }
+}
+
 pub fn run(args: &WorkerArgs) -> anyhow::Result<()> {
     // Only the thread that performs the operations is pinned (the connect workload's
     // accepting thread is started first and may run anywhere).
@@ -183,8 +217,12 @@ pub fn run(args: &WorkerArgs) -> anyhow::Result<()> {
         std::fs::metadata(&p).with_context(|| format!("missing {}", p.display()))?;
         Ok(CString::new(p.as_os_str().as_bytes())?)
     };
+    if args.workload == Workload::Compute {
+        compute_elsewhere(args.cpu.unwrap_or(0));
+    }
     let started;
     match args.workload {
+        Workload::Compute => unreachable!("compute_elsewhere does not return"),
         Workload::OpenOutside | Workload::OpenInside => {
             let path = file(if args.workload == Workload::OpenInside {
                 "watched"

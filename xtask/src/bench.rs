@@ -1240,7 +1240,12 @@ fn inside_breakdown(ns: &[Vec<Vec<f64>>]) -> String {
     if ![compute, kernel, agent].iter().all(|r| r.is_finite()) {
         return String::new();
     }
-    let other_cpu = if compute >= 1.02 {
+    let other_cpu = if agent - kernel < 0.02 {
+        format!(
+            "So the kernel side is all of it: the agent's own work on the other CPU adds \
+             nothing measurable (SHA-256 there alone (a′): {compute:.2}×)."
+        )
+    } else if compute >= 1.02 {
         format!(
             "The rest is the agent working on the other CPU, which slows CPU 0 on this machine \
              even when it shares nothing with the workload: SHA-256 there (a′), the agent's \
@@ -1461,6 +1466,16 @@ mod tests {
         let t = inside_breakdown(&rows(1.0));
         assert!(t.contains("SHA-256 there alone (a′) costs 1.00×."), "{t}");
         assert!(!t.contains("hyperthreads"), "{t}");
+        // The agent stopped costs as much as the agent running: nothing is the other CPU's.
+        let mut ns = rows(1.0);
+        let paused = Mode::ALL
+            .iter()
+            .position(|x| *x == Mode::AgentPaused)
+            .expect("a mode");
+        ns[paused][inside] = vec![1400.0, 2800.0];
+        let t = inside_breakdown(&ns);
+        assert!(t.contains("1.40×: the kernel programs"), "{t}");
+        assert!(t.contains("So the kernel side is all of it"), "{t}");
     }
 
     #[test]

@@ -376,8 +376,8 @@ fn start_floor(p: &Paths) -> anyhow::Result<Running> {
     )
 }
 
-/// Ring buffer of the stopped agent: 256 MiB.
-const PAUSED_RING_BYTES: &str = "268435456";
+/// Ring buffer of the stopped agent.
+const PAUSED_RING_BYTES: u64 = 256 << 20;
 
 /// SHA-256 on every CPU but the workloads' CPU 0.
 fn start_compute(p: &Paths) -> anyhow::Result<Running> {
@@ -403,7 +403,8 @@ fn start_mode(mode: Mode, p: &Paths) -> anyhow::Result<(Running, Option<(u32, u1
         }
         Mode::AgentPaused => {
             // Room for every record of the longest run while nobody reads them.
-            let a = start_agent(p, &["--ring-buffer-bytes", PAUSED_RING_BYTES])?;
+            let ring = PAUSED_RING_BYTES.to_string();
+            let a = start_agent(p, &["--ring-buffer-bytes", &ring])?;
             (a.guard, Some((a.pid, a.metrics)))
         }
         Mode::SyscallPair => (
@@ -540,6 +541,9 @@ struct Delivery {
     opens: u64,
     /// Events the agent counted as lost, in all workloads.
     lost: u64,
+    /// Events the stopped agent (b′) counted as lost: its ring buffer was too small to hold
+    /// a workload's records, and its kernel-side cost is understated.
+    paused_lost: u64,
 }
 
 /// The host-overhead runs: costs, and what phi-agent delivered meanwhile.
@@ -578,12 +582,17 @@ fn host_overhead(p: &Paths, s: &Sizes) -> anyhow::Result<HostRuns> {
                 drop(paused);
                 ns[mi][wi].push(r["ns_per_op"].as_f64().unwrap_or(f64::NAN));
             }
-            if let (Mode::Agent, Some((_, port)), Some(before)) = (mode, agent, before) {
-                // Only the inside workload opens watched files.
+            if let (Some((_, port)), Some(before)) = (agent, before) {
                 let after = settled_counts(port)?;
-                delivered.inside_ops += s.ops(Workload::OpenInside);
-                delivered.opens += (after.opens - before.opens) as u64;
-                delivered.lost += (after.lost - before.lost) as u64;
+                let lost = (after.lost - before.lost) as u64;
+                if mode == Mode::AgentPaused {
+                    delivered.paused_lost += lost;
+                } else {
+                    // Only the inside workload opens watched files.
+                    delivered.inside_ops += s.ops(Workload::OpenInside);
+                    delivered.opens += (after.opens - before.opens) as u64;
+                    delivered.lost += lost;
+                }
             }
             drop(guard);
         }
@@ -1102,7 +1111,7 @@ fn render(
             delivered.opens, delivered.inside_ops, delivered.lost
         ),
     );
-    w(&mut o, &inside_breakdown(ns));
+    w(&mut o, &inside_breakdown(ns, delivered.paused_lost));
     w(
         &mut o,
         "\nTargets: outside the watched tree ≤ 1.10× of (a); inside it ≤ 1.25× with every event \
@@ -1215,7 +1224,7 @@ fn render(
 
 /// Where the agent's cost on the inside workload comes from, by the control rows: its kernel
 /// side alone (b′) and the price of any busy other CPU (a′), round by round.
-fn inside_breakdown(ns: &[Vec<Vec<f64>>]) -> String {
+fn inside_breakdown(ns: &[Vec<Vec<f64>>], paused_lost: u64) -> String {
     let at = |m: Mode| Mode::ALL.iter().position(|x| *x == m).unwrap_or(0);
     let Some(inside) = Workload::ALL
         .iter()
@@ -1258,12 +1267,20 @@ fn inside_breakdown(ns: &[Vec<Vec<f64>>]) -> String {
              share (caches, memory, kernel state): SHA-256 there alone (a′) costs {compute:.2}×."
         )
     };
+    let overflowed = if paused_lost > 0 {
+        format!(
+            " **The stopped agent's ring buffer overflowed ({paused_lost} events lost), so (b′) \
+             understates the kernel side.**"
+        )
+    } else {
+        String::new()
+    };
     format!(
         "\nInside the watched tree, phi-agent costs {agent:.2}×; with its process stopped while \
          the workload runs (b′; the records wait in a {} MiB ring buffer and are taken when it \
-         resumes), {kernel:.2}×: the kernel programs, the hooks and the ring buffer. \
+         resumes), {kernel:.2}×: the kernel programs, the hooks and the ring buffer.{overflowed} \
          {other_cpu}\n",
-        PAUSED_RING_BYTES.parse::<u64>().unwrap_or(0) >> 20
+        PAUSED_RING_BYTES >> 20
     )
 }
 
@@ -1455,7 +1472,7 @@ mod tests {
             set(Mode::Agent, [1400.0, 2800.0]);
             ns
         };
-        let t = inside_breakdown(&rows(1.1));
+        let t = inside_breakdown(&rows(1.1), 0);
         assert!(t.contains("phi-agent costs 1.40×"), "{t}");
         assert!(t.contains("(b′; the records wait in a 256 MiB"), "{t}");
         assert!(t.contains("1.23×: the kernel programs"), "{t}");
@@ -1463,7 +1480,7 @@ mod tests {
             t.contains("costs 1.10× (the two virtual CPUs evidently share"),
             "{t}"
         );
-        let t = inside_breakdown(&rows(1.0));
+        let t = inside_breakdown(&rows(1.0), 0);
         assert!(t.contains("SHA-256 there alone (a′) costs 1.00×."), "{t}");
         assert!(!t.contains("hyperthreads"), "{t}");
         // The agent stopped costs as much as the agent running: nothing is the other CPU's.
@@ -1473,9 +1490,12 @@ mod tests {
             .position(|x| *x == Mode::AgentPaused)
             .expect("a mode");
         ns[paused][inside] = vec![1400.0, 2800.0];
-        let t = inside_breakdown(&ns);
+        let t = inside_breakdown(&ns, 0);
         assert!(t.contains("1.40×: the kernel programs"), "{t}");
         assert!(t.contains("So the kernel side is all of it"), "{t}");
+        assert!(!t.contains("overflowed"), "{t}");
+        let t = inside_breakdown(&ns, 12);
+        assert!(t.contains("overflowed (12 events lost)"), "{t}");
     }
 
     #[test]

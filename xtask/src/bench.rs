@@ -6,7 +6,8 @@
 //!   exec storm, a connect storm) with no auditing, the empty hooks alone, phi-agent, an empty
 //!   syscall tracepoint pair, auditd with equivalent rules and bpftrace with equivalent probes.
 //!   Modes alternate within each round (in a rotating order) and ratios are taken against the
-//!   unaudited run of the same round; medians over the rounds are reported.
+//!   unaudited run of the same round; medians over the rounds are reported. A pass of its own
+//!   then times the agent's kernel programs per operation (`bench_progtime`).
 //! - Completeness under load: PHI opens at increasing rates, produced vs recorded vs counted
 //!   as lost, with the agent's CPU and memory.
 //! - Collector: ingest and query benchmarks from `phi-bench`.
@@ -24,6 +25,7 @@ use serde_json::Value;
 
 use crate::{
     bench_load::Workload,
+    bench_progtime,
     cmd::{self, Running, exec, free_port, step},
     setup,
 };
@@ -550,6 +552,8 @@ struct Delivery {
 struct HostRuns {
     ns: Overhead,
     delivered: Delivery,
+    /// The section on time inside the agent's kernel programs (markdown).
+    program_time: String,
 }
 
 fn host_overhead(p: &Paths, s: &Sizes) -> anyhow::Result<HostRuns> {
@@ -597,7 +601,64 @@ fn host_overhead(p: &Paths, s: &Sizes) -> anyhow::Result<HostRuns> {
             drop(guard);
         }
     }
-    Ok(HostRuns { ns, delivered })
+    Ok(HostRuns {
+        ns,
+        delivered,
+        program_time: String::new(),
+    })
+}
+
+/// Time inside the agent's kernel programs per operation of each workload, with the kernel's
+/// run-time accounting on (a pass of its own: see `bench_progtime`); and the time the
+/// accounting itself adds to each run, as it times an empty program (the empty hooks) on a
+/// workload of unwatched system calls.
+fn program_times(p: &Paths, s: &Sizes) -> anyhow::Result<(Vec<bench_progtime::ProgramTime>, f64)> {
+    step("time inside the agent's kernel programs (BPF_ENABLE_STATS)");
+    let timed = |start: &dyn Fn() -> anyhow::Result<Running>, work: &[Workload]| {
+        // The programs of the process started here: the ones not loaded before it.
+        let before = bench_progtime::loaded_ids()?;
+        let guard = start()?;
+        let ours: Vec<u32> = bench_progtime::loaded_ids()?
+            .into_iter()
+            .filter(|id| !before.contains(id))
+            .collect();
+        if ours.is_empty() {
+            bail!("the probes are attached, yet no BPF program was loaded since they started");
+        }
+        let stats = bench_progtime::StatsOn::new()?;
+        let mut times = Vec::new();
+        for w in work {
+            let ops = s.ops(*w);
+            times.push(bench_progtime::measure(*w, &ours, ops, 3, || {
+                worker(p, *w, ops, 0).map(drop)
+            })?);
+        }
+        drop(stats);
+        drop(guard);
+        anyhow::Ok(times)
+    };
+    let empty = timed(&|| start_floor(p), &[Workload::Pread])?;
+    let per_run = empty
+        .first()
+        .filter(|t| t.runs_per_op > 0.0)
+        .map_or(0.0, |t| t.ns_per_op / t.runs_per_op);
+    let times = timed(&|| start_agent(p, &[]).map(|a| a.guard), &Workload::ALL)?;
+    Ok((times, per_run))
+}
+
+/// What (b) adds per operation over (a), per workload: the difference of the medians.
+fn added_by_agent(ns: &Overhead) -> Vec<(Workload, f64)> {
+    let at = |m: Mode| Mode::ALL.iter().position(|x| *x == m).unwrap_or(0);
+    Workload::ALL
+        .iter()
+        .enumerate()
+        .map(|(wi, w)| {
+            (
+                *w,
+                median(ns[at(Mode::Agent)][wi].clone()) - median(ns[at(Mode::None)][wi].clone()),
+            )
+        })
+        .collect()
 }
 
 fn vm_rss_kib(pid: u32) -> u64 {
@@ -897,7 +958,13 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     };
     let host_started = Instant::now();
     let quiet = AuditQuiet::new()?;
-    let overhead = host_overhead(&p, &sizes)?;
+    let mut overhead = host_overhead(&p, &sizes)?;
+    overhead.program_time = match program_times(&p, &sizes) {
+        Ok((times, per_run)) => {
+            bench_progtime::render(&times, per_run, &added_by_agent(&overhead.ns))
+        }
+        Err(e) => format!("\n### Time inside the agent's kernel programs\n\nNot measured: {e:#}\n"),
+    };
     let (load, idle_rss) = completeness(&p, &sizes)?;
     drop(quiet);
     let host_seconds = host_started.elapsed().as_secs_f64();
@@ -1036,7 +1103,11 @@ fn render(
         sensor_cost,
         host_seconds,
     } = guest;
-    let HostRuns { ns, delivered } = host;
+    let HostRuns {
+        ns,
+        delivered,
+        program_time,
+    } = host;
     let mut o = String::new();
     let w = |o: &mut String, line: &str| {
         o.push_str(line);
@@ -1112,6 +1183,7 @@ fn render(
         ),
     );
     w(&mut o, &inside_breakdown(ns, delivered.paused_lost));
+    w(&mut o, program_time);
     w(
         &mut o,
         "\nTargets: outside the watched tree ≤ 1.10× of (a); inside it ≤ 1.25× with every event \

@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_load;
+mod bench_progtime;
 mod cmd;
 mod demo;
 mod deploy_check;

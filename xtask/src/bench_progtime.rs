@@ -155,10 +155,13 @@ pub fn render(times: &[ProgramTime], per_run: f64, added: &[(Workload, f64)]) ->
         } else {
             "–".to_owned()
         };
-        let added = if added.is_finite() {
-            format!("{added:.0} ns")
-        } else {
+        let added = if !added.is_finite() {
             "–".to_owned()
+        } else if added <= 0.0 {
+            // (b) ran no slower than (a): the difference is the machine's noise.
+            format!("none measurable ({added:.0} ns)")
+        } else {
+            format!("{added:.0} ns")
         };
         o.push_str(&format!(
             "| {} | {:.2} | {ns:.0} ns | {added} | {share} | {} |\n",
@@ -183,10 +186,10 @@ mod tests {
 
     #[test]
     fn delta_counts_only_programs_that_ran() {
-        let before = snap(&[(1, "sys_exit", 1_000, 10), (2, "sched_process_e", 50, 1)]);
+        let before = snap(&[(1, "tp_sys_exit", 1_000, 10), (2, "tp_exec", 50, 1)]);
         let after = snap(&[
-            (1, "sys_exit", 4_000, 40),
-            (2, "sched_process_e", 50, 1),
+            (1, "tp_sys_exit", 4_000, 40),
+            (2, "tp_exec", 50, 1),
             // Loaded between the snapshots: all of its runs count.
             (3, "io_uring_comple", 70, 2),
         ]);
@@ -195,7 +198,7 @@ mod tests {
         assert_eq!(
             ran,
             vec![
-                ("sys_exit".to_owned(), 30),
+                ("tp_sys_exit".to_owned(), 30),
                 ("io_uring_comple".to_owned(), 2)
             ]
         );
@@ -208,13 +211,13 @@ mod tests {
                 workload: Workload::OpenInside,
                 runs_per_op: 2.0,
                 ns_per_op: 150.0,
-                programs: vec!["sys_exit".to_owned()],
+                programs: vec!["tp_sys_exit".to_owned()],
             },
             ProgramTime {
                 workload: Workload::Exec,
                 runs_per_op: 40.0,
                 ns_per_op: 900.0,
-                programs: vec!["sched_process_e".to_owned(), "sys_exit".to_owned()],
+                programs: vec!["tp_exec".to_owned(), "tp_sys_exit".to_owned()],
             },
         ];
         // 10 ns of accounting per run: 20 ns off the open pair, 400 ns off the exec.
@@ -222,13 +225,19 @@ mod tests {
         assert!(text.contains("adds 10 ns to each run"), "{text}");
         assert!(
             text.contains(
-                "| open/close inside the watched tree | 2.00 | 130 ns | 260 ns | 50 % | sys_exit |"
+                "| open/close inside the watched tree | 2.00 | 130 ns | 260 ns | 50 % | tp_sys_exit |"
             ),
             "{text}"
         );
         // No added cost known: no share is made up.
         assert!(
-            text.contains("| 40.00 | 500 ns | – | – | sched_process_e, sys_exit |"),
+            text.contains("| 40.00 | 500 ns | – | – | tp_exec, tp_sys_exit |"),
+            "{text}"
+        );
+        // (b) measured no slower than (a): said so, with no share made up.
+        let text = render(&times, 10.0, &[(Workload::OpenInside, -40.0)]);
+        assert!(
+            text.contains("| 130 ns | none measurable (-40 ns) | – | tp_sys_exit |"),
             "{text}"
         );
     }

@@ -28,7 +28,7 @@ const _: () = assert!(
 );
 
 #[btf_tracepoint(function = "sched_process_exec")]
-pub fn sched_process_exec(ctx: BtfTracePointContext) -> i32 {
+pub fn tp_exec(ctx: BtfTracePointContext) -> i32 {
     let old_pid: u32 = ctx.arg(1);
     let bprm: u64 = ctx.arg(2);
     account(&ctx, try_exec(old_pid, bprm));

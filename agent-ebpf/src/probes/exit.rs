@@ -20,7 +20,7 @@ struct ExitRecord {
 }
 
 #[btf_tracepoint(function = "sched_process_exit")]
-pub fn sched_process_exit(ctx: BtfTracePointContext) -> i32 {
+pub fn tp_exit(ctx: BtfTracePointContext) -> i32 {
     let task: u64 = ctx.arg(0);
     account(&ctx, try_exit(task));
     0

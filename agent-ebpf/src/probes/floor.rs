@@ -9,16 +9,16 @@ pub fn floor_sys_exit(_ctx: BtfTracePointContext) -> i32 {
 }
 
 #[btf_tracepoint(function = "sched_process_exec")]
-pub fn floor_sched_process_exec(_ctx: BtfTracePointContext) -> i32 {
+pub fn floor_exec(_ctx: BtfTracePointContext) -> i32 {
     0
 }
 
 #[btf_tracepoint(function = "sched_process_fork")]
-pub fn floor_sched_process_fork(_ctx: BtfTracePointContext) -> i32 {
+pub fn floor_fork(_ctx: BtfTracePointContext) -> i32 {
     0
 }
 
 #[btf_tracepoint(function = "sched_process_exit")]
-pub fn floor_sched_process_exit(_ctx: BtfTracePointContext) -> i32 {
+pub fn floor_exit(_ctx: BtfTracePointContext) -> i32 {
     0
 }

@@ -20,7 +20,7 @@ struct ForkRecord {
 }
 
 #[btf_tracepoint(function = "sched_process_fork")]
-pub fn sched_process_fork(ctx: BtfTracePointContext) -> i32 {
+pub fn tp_fork(ctx: BtfTracePointContext) -> i32 {
     let child: u64 = ctx.arg(1);
     account(&ctx, try_fork(child));
     0

@@ -42,7 +42,7 @@ const IORING_FILE_INDEX_ALLOC: u32 = u32::MAX;
 const FILE_WORD_FLAGS: u64 = 7;
 
 #[btf_tracepoint(function = "io_uring_complete")]
-pub fn io_uring_complete(ctx: BtfTracePointContext) -> i32 {
+pub fn tp_ring_complete(ctx: BtfTracePointContext) -> i32 {
     // (ring, request, ...) on every kernel: later arguments differ between releases.
     let ring: u64 = untyped(ctx.arg(0));
     let req: u64 = untyped(ctx.arg(1));
@@ -119,7 +119,7 @@ fn try_complete(ring: u64, req: u64) -> Result<()> {
 /// until it completes (see the module's notes). Attached only where the kernel passes the
 /// request alone and its fields resolved (`features::IO_URING_NAMES`).
 #[btf_tracepoint(function = "io_uring_submit_req")]
-pub fn io_uring_submit_req(ctx: BtfTracePointContext) -> i32 {
+pub fn tp_ring_submit(ctx: BtfTracePointContext) -> i32 {
     let req: u64 = untyped(ctx.arg(0));
     account(&ctx, try_submit(req));
     0

@@ -106,7 +106,7 @@ macro_rules! reg {
 }
 
 #[btf_tracepoint(function = "sys_exit")]
-pub fn sys_exit(ctx: BtfTracePointContext) -> i32 {
+pub fn tp_sys_exit(ctx: BtfTracePointContext) -> i32 {
     let regs: u64 = ctx.arg(0);
     let ret: i64 = ctx.arg(1);
     let nr = (reg!(regs, regs_orig_ax) as i64) & !X32_SYSCALL_BIT;

@@ -121,7 +121,9 @@ fn code_sections(elf: &[u8]) -> Result<Vec<std::ops::Range<usize>>, ProbeError> 
 pub const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
 
 /// One kernel hook: the program and the BTF-enabled raw tracepoint it attaches to (which
-/// event kinds each serves is `sensors`' business).
+/// event kinds each serves is `sensors`' business). Program names stay within the 15 bytes
+/// the kernel keeps of a name (`tp_*` on tracepoints, `fx_*` on fexit, `floor_*` for the
+/// empty ones), so that `bpftool prog` and the kernel's statistics tell them apart.
 pub struct Hook {
     pub program: &'static str,
     pub tracepoint: &'static str,
@@ -129,19 +131,19 @@ pub struct Hook {
 
 pub const HOOKS: &[Hook] = &[
     Hook {
-        program: "sys_exit",
+        program: "tp_sys_exit",
         tracepoint: "sys_exit",
     },
     Hook {
-        program: "sched_process_exec",
+        program: "tp_exec",
         tracepoint: "sched_process_exec",
     },
     Hook {
-        program: "sched_process_fork",
+        program: "tp_fork",
         tracepoint: "sched_process_fork",
     },
     Hook {
-        program: "sched_process_exit",
+        program: "tp_exit",
         tracepoint: "sched_process_exit",
     },
 ];
@@ -410,7 +412,7 @@ impl Probes {
         let mut program_ids = Vec::new();
         let needs_sys_exit = selection.fexit_mask != agent_common::sensor::group::ALL_BITS;
         for hook in HOOKS {
-            if hook.program == "sys_exit" && !needs_sys_exit {
+            if hook.tracepoint == "sys_exit" && !needs_sys_exit {
                 continue;
             }
             let program: &mut BtfTracePoint = ebpf
@@ -626,7 +628,7 @@ fn attach_io_uring(
     // `features::IO_URING_NAMES` is.
     let submit = match resolved.ring_submit {
         Some(tracepoint) => {
-            match attach_tp_btf(ebpf, btf, "io_uring_submit_req", tracepoint, program_ids) {
+            match attach_tp_btf(ebpf, btf, "tp_ring_submit", tracepoint, program_ids) {
                 Ok(()) => Some(tracepoint),
                 Err(reason) => {
                     tracing::warn!(
@@ -649,7 +651,7 @@ fn attach_io_uring(
     match attach_tp_btf(
         ebpf,
         btf,
-        "io_uring_complete",
+        "tp_ring_complete",
         IO_URING_TRACEPOINT,
         program_ids,
     ) {
@@ -711,9 +713,9 @@ pub(crate) fn log_verified(
 /// Empty programs on the same hooks (see `phi-agent floor`).
 const FLOOR: &[(&str, &str)] = &[
     ("floor_sys_exit", "sys_exit"),
-    ("floor_sched_process_exec", "sched_process_exec"),
-    ("floor_sched_process_fork", "sched_process_fork"),
-    ("floor_sched_process_exit", "sched_process_exit"),
+    ("floor_exec", "sched_process_exec"),
+    ("floor_fork", "sched_process_fork"),
+    ("floor_exit", "sched_process_exit"),
 ];
 
 /// Attaches only the empty programs, to the agent's hooks; they stay attached while the

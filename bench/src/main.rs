@@ -4,7 +4,7 @@
 use std::{io::Write as _, process::ExitCode};
 
 use clap::{Args, Parser, Subcommand};
-use phi_bench::{db::Db, ingest, query};
+use phi_bench::{db::Db, ingest, query, records_count};
 
 #[derive(Parser)]
 #[command(
@@ -24,6 +24,22 @@ enum Command {
     Ingest(IngestArgs),
     /// Compliance query latency (one host, one day) on a store loaded with N records.
     Query(QueryArgs),
+    /// Counts an agent's records by kind for given processes and their children, read from
+    /// its record stream (the output of `phi-agent run --stdout`, the agent stopped).
+    RecordsCount(RecordsCountArgs),
+}
+
+#[derive(Args)]
+struct RecordsCountArgs {
+    /// The agent's record stream: one JSON record per line.
+    #[arg(long, value_name = "FILE")]
+    records: std::path::PathBuf,
+    /// Count the records of this process (repeatable).
+    #[arg(long = "pid", value_name = "PID")]
+    pids: Vec<u32>,
+    /// Count the records of this process's children (repeatable).
+    #[arg(long = "ppid", value_name = "PID")]
+    ppids: Vec<u32>,
 }
 
 #[derive(Args)]
@@ -104,6 +120,9 @@ fn run(cli: Cli) -> anyhow::Result<String> {
                 },
             )?;
             serde_json::to_string(&report)?
+        }
+        Command::RecordsCount(a) => {
+            serde_json::to_string(&records_count::count(&a.records, &a.pids, &a.ppids)?)?
         }
     })
 }

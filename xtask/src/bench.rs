@@ -102,6 +102,18 @@ impl Paths {
     fn watched(&self) -> PathBuf {
         self.dir.join("watched")
     }
+
+    /// Where the agent of the (b) runs writes its records: memory (`/dev/shm`) where there
+    /// is one, so that keeping them costs the agent no more than writing them nowhere.
+    fn records(&self) -> PathBuf {
+        let shm = Path::new("/dev/shm");
+        let name = format!("phi-bench-{}-records.jsonl", std::process::id());
+        if shm.is_dir() {
+            shm.join(name)
+        } else {
+            self.dir.join(name)
+        }
+    }
 }
 
 /// GET a path from 127.0.0.1:port; (status, body).
@@ -167,10 +179,19 @@ struct AgentHandle {
     metrics: u16,
 }
 
-fn start_agent(p: &Paths, extra: &[&str]) -> anyhow::Result<AgentHandle> {
+/// Starts phi-agent watching the benchmark's tree; its records go to `records` (created
+/// afresh) or nowhere.
+fn start_agent(p: &Paths, extra: &[&str], records: Option<&Path>) -> anyhow::Result<AgentHandle> {
     let state = p.dir.join("agent-state");
     let _ = std::fs::remove_dir_all(&state);
     let port = free_port()?;
+    let stdout = match records {
+        Some(path) => Stdio::from(
+            std::fs::File::create(path)
+                .with_context(|| format!("cannot create {}", path.display()))?,
+        ),
+        None => Stdio::null(),
+    };
     let child = Command::new(p.bin.join("phi-agent"))
         .args(["run", "--stdout", "--log", "warn", "--watch"])
         .arg(p.watched())
@@ -178,7 +199,7 @@ fn start_agent(p: &Paths, extra: &[&str]) -> anyhow::Result<AgentHandle> {
         .arg(&state)
         .args(["--metrics-listen", &format!("127.0.0.1:{port}")])
         .args(extra)
-        .stdout(Stdio::null())
+        .stdout(stdout)
         .stderr(Stdio::inherit())
         .spawn()
         .context("cannot start phi-agent")?;
@@ -400,13 +421,13 @@ fn start_mode(mode: Mode, p: &Paths) -> anyhow::Result<(Running, Option<(u32, u1
         Mode::Compute => (start_compute(p)?, None),
         Mode::Floor => (start_floor(p)?, None),
         Mode::Agent => {
-            let a = start_agent(p, &[])?;
+            let a = start_agent(p, &[], Some(&p.records()))?;
             (a.guard, Some((a.pid, a.metrics)))
         }
         Mode::AgentPaused => {
             // Room for every record of the longest run while nobody reads them.
             let ring = PAUSED_RING_BYTES.to_string();
-            let a = start_agent(p, &["--ring-buffer-bytes", &ring])?;
+            let a = start_agent(p, &["--ring-buffer-bytes", &ring], None)?;
             (a.guard, Some((a.pid, a.metrics)))
         }
         Mode::SyscallPair => (
@@ -443,10 +464,17 @@ impl Drop for Paused {
 
 /// Runs one workload in a fresh worker process pinned to CPU 0.
 fn worker(p: &Paths, w: Workload, ops: u64, rate: u64) -> anyhow::Result<Value> {
-    let out = spawn_worker(p, w, ops, rate, 0)?
+    worker_with_pid(p, w, ops, rate).map(|(report, _)| report)
+}
+
+/// [`worker`], also returning the worker's process id.
+fn worker_with_pid(p: &Paths, w: Workload, ops: u64, rate: u64) -> anyhow::Result<(Value, u32)> {
+    let child = spawn_worker(p, w, ops, rate, 0)?;
+    let pid = child.id();
+    let out = child
         .wait_with_output()
         .context("cannot run the workload")?;
-    worker_report(w, &out)
+    Ok((worker_report(w, &out)?, pid))
 }
 
 fn spawn_worker(
@@ -537,15 +565,52 @@ type Overhead = Vec<Vec<Vec<f64>>>;
 /// What phi-agent delivered in its overhead runs, over all rounds.
 #[derive(Clone, Copy, Default)]
 struct Delivery {
-    /// Opens the inside workload performed.
-    inside_ops: u64,
-    /// Open records sealed.
-    opens: u64,
+    /// Per workload (`Workload::ALL`): operations performed, and the records of the kind it
+    /// produces (see [`recorded_kind`]) that the agent sealed for the workload's own process
+    /// (for the exec storm, its children), counted in the agent's record stream.
+    performed: [u64; Workload::ALL.len()],
+    recorded: [u64; Workload::ALL.len()],
     /// Events the agent counted as lost, in all workloads.
     lost: u64,
     /// Events the stopped agent (b′) counted as lost: its ring buffer was too small to hold
     /// a workload's records, and its kernel-side cost is understated.
     paused_lost: u64,
+}
+
+/// The record kind a workload's operations produce, and whether they are its process's own
+/// (`false`: its children's, as the exec storm's).
+fn recorded_kind(w: Workload) -> (&'static str, bool) {
+    match w {
+        Workload::Exec => ("exec", false),
+        Workload::Connect => ("connect", true),
+        _ => ("open", true),
+    }
+}
+
+/// Counts, in the record stream `records` of a stopped agent, the records of each
+/// workload's kind for the workload processes `pids` (in `Workload::ALL` order).
+fn recorded_counts(p: &Paths, records: &Path, pids: &[u32]) -> anyhow::Result<Vec<u64>> {
+    let mut args = vec![
+        "records-count".to_owned(),
+        "--records".to_owned(),
+        records.display().to_string(),
+    ];
+    for (w, pid) in Workload::ALL.iter().zip(pids) {
+        let own = recorded_kind(*w).1;
+        args.push(if own { "--pid" } else { "--ppid" }.to_owned());
+        args.push(pid.to_string());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let counts = phi_bench(p, &args)?;
+    Ok(Workload::ALL
+        .iter()
+        .zip(pids)
+        .map(|(w, pid)| {
+            let (kind, own) = recorded_kind(*w);
+            let by = if own { "by_pid" } else { "by_ppid" };
+            counts[by][pid.to_string()][kind].as_u64().unwrap_or(0)
+        })
+        .collect())
 }
 
 /// The host-overhead runs: costs, and what phi-agent delivered meanwhile.
@@ -577,28 +642,40 @@ fn host_overhead(p: &Paths, s: &Sizes) -> anyhow::Result<HostRuns> {
                 Some((_, port)) => Some(settled_counts(port)?),
                 None => None,
             };
+            let mut pids = Vec::new();
             for (wi, w) in Workload::ALL.iter().enumerate() {
                 let paused = match (mode, agent) {
                     (Mode::AgentPaused, Some((pid, _))) => Some(Paused::new(pid)?),
                     _ => None,
                 };
-                let r = worker(p, *w, s.ops(*w), 0)?;
+                let (r, pid) = worker_with_pid(p, *w, s.ops(*w), 0)?;
                 drop(paused);
+                pids.push(pid);
                 ns[mi][wi].push(r["ns_per_op"].as_f64().unwrap_or(f64::NAN));
             }
+            let mut lost = 0;
             if let (Some((_, port)), Some(before)) = (agent, before) {
                 let after = settled_counts(port)?;
-                let lost = (after.lost - before.lost) as u64;
-                if mode == Mode::AgentPaused {
-                    delivered.paused_lost += lost;
-                } else {
-                    // Only the inside workload opens watched files.
-                    delivered.inside_ops += s.ops(Workload::OpenInside);
-                    delivered.opens += (after.opens - before.opens) as u64;
+                lost = (after.lost - before.lost) as u64;
+            }
+            // Stopped before its records are read: all it wrote is there then.
+            drop(guard);
+            match mode {
+                Mode::AgentPaused => delivered.paused_lost += lost,
+                Mode::Agent => {
+                    let records = p.records();
+                    let recorded = recorded_counts(p, &records, &pids)
+                        .context("counting the agent's records of each workload");
+                    let _ = std::fs::remove_file(&records);
+                    let recorded = recorded?;
+                    for (wi, w) in Workload::ALL.iter().enumerate() {
+                        delivered.performed[wi] += s.ops(*w);
+                        delivered.recorded[wi] += recorded[wi];
+                    }
                     delivered.lost += lost;
                 }
+                _ => {}
             }
-            drop(guard);
         }
     }
     Ok(HostRuns {
@@ -642,7 +719,10 @@ fn program_times(p: &Paths, s: &Sizes) -> anyhow::Result<(Vec<bench_progtime::Pr
         .first()
         .filter(|t| t.runs_per_op > 0.0)
         .map_or(0.0, |t| t.ns_per_op / t.runs_per_op);
-    let times = timed(&|| start_agent(p, &[]).map(|a| a.guard), &Workload::ALL)?;
+    let times = timed(
+        &|| start_agent(p, &[], None).map(|a| a.guard),
+        &Workload::ALL,
+    )?;
     Ok((times, per_run))
 }
 
@@ -765,7 +845,7 @@ fn settled_counts(port: u16) -> anyhow::Result<AgentCounts> {
 
 fn completeness(p: &Paths, s: &Sizes) -> anyhow::Result<(Vec<LoadRow>, u64)> {
     step("completeness under load: PHI opens at increasing rates through phi-agent");
-    let agent = start_agent(p, &[])?;
+    let agent = start_agent(p, &[], None)?;
     let (pid, port) = (agent.pid, agent.metrics);
     std::thread::sleep(Duration::from_secs(2));
     let idle_rss = vm_rss_kib(pid);
@@ -916,9 +996,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         "-p",
         "phi-collector",
     ]);
-    if !args.host_only {
-        build.args(["-p", "phi-bench"]);
-    }
+    // phi-bench also counts the agent's records in the host benchmarks.
+    build.args(["-p", "phi-bench"]);
     exec(&mut build)?;
     let root = cmd::workspace_root();
     let dir = tempfile_dir()?;
@@ -1139,7 +1218,8 @@ fn render(
              entries pile up between runs), {} rounds; in each round every mode runs once, the \
              audited modes in a rotating order. Cost per operation is the median over rounds; \
              the ratio is the median of each round's ratio to (a). phi-agent runs with its \
-             default settings, writing every record to its spool and as JSON to /dev/null. \
+             default settings, writing every record to its spool and as JSON to a file in \
+             memory (/dev/shm), from which each workload's records are counted. \
              auditd: `-a always,exit -S open,openat,openat2,creat -F dir=<watched>`, `-S \
              execve`, `-S connect` (arch b64), backlog 8192. bpftrace: the same three probes \
              printing to /dev/null. Outside mode (c) an audit rule `-a never,task` is in \
@@ -1174,14 +1254,7 @@ fn render(
         }
         w(&mut o, &line);
     }
-    w(
-        &mut o,
-        &format!(
-            "\nDelivery during the (b) runs, all rounds: {} of the inside workload's {} opens \
-             recorded; {} events counted as lost in all workloads.",
-            delivered.opens, delivered.inside_ops, delivered.lost
-        ),
-    );
+    w(&mut o, &delivery_summary(delivered));
     w(&mut o, &inside_breakdown(ns, delivered.paused_lost));
     w(&mut o, program_time);
     w(
@@ -1356,6 +1429,37 @@ fn inside_breakdown(ns: &[Vec<Vec<f64>>], paused_lost: u64) -> String {
     )
 }
 
+/// What phi-agent recorded of each workload during the (b) runs.
+fn delivery_summary(d: &Delivery) -> String {
+    let parts: Vec<String> = Workload::ALL
+        .iter()
+        .enumerate()
+        .map(|(wi, w)| {
+            let (kind, _) = recorded_kind(*w);
+            let (performed, recorded) = (d.performed[wi], d.recorded[wi]);
+            let verdict = match w {
+                // Not watched: nothing should be recorded.
+                Workload::OpenOutside if recorded == 0 => " (not watched: none, as it should be)",
+                Workload::OpenOutside => " (**recorded although not watched**)",
+                _ if recorded == performed => "",
+                _ if recorded < performed => " (**records missing**)",
+                _ => " (more records than operations: a count is wrong)",
+            };
+            format!(
+                "{}: {recorded} {kind} records for {performed} operations{verdict}",
+                w.name()
+            )
+        })
+        .collect();
+    format!(
+        "\nDelivery during the (b) runs, all rounds, counted in the agent's records by the \
+         workload's own process (the exec storm's by its children): {}; {} events counted as \
+         lost in all workloads.",
+        parts.join("; "),
+        d.lost
+    )
+}
+
 /// What the run above the agent's capacity showed: losses counted and written, or silence.
 fn overload_summary(load: &[LoadRow]) -> String {
     let Some(r) = load.iter().find(|r| r.workers > 1) else {
@@ -1524,6 +1628,41 @@ mod tests {
             "{t}"
         );
         assert_eq!(pipeline_summary(&load[..1]), "", "no unpaced run, no claim");
+    }
+
+    #[test]
+    fn the_delivery_line_names_each_workload_and_flags_what_does_not_add_up() {
+        let mut d = Delivery {
+            performed: [1000, 1000, 10, 200],
+            recorded: [0, 1000, 10, 200],
+            lost: 0,
+            paused_lost: 0,
+        };
+        let t = delivery_summary(&d);
+        assert!(
+            t.contains(
+                "open/close outside the watched tree: 0 open records for 1000 operations (not \
+                 watched: none, as it should be)"
+            ),
+            "{t}"
+        );
+        assert!(
+            t.contains(
+                "open/close inside the watched tree: 1000 open records for 1000 operations;"
+            ),
+            "{t}"
+        );
+        assert!(t.contains("10 exec records for 10 operations;"), "{t}");
+        assert!(t.contains("200 connect records for 200 operations;"), "{t}");
+        assert!(!t.contains("**"), "{t}");
+        d.recorded = [3, 999, 10, 201];
+        let t = delivery_summary(&d);
+        assert!(t.contains("**recorded although not watched**"), "{t}");
+        assert!(
+            t.contains("999 open records for 1000 operations (**records missing**)"),
+            "{t}"
+        );
+        assert!(t.contains("a count is wrong"), "{t}");
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //!     [--mode store|wire] [--repeat 3]
 //! phi-bench query --db sqlite:/tmp/q.db --records 1000000 [--hosts 10] [--days 30] \
 //!     [--repeat 50] [--fresh] [--load-batch 10000]
-//! phi-bench records-count --records FILE [--pid P]... [--ppid P]...
+//! phi-bench spool-count --spool DIR [--pid P]... [--ppid P]...
 //! ```
 //!
 //! `--db` is `sqlite:PATH`, `postgres://USER[:PASSWORD]@HOST[:PORT]/DB` (or the password in
@@ -86,14 +86,15 @@
 //! | `results.timeline_host_day_path_prefix` | the same with `--path-prefix` |
 //! | `results.sessions_host_day` | the same for `sessions`; `rows` counts sessions |
 //!
-//! `records-count` (a helper of the host benchmarks, see [`records_count`]; no `parameters`,
-//! `machine` or `results`): `records` and `gaps` in the agent's record stream, `by_pid` (for each `--pid`,
+//! `spool-count` (a helper of the host benchmarks, see [`spool_count`]; no `parameters`,
+//! `machine` or `results`): `records` and `gaps` in the spool, `first_seq` (1 when it holds
+//! the whole chain), `by_pid` (for each `--pid`,
 //! its records by kind) and `by_ppid` (for each `--ppid`, its children's records by kind).
 
 pub mod db;
 pub mod ingest;
 pub mod query;
-pub mod records_count;
 pub mod report;
+pub mod spool_count;
 pub mod synth;
 pub mod wire;

@@ -4,7 +4,7 @@
 use std::{io::Write as _, process::ExitCode};
 
 use clap::{Args, Parser, Subcommand};
-use phi_bench::{db::Db, ingest, query, records_count};
+use phi_bench::{db::Db, ingest, query, spool_count};
 
 #[derive(Parser)]
 #[command(
@@ -25,15 +25,15 @@ enum Command {
     /// Compliance query latency (one host, one day) on a store loaded with N records.
     Query(QueryArgs),
     /// Counts an agent's records by kind for given processes and their children, read from
-    /// its record stream (the output of `phi-agent run --stdout`, the agent stopped).
-    RecordsCount(RecordsCountArgs),
+    /// its spool (the agent stopped).
+    SpoolCount(SpoolCountArgs),
 }
 
 #[derive(Args)]
-struct RecordsCountArgs {
-    /// The agent's record stream: one JSON record per line.
-    #[arg(long, value_name = "FILE")]
-    records: std::path::PathBuf,
+struct SpoolCountArgs {
+    /// The agent's spool directory (`<state dir>/spool`).
+    #[arg(long, value_name = "DIR")]
+    spool: std::path::PathBuf,
     /// Count the records of this process (repeatable).
     #[arg(long = "pid", value_name = "PID")]
     pids: Vec<u32>,
@@ -121,8 +121,8 @@ fn run(cli: Cli) -> anyhow::Result<String> {
             )?;
             serde_json::to_string(&report)?
         }
-        Command::RecordsCount(a) => {
-            serde_json::to_string(&records_count::count(&a.records, &a.pids, &a.ppids)?)?
+        Command::SpoolCount(a) => {
+            serde_json::to_string(&spool_count::count(&a.spool, &a.pids, &a.ppids)?)?
         }
     })
 }

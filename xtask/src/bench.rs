@@ -103,17 +103,44 @@ impl Paths {
         self.dir.join("watched")
     }
 
-    /// Where the agent of the (b) runs writes its records: memory (`/dev/shm`) where there
-    /// is one, so that keeping them costs the agent no more than writing them nowhere.
-    fn records(&self) -> PathBuf {
-        let shm = Path::new("/dev/shm");
-        let name = format!("phi-bench-{}-records.jsonl", std::process::id());
-        if shm.is_dir() {
-            shm.join(name)
-        } else {
-            self.dir.join(name)
-        }
+    /// The agent's state directory (its spool is `spool` in it).
+    fn agent_state(&self) -> PathBuf {
+        self.dir.join("agent-state")
     }
+}
+
+/// Host id of the benchmark's agent.
+const BENCH_HOST: &str = "bench-host";
+
+/// Arguments that give the agent a collector that is not listening (certificates made once in
+/// the benchmark's directory): its spool then keeps every record, which the benchmark counts
+/// once the agent has stopped. Without a collector the agent keeps only the newest segment.
+fn unreachable_collector(p: &Paths) -> anyhow::Result<Vec<String>> {
+    let pki = p.dir.join("pki");
+    if !pki.join("ca.pem").exists() {
+        exec(
+            Command::new(p.bin.join("phictl"))
+                .args(["certs", "init", "--host", BENCH_HOST, "--dir"])
+                .arg(&pki)
+                .stdout(Stdio::null()),
+        )
+        .context("making certificates for the agent")?;
+    }
+    // Free now and not listened on later: the agent's connects are refused.
+    let port = free_port()?;
+    let file = |name: &str| pki.join(name).display().to_string();
+    Ok(vec![
+        "--collector".into(),
+        format!("https://127.0.0.1:{port}"),
+        "--tls-ca".into(),
+        file("ca.pem"),
+        "--tls-cert".into(),
+        file(&format!("{BENCH_HOST}.pem")),
+        "--tls-key".into(),
+        file(&format!("{BENCH_HOST}.key")),
+        "--host-id".into(),
+        BENCH_HOST.into(),
+    ])
 }
 
 /// GET a path from 127.0.0.1:port; (status, body).
@@ -179,19 +206,12 @@ struct AgentHandle {
     metrics: u16,
 }
 
-/// Starts phi-agent watching the benchmark's tree; its records go to `records` (created
-/// afresh) or nowhere.
-fn start_agent(p: &Paths, extra: &[&str], records: Option<&Path>) -> anyhow::Result<AgentHandle> {
-    let state = p.dir.join("agent-state");
+/// Starts phi-agent watching the benchmark's tree, with a fresh state directory, writing
+/// its records as JSON to /dev/null.
+fn start_agent(p: &Paths, extra: &[&str]) -> anyhow::Result<AgentHandle> {
+    let state = p.agent_state();
     let _ = std::fs::remove_dir_all(&state);
     let port = free_port()?;
-    let stdout = match records {
-        Some(path) => Stdio::from(
-            std::fs::File::create(path)
-                .with_context(|| format!("cannot create {}", path.display()))?,
-        ),
-        None => Stdio::null(),
-    };
     let child = Command::new(p.bin.join("phi-agent"))
         .args(["run", "--stdout", "--log", "warn", "--watch"])
         .arg(p.watched())
@@ -199,7 +219,7 @@ fn start_agent(p: &Paths, extra: &[&str], records: Option<&Path>) -> anyhow::Res
         .arg(&state)
         .args(["--metrics-listen", &format!("127.0.0.1:{port}")])
         .args(extra)
-        .stdout(stdout)
+        .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
         .context("cannot start phi-agent")?;
@@ -421,13 +441,15 @@ fn start_mode(mode: Mode, p: &Paths) -> anyhow::Result<(Running, Option<(u32, u1
         Mode::Compute => (start_compute(p)?, None),
         Mode::Floor => (start_floor(p)?, None),
         Mode::Agent => {
-            let a = start_agent(p, &[], Some(&p.records()))?;
+            let collector = unreachable_collector(p)?;
+            let args: Vec<&str> = collector.iter().map(String::as_str).collect();
+            let a = start_agent(p, &args)?;
             (a.guard, Some((a.pid, a.metrics)))
         }
         Mode::AgentPaused => {
             // Room for every record of the longest run while nobody reads them.
             let ring = PAUSED_RING_BYTES.to_string();
-            let a = start_agent(p, &["--ring-buffer-bytes", &ring], None)?;
+            let a = start_agent(p, &["--ring-buffer-bytes", &ring])?;
             (a.guard, Some((a.pid, a.metrics)))
         }
         Mode::SyscallPair => (
@@ -567,7 +589,7 @@ type Overhead = Vec<Vec<Vec<f64>>>;
 struct Delivery {
     /// Per workload (`Workload::ALL`): operations performed, and the records of the kind it
     /// produces (see [`recorded_kind`]) that the agent sealed for the workload's own process
-    /// (for the exec storm, its children), counted in the agent's record stream.
+    /// (for the exec storm, its children), counted in the agent's spool.
     performed: [u64; Workload::ALL.len()],
     recorded: [u64; Workload::ALL.len()],
     /// Events the agent counted as lost, in all workloads.
@@ -587,13 +609,14 @@ fn recorded_kind(w: Workload) -> (&'static str, bool) {
     }
 }
 
-/// Counts, in the record stream `records` of a stopped agent, the records of each
-/// workload's kind for the workload processes `pids` (in `Workload::ALL` order).
-fn recorded_counts(p: &Paths, records: &Path, pids: &[u32]) -> anyhow::Result<Vec<u64>> {
+/// Counts, in the spool of the stopped agent, the records of each workload's kind for the
+/// workload processes `pids` (in `Workload::ALL` order).
+fn spool_counts(p: &Paths, pids: &[u32]) -> anyhow::Result<Vec<u64>> {
+    let spool = p.agent_state().join("spool");
     let mut args = vec![
-        "records-count".to_owned(),
-        "--records".to_owned(),
-        records.display().to_string(),
+        "spool-count".to_owned(),
+        "--spool".to_owned(),
+        spool.display().to_string(),
     ];
     for (w, pid) in Workload::ALL.iter().zip(pids) {
         let own = recorded_kind(*w).1;
@@ -602,6 +625,12 @@ fn recorded_counts(p: &Paths, records: &Path, pids: &[u32]) -> anyhow::Result<Ve
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let counts = phi_bench(p, &args)?;
+    if counts["first_seq"].as_u64() != Some(1) {
+        bail!(
+            "the spool {} does not begin with the chain's first record: it cannot be counted",
+            spool.display()
+        );
+    }
     Ok(Workload::ALL
         .iter()
         .zip(pids)
@@ -658,16 +687,13 @@ fn host_overhead(p: &Paths, s: &Sizes) -> anyhow::Result<HostRuns> {
                 let after = settled_counts(port)?;
                 lost = (after.lost - before.lost) as u64;
             }
-            // Stopped before its records are read: all it wrote is there then.
+            // Stopped before its spool is read: what it holds then is all it will hold.
             drop(guard);
             match mode {
                 Mode::AgentPaused => delivered.paused_lost += lost,
                 Mode::Agent => {
-                    let records = p.records();
-                    let recorded = recorded_counts(p, &records, &pids)
-                        .context("counting the agent's records of each workload");
-                    let _ = std::fs::remove_file(&records);
-                    let recorded = recorded?;
+                    let recorded = spool_counts(p, &pids)
+                        .context("counting the agent's records of each workload")?;
                     for (wi, w) in Workload::ALL.iter().enumerate() {
                         delivered.performed[wi] += s.ops(*w);
                         delivered.recorded[wi] += recorded[wi];
@@ -719,10 +745,7 @@ fn program_times(p: &Paths, s: &Sizes) -> anyhow::Result<(Vec<bench_progtime::Pr
         .first()
         .filter(|t| t.runs_per_op > 0.0)
         .map_or(0.0, |t| t.ns_per_op / t.runs_per_op);
-    let times = timed(
-        &|| start_agent(p, &[], None).map(|a| a.guard),
-        &Workload::ALL,
-    )?;
+    let times = timed(&|| start_agent(p, &[]).map(|a| a.guard), &Workload::ALL)?;
     Ok((times, per_run))
 }
 
@@ -845,7 +868,7 @@ fn settled_counts(port: u16) -> anyhow::Result<AgentCounts> {
 
 fn completeness(p: &Paths, s: &Sizes) -> anyhow::Result<(Vec<LoadRow>, u64)> {
     step("completeness under load: PHI opens at increasing rates through phi-agent");
-    let agent = start_agent(p, &[], None)?;
+    let agent = start_agent(p, &[])?;
     let (pid, port) = (agent.pid, agent.metrics);
     std::thread::sleep(Duration::from_secs(2));
     let idle_rss = vm_rss_kib(pid);
@@ -996,7 +1019,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         "-p",
         "phi-collector",
     ]);
-    // phi-bench also counts the agent's records in the host benchmarks.
+    // phi-bench also counts the agent's records in the host benchmarks (in its spool).
     build.args(["-p", "phi-bench"]);
     exec(&mut build)?;
     let root = cmd::workspace_root();
@@ -1218,8 +1241,9 @@ fn render(
              entries pile up between runs), {} rounds; in each round every mode runs once, the \
              audited modes in a rotating order. Cost per operation is the median over rounds; \
              the ratio is the median of each round's ratio to (a). phi-agent runs with its \
-             default settings, writing every record to its spool and as JSON to a file in \
-             memory (/dev/shm), from which each workload's records are counted. \
+             default settings, writing every record to its spool and as JSON to /dev/null; \
+             its collector is configured but not listening, so the spool keeps every record \
+             and each workload's are counted there once the agent has stopped. \
              auditd: `-a always,exit -S open,openat,openat2,creat -F dir=<watched>`, `-S \
              execve`, `-S connect` (arch b64), backlog 8192. bpftrace: the same three probes \
              printing to /dev/null. Outside mode (c) an audit rule `-a never,task` is in \
@@ -1452,7 +1476,7 @@ fn delivery_summary(d: &Delivery) -> String {
         })
         .collect();
     format!(
-        "\nDelivery during the (b) runs, all rounds, counted in the agent's records by the \
+        "\nDelivery during the (b) runs, all rounds, counted in the agent's spool by the \
          workload's own process (the exec storm's by its children): {}; {} events counted as \
          lost in all workloads.",
         parts.join("; "),

@@ -150,6 +150,8 @@ pub async fn run(input: RunInput) -> anyhow::Result<()> {
         })
     });
     let mut acked = 0u64;
+    // Whether the stream to the collector is up (as its last report said).
+    let mut connected = false;
 
     pipeline.emit_agent(Event::Agent(pb::AgentLifecycle {
         phase: pb::agent_lifecycle::Phase::Start as i32,
@@ -209,7 +211,10 @@ pub async fn run(input: RunInput) -> anyhow::Result<()> {
                         acked = acked.max(seq);
                         pipeline.acknowledged(seq)?;
                     }
-                    Some(crate::transport::Report::Connected(up)) => metrics.connected(up),
+                    Some(crate::transport::Report::Connected(up)) => {
+                        connected = up;
+                        metrics.connected(up);
+                    }
                     None => reports = None,
                 }
             }
@@ -270,21 +275,29 @@ pub async fn run(input: RunInput) -> anyhow::Result<()> {
     pipeline.close()?;
     probes.log_run_times();
     drop(probes);
-    // Give the collector a moment to take the last records; the rest waits in the spool.
+    // Give a connected collector a moment to take the last records; the rest waits in the
+    // spool. Not connected, there is nothing to wait for: the stop is not held up.
     if let Some(rx) = reports.as_mut() {
         let head = pipeline.journal.head().seq;
         let deadline = tokio::time::Instant::now() + FINAL_DELIVERY;
-        while acked < head {
+        while connected && acked < head {
             match tokio::time::timeout_at(deadline, rx.recv()).await {
                 Ok(Some(crate::transport::Report::Acked(seq))) => {
                     acked = acked.max(seq);
                     pipeline.acknowledged(seq)?;
                 }
-                Ok(Some(crate::transport::Report::Connected(_))) => {}
+                Ok(Some(crate::transport::Report::Connected(up))) => connected = up,
                 Ok(None) | Err(_) => break,
             }
         }
-        if acked < head {
+        if acked < head && !connected {
+            tracing::warn!(
+                acked,
+                head,
+                "not connected to the collector: the records it has not acknowledged stay in \
+                 the spool and are sent when the agent next runs"
+            );
+        } else if acked < head {
             tracing::warn!(
                 acked,
                 head,

@@ -11,7 +11,7 @@ use std::{
 
 use integration_tests::{
     Agent, IoUringSetting, TestDir,
-    collector::{Collector, Pki},
+    collector::{Collector, Pki, opened_by, verify_chain},
     http_get, is, metric,
     postgres::Postgres,
     set_mode,
@@ -218,6 +218,72 @@ fn wait_metric(port: u16, series: &str, done: impl Fn(f64) -> bool) -> f64 {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// Stopping an agent whose collector is down is not held up waiting for acknowledgements
+/// that cannot come (a service manager stopping it would otherwise wait for nothing): it says
+/// what stays in the spool, and its next run sends all of it.
+#[test]
+fn an_agent_stopped_while_its_collector_is_down_is_not_held_up_and_sends_the_rest_next_run() {
+    const HOST: &str = "down-at-stop";
+    const OPENS: usize = 20;
+    let pki = Pki::new(&[HOST]);
+    let mut collector = Collector::start(&pki);
+    let w = TestDir::new("down-at-stop");
+    let file = w.file("chart.txt", "x");
+    let state = tempfile::tempdir().expect("state");
+    let mut args: Vec<std::ffi::OsString> = vec![
+        "--watch".into(),
+        w.path().into(),
+        "--state-dir".into(),
+        state.path().into(),
+        "--no-connect".into(),
+    ];
+    args.extend(pki.agent_args(&collector.url(), HOST, HOST));
+    // Down before the agent starts: its connects are refused.
+    collector.stop();
+    let mut agent = Agent::start(args.clone());
+    let aport = agent.metrics_port.expect("metrics port");
+    assert_eq!(
+        metric(&get(aport, "/metrics").1, "phi_agent_collector_connected"),
+        Some(0.0)
+    );
+    for _ in 0..OPENS {
+        std::fs::read(&file).expect("read");
+    }
+    agent.wait_for("an open", is::open_of(&file));
+    let stopped = agent.stop();
+    assert!(stopped.status.success(), "{}", stopped.stderr);
+    assert!(
+        stopped.stderr.contains(
+            "not connected to the collector: the records it has not acknowledged stay in the \
+             spool"
+        ),
+        "{}",
+        stopped.stderr
+    );
+    assert!(
+        !stopped.stderr.contains("has not acknowledged everything"),
+        "the stop did not wait for the collector: {}",
+        stopped.stderr
+    );
+
+    collector.restart();
+    let again = Agent::start(args);
+    let me = std::process::id();
+    let stored = collector.wait_for(HOST, "every open", Duration::from_secs(60), |recs| {
+        recs.iter()
+            .filter(|s| opened_by(&s.record, &w.path(), me))
+            .count()
+            >= OPENS
+    });
+    let opens = stored
+        .iter()
+        .filter(|s| opened_by(&s.record, &w.path(), me))
+        .count();
+    assert_eq!(opens, OPENS, "every open of the first run, once");
+    verify_chain(&stored).expect("one intact chain across both runs");
+    assert!(again.stop().status.success());
 }
 
 #[test]

@@ -59,11 +59,17 @@ pub fn spawn(stream: Stream) -> mpsc::UnboundedReceiver<Report> {
     tokio::spawn(async move {
         let mut backoff = BACKOFF_MIN;
         loop {
-            match session(&stream, &tx).await {
+            let mut welcomed = false;
+            match session(&stream, &tx, &mut welcomed).await {
                 Ok(()) if *stream.closing.borrow() => break,
                 Ok(()) => backoff = BACKOFF_MIN,
                 Err(_) if *stream.closing.borrow() => break,
                 Err(e) => {
+                    // A stream that was up (a collector restarting, say) is retried from
+                    // the shortest wait: only failures in a row lengthen it.
+                    if welcomed {
+                        backoff = BACKOFF_MIN;
+                    }
                     let _ = tx.send(Report::Connected(false));
                     tracing::warn!(
                         collector = %stream.collector.url,
@@ -116,7 +122,12 @@ fn to_batch(entries: Vec<Entry>) -> Batch {
 }
 
 /// One connection: Hello, Welcome, then batches out and acks in until something fails.
-async fn session(s: &Stream, reports: &mpsc::UnboundedSender<Report>) -> anyhow::Result<()> {
+/// `welcomed` turns true once the collector has accepted the stream.
+async fn session(
+    s: &Stream,
+    reports: &mpsc::UnboundedSender<Report>,
+    welcomed: &mut bool,
+) -> anyhow::Result<()> {
     let mut client = connect(&s.collector).await?;
     let (tx, rx) = mpsc::channel::<AgentMessage>(4);
     tx.send(AgentMessage {
@@ -154,6 +165,7 @@ async fn session(s: &Stream, reports: &mpsc::UnboundedSender<Report>) -> anyhow:
         durable_seq = welcome.durable_seq,
         "streaming to the collector"
     );
+    *welcomed = true;
     let _ = reports.send(Report::Connected(true));
     let _ = reports.send(Report::Acked(welcome.durable_seq));
 

@@ -65,6 +65,9 @@ pub struct IngestService {
     group: Option<Arc<GroupCommit>>,
     /// Batches read but not yet answered, over all streams (see [`BATCHES_IN_HAND`]).
     in_hand: Arc<tokio::sync::Semaphore>,
+    /// Turns true when the collector stops: every stream then ends in order, after the
+    /// batches already read are stored and acknowledged.
+    stop: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl IngestService {
@@ -77,7 +80,16 @@ impl IngestService {
             wake: crate::sinks::Wake::default(),
             group,
             in_hand: Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_HAND)),
+            stop: None,
         }
+    }
+
+    /// Ends every stream when `stop` turns true. Without it a stream that stays open (an
+    /// agent with nothing to send) would hold up the server's graceful shutdown until the
+    /// idle limit ends it.
+    pub fn with_stop(mut self, stop: tokio::sync::watch::Receiver<bool>) -> Self {
+        self.stop = Some(stop);
+        self
     }
 
     /// Announces every stored batch and alert on `wake`.
@@ -85,6 +97,21 @@ impl IngestService {
         self.wake = wake;
         self
     }
+}
+
+/// What an agent is told when the collector stops: it keeps what was not acknowledged and
+/// sends it to whichever collector it reaches next.
+const STOPPING: &str = "the collector is stopping; records not acknowledged are sent again \
+                        when the agent reconnects";
+
+/// Resolves once the collector stops (never, without a stop signal).
+async fn stopping(stop: &mut Option<tokio::sync::watch::Receiver<bool>>) {
+    if let Some(rx) = stop
+        && rx.wait_for(|s| *s).await.is_ok()
+    {
+        return;
+    }
+    std::future::pending().await
 }
 
 /// Counts an open stream while it lives.
@@ -365,7 +392,12 @@ impl Ingest for IngestService {
             .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
         let mut inbound = request.into_inner();
         let limits = self.limits;
-        let first = match tokio::time::timeout(limits.first_message, inbound.message()).await {
+        let mut stop = self.stop.clone();
+        let first = tokio::select! {
+            () = stopping(&mut stop) => return Err(Status::unavailable(STOPPING)),
+            first = tokio::time::timeout(limits.first_message, inbound.message()) => first,
+        };
+        let first = match first {
             Err(_) => {
                 return Err(Status::deadline_exceeded(format!(
                     "no Hello within {:?}",
@@ -406,6 +438,13 @@ impl Ingest for IngestService {
                 let next = tokio::select! {
                     // The writer stopped (a refusal, or the agent went away).
                     () = ahead.closed() => break,
+                    // Answered after the batches already read: they are stored and
+                    // acknowledged first. A batch half read is dropped unacknowledged.
+                    () = stopping(&mut stop) => {
+                        tracing::info!(host = %reader_host, "ending the stream: the collector is stopping");
+                        let _ = ahead.send(Ahead::Fail(Status::unavailable(STOPPING))).await;
+                        break;
+                    }
                     next = tokio::time::timeout(limits.idle, inbound.message()) => next,
                 };
                 let item = match next {

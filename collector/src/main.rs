@@ -212,7 +212,9 @@ async fn serve(s: config::Settings) -> anyhow::Result<()> {
     let mut sink_tasks = sinks::spawn(built_sinks, &pool, &metrics, &wake, &stop_rx);
     sink_tasks.extend(rules::spawn(&s.rules, &pool, &metrics, &wake, &stop_rx));
 
-    let service = IngestService::new(pool, s.limits, metrics).with_wake(wake);
+    let service = IngestService::new(pool, s.limits, metrics)
+        .with_wake(wake)
+        .with_stop(stop_rx.clone());
     let signals = async move {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("signal handler");

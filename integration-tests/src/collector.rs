@@ -180,12 +180,26 @@ impl Collector {
         );
     }
 
-    /// Stops the process (SIGTERM) and waits for it.
+    /// Stops the process (SIGTERM) and waits for it. A collector must stop promptly even
+    /// with agents connected (it ends their streams): one still running a minute after
+    /// SIGTERM fails the test.
     pub fn stop(&mut self) {
+        const GRACE: Duration = Duration::from_secs(60);
         if let Some(mut child) = self.child.take() {
             // SAFETY: signalling our own child.
             unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            let _ = child.wait();
+            let deadline = Instant::now() + GRACE;
+            while child.try_wait().expect("wait for phi-collector").is_none() {
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!(
+                        "phi-collector was still running {GRACE:?} after SIGTERM; its log:\n{}",
+                        self.log()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
     }
 

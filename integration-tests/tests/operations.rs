@@ -287,6 +287,81 @@ fn an_agent_stopped_while_its_collector_is_down_is_not_held_up_and_sends_the_res
 }
 
 #[test]
+fn a_collector_stopped_with_an_idle_agent_connected_ends_its_stream_and_the_agent_resends_later() {
+    const HOST: &str = "idle-at-stop";
+    const BEFORE: usize = 10;
+    const WHILE_DOWN: usize = 15;
+    let pki = Pki::new(&[HOST]);
+    let mut collector = Collector::start(&pki);
+    let w = TestDir::new("idle-at-stop");
+    let file = w.file("chart.txt", "x");
+    let mut args: Vec<std::ffi::OsString> =
+        vec!["--watch".into(), w.path().into(), "--no-connect".into()];
+    args.extend(pki.agent_args(&collector.url(), HOST, HOST));
+    let mut agent = Agent::start(args);
+    let aport = agent.metrics_port.expect("metrics port");
+    let me = std::process::id();
+    let opens = |recs: &[integration_tests::collector::Stored]| {
+        recs.iter()
+            .filter(|s| opened_by(&s.record, &w.path(), me))
+            .count()
+    };
+    for _ in 0..BEFORE {
+        std::fs::read(&file).expect("read");
+    }
+    collector.wait_for(HOST, "the first opens", Duration::from_secs(60), |r| {
+        opens(r) >= BEFORE
+    });
+    // Everything sent is acknowledged: the agent's stream is open and idle.
+    wait_metric(aport, "phi_agent_collector_connected", |v| v == 1.0);
+
+    // Fails (after a minute) if the open stream holds the collector up.
+    collector.stop();
+    let log = collector.log();
+    assert!(
+        log.contains("ending the stream: the collector is stopping"),
+        "{log}"
+    );
+    wait_metric(aport, "phi_agent_collector_connected", |v| v == 0.0);
+
+    for _ in 0..WHILE_DOWN {
+        std::fs::read(&file).expect("read");
+    }
+    agent.wait_for("an open while the collector is down", is::open_of(&file));
+    // The stream's end and two refused connects: the agent's wait between tries has grown.
+    wait_metric(aport, "phi_agent_collector_disconnects_total", |v| v >= 3.0);
+    collector.restart();
+    let stored = collector.wait_for(HOST, "every open", Duration::from_secs(90), |r| {
+        opens(r) >= BEFORE + WHILE_DOWN
+    });
+    assert_eq!(opens(&stored), BEFORE + WHILE_DOWN, "every open, once");
+    verify_chain(&stored).expect("one intact chain across the collector's stop");
+
+    // A second stop: a stream that was up is retried after the shortest wait again, not
+    // after the wait the failures of the first outage grew to.
+    wait_metric(aport, "phi_agent_collector_connected", |v| v == 1.0);
+    collector.stop();
+    wait_metric(aport, "phi_agent_collector_connected", |v| v == 0.0);
+    let stopped = agent.stop();
+    assert!(stopped.status.success(), "{}", stopped.stderr);
+    let ended: Vec<&str> = stopped
+        .stderr
+        .lines()
+        .filter(|l| l.contains("the collector is stopping"))
+        .collect();
+    assert_eq!(
+        ended.len(),
+        2,
+        "the agent says why each stream ended: {}",
+        stopped.stderr
+    );
+    assert!(
+        ended.iter().all(|l| l.contains("retrying in 250ms")),
+        "{ended:#?}"
+    );
+}
+
+#[test]
 fn health_readiness_and_metrics_of_agent_and_collector() {
     let pg = Postgres::start();
     let url = pg.database("metrics");

@@ -88,8 +88,8 @@
 //!
 //! `spool-count` (a helper of the host benchmarks, see [`spool_count`]; no `parameters`,
 //! `machine` or `results`): `records` and `gaps` in the spool, `first_seq` (1 when it holds
-//! the whole chain), `by_pid` (for each `--pid`,
-//! its records by kind) and `by_ppid` (for each `--ppid`, its children's records by kind).
+//! the whole chain), `by_pid` (for each `--pid`, its records by kind) and `by_ppid` (for each
+//! `--ppid`, its children's records by kind).
 
 pub mod db;
 pub mod ingest;

@@ -2,8 +2,9 @@
 //! Nothing here trusts the kernel's byte counts without checking them against the buffer.
 
 use crate::event::{
-    AddrOrigin, ChdirEvent, ConnectEvent, ConnectSyscall, EventHeader, EventKind, ExecEvent,
-    ExitEvent, ForkEvent, OpenEvent, OpenSyscall, PathOrigin, connect_flags, path_flags,
+    AcceptEvent, AcceptSyscall, AddrOrigin, ChdirEvent, ConnectEvent, ConnectSyscall, EventHeader,
+    EventKind, ExecEvent, ExitEvent, ForkEvent, OpenEvent, OpenSyscall, PathOrigin, connect_flags,
+    path_flags,
 };
 
 /// Why a ring-buffer item could not be decoded.
@@ -185,6 +186,22 @@ pub struct Connect {
     pub compat: bool,
 }
 
+/// An inbound connection accepted on a watched local port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Accept {
+    pub subject: Subject,
+    pub fd: i32,
+    pub family: u16,
+    pub lport: u16,
+    pub rport: u16,
+    pub sock_type: u16,
+    pub protocol: u16,
+    pub laddr: [u8; 16],
+    pub raddr: [u8; 16],
+    pub syscall: AcceptSyscall,
+    pub compat: bool,
+}
+
 /// A decoded kernel event.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum KernelEvent {
@@ -194,6 +211,7 @@ pub enum KernelEvent {
     Open(Open),
     Connect(Connect),
     Chdir(Chdir),
+    Accept(Accept),
 }
 
 impl KernelEvent {
@@ -205,6 +223,7 @@ impl KernelEvent {
             KernelEvent::Open(e) => &e.subject,
             KernelEvent::Connect(e) => &e.subject,
             KernelEvent::Chdir(e) => &e.subject,
+            KernelEvent::Accept(e) => &e.subject,
         }
     }
 }
@@ -342,6 +361,27 @@ pub fn decode(bytes: &[u8]) -> Result<KernelEvent, DecodeError> {
             KernelEvent::Chdir(Chdir {
                 subject,
                 cwd: KernelPath::from_leaf_first(path, b.path_flags),
+            })
+        }
+        EventKind::Accept => {
+            let (b, _) = body_and_tail::<AcceptEvent>(bytes)?;
+            let syscall =
+                AcceptSyscall::try_from(b.syscall).map_err(|v| DecodeError::BadField {
+                    field: "accept.syscall",
+                    value: v.into(),
+                })?;
+            KernelEvent::Accept(Accept {
+                subject,
+                fd: b.fd,
+                family: b.family,
+                lport: b.lport,
+                rport: b.rport,
+                sock_type: b.sock_type,
+                protocol: b.protocol,
+                laddr: b.laddr,
+                raddr: b.raddr,
+                syscall,
+                compat: b.compat != 0,
             })
         }
         EventKind::Connect => {
@@ -555,6 +595,52 @@ mod tests {
         let mut out = bytes_of(&header(EventKind::Connect, len));
         out.extend(bytes_of(&body));
         out
+    }
+
+    fn accept(syscall: u8) -> Vec<u8> {
+        let mut raddr = [0u8; 16];
+        raddr[..4].copy_from_slice(&[10, 1, 2, 3]);
+        let body = AcceptEvent {
+            fd: 7,
+            family: 2,
+            lport: 5432,
+            rport: 40000,
+            sock_type: 1,
+            protocol: 6,
+            syscall,
+            compat: 0,
+            laddr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            raddr,
+        };
+        let len = size_of::<EventHeader>() + size_of::<AcceptEvent>();
+        let mut out = bytes_of(&header(EventKind::Accept, len));
+        out.extend(bytes_of(&body));
+        out
+    }
+
+    #[test]
+    fn accepts_decode_and_a_bad_call_number_is_refused() {
+        let KernelEvent::Accept(a) = decode(&accept(AcceptSyscall::Accept4 as u8)).expect("ok")
+        else {
+            panic!("not an accept event")
+        };
+        assert_eq!((a.fd, a.family, a.lport, a.rport), (7, 2, 5432, 40000));
+        assert_eq!(&a.raddr[..4], &[10, 1, 2, 3]);
+        assert_eq!(a.syscall, AcceptSyscall::Accept4);
+        assert_eq!(a.subject.tgid, 10);
+        assert!(matches!(
+            decode(&accept(9)),
+            Err(DecodeError::BadField {
+                field: "accept.syscall",
+                value: 9
+            })
+        ));
+        // A body cut short is an error, not a partial event.
+        let mut short = accept(1);
+        short.truncate(short.len() - 8);
+        let len = short.len() as u32;
+        short[4..8].copy_from_slice(&len.to_ne_bytes());
+        assert!(decode(&short).is_err());
     }
 
     #[test]

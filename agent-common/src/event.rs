@@ -17,6 +17,7 @@ pub enum EventKind {
     Open = 4,
     Connect = 5,
     Chdir = 6,
+    Accept = 7,
 }
 
 impl TryFrom<u32> for EventKind {
@@ -29,6 +30,7 @@ impl TryFrom<u32> for EventKind {
             4 => EventKind::Open,
             5 => EventKind::Connect,
             6 => EventKind::Chdir,
+            7 => EventKind::Accept,
             other => return Err(other),
         })
     }
@@ -301,8 +303,58 @@ pub struct ConnectEvent {
     pub _pad: [u8; 3],
 }
 
+/// Which call accepted the connection.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AcceptSyscall {
+    Accept = 1,
+    Accept4 = 2,
+    /// 32-bit `socketcall(SYS_ACCEPT or SYS_ACCEPT4, …)`.
+    Socketcall = 3,
+}
+
+impl TryFrom<u8> for AcceptSyscall {
+    type Error = u8;
+    fn try_from(v: u8) -> Result<Self, u8> {
+        Ok(match v {
+            1 => AcceptSyscall::Accept,
+            2 => AcceptSyscall::Accept4,
+            3 => AcceptSyscall::Socketcall,
+            other => return Err(other),
+        })
+    }
+}
+
+/// Body of an [`EventKind::Accept`] event (fixed size): an inbound IPv4 or IPv6 connection
+/// accepted on a watched local port, as the kernel's new socket has it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct AcceptEvent {
+    /// The new connection's descriptor.
+    pub fd: i32,
+    /// `AF_INET` or `AF_INET6` (an IPv6 socket shows IPv4 peers as `::ffff:a.b.c.d`).
+    pub family: u16,
+    /// Local (listening) port, host order.
+    pub lport: u16,
+    /// Remote port, host order.
+    pub rport: u16,
+    /// `SOCK_*` type when known (0 otherwise).
+    pub sock_type: u16,
+    /// IP protocol when known (0 otherwise).
+    pub protocol: u16,
+    /// [`AcceptSyscall`].
+    pub syscall: u8,
+    pub compat: u8,
+    /// Local address: 4 bytes for IPv4, 16 for IPv6 (network order).
+    pub laddr: [u8; 16],
+    /// Remote address, as `laddr`.
+    pub raddr: [u8; 16],
+}
+
 const _: () = {
     use core::mem::{offset_of, size_of};
+    assert!(size_of::<AcceptEvent>() == 48);
+    assert!(offset_of!(AcceptEvent, laddr) == 16);
     assert!(size_of::<EventHeader>() == 72);
     assert!(offset_of!(EventHeader, cgroup_id) == 48);
     assert!(size_of::<OpenEvent>() == 48);

@@ -21,6 +21,8 @@ pub const UNIX_PATH_MAX: usize = 108;
 pub const WATCH_PREFIX_MAX: usize = 256;
 /// Most watched directory trees at once.
 pub const MAX_WATCHES: u32 = 1024;
+/// Most local ports whose accepted connections are reported.
+pub const MAX_ACCEPT_PORTS: u32 = 1024;
 /// Slots of the per-CPU verdict cache (a power of two).
 pub const VERDICT_CACHE_BITS: u32 = 12;
 pub const VERDICT_CACHE_ENTRIES: u32 = 1 << VERDICT_CACHE_BITS;

@@ -338,7 +338,8 @@ pub struct ProbeSettings {
     /// polls on a short timer), so that a burst costs one wakeup per so many bytes, not one
     /// per event.
     pub wakeup_bytes: u32,
-    pub _pad: u32,
+    /// Report accepted connections (1: on the local ports in `ACCEPT_PORTS`) or not (0).
+    pub accept_enabled: u32,
 }
 
 #[cfg(feature = "user")]

@@ -11,8 +11,10 @@ pub mod group {
     /// Calls that change directories or mounts (remembered verdicts go stale) and the
     /// working directory: rename*, rmdir, unlinkat, mount family, pivot_root, chdir, fchdir.
     pub const HOUSEKEEPING: u32 = 2;
+    /// accept, accept4, and i386 socketcall(SYS_ACCEPT, SYS_ACCEPT4).
+    pub const ACCEPT: u32 = 3;
     /// Number of groups.
-    pub const COUNT: u32 = 3;
+    pub const COUNT: u32 = 4;
     /// Every group's bit.
     pub const ALL_BITS: u32 = (1 << COUNT) - 1;
 }

@@ -18,7 +18,7 @@ pub static SETTINGS: ProbeSettings = ProbeSettings {
     self_tgid: 0,
     connect_enabled: 1,
     wakeup_bytes: 0,
-    _pad: 0,
+    accept_enabled: 0,
 };
 
 /// Reads one offset. The volatile read keeps the compiler from folding the placeholder value;

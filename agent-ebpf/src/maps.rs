@@ -3,8 +3,8 @@
 use agent_common::{
     drops::DropReason,
     limits::{
-        DEFAULT_RING_BUFFER_BYTES, MAX_WATCHES, PATH_MAX, SCRATCH_SIZE, VERDICT_CACHE_ENTRIES,
-        WATCH_PREFIX_MAX,
+        DEFAULT_RING_BUFFER_BYTES, MAX_ACCEPT_PORTS, MAX_WATCHES, PATH_MAX, SCRATCH_SIZE,
+        VERDICT_CACHE_ENTRIES, WATCH_PREFIX_MAX,
     },
     watch::{DirIdentity, VerdictEntry, WatchKey, generation},
 };
@@ -112,6 +112,11 @@ pub static WATCH_PREFIXES: LpmTrie<[u8; WATCH_PREFIX_MAX], u32> =
 #[map]
 pub static PREFIX_KEY: PerCpuArray<Key<[u8; WATCH_PREFIX_MAX]>> =
     PerCpuArray::with_max_entries(1, 0);
+
+/// Local ports whose accepted connections are reported (value unused). Filled by the agent
+/// at start; empty unless the configuration names ports.
+#[map]
+pub static ACCEPT_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(MAX_ACCEPT_PORTS, 0);
 
 /// Which sensor groups (`agent_common::sensor::group`) the `fexit` programs serve, as a bit
 /// mask in entry 0, written by the agent at start: `sys_exit` leaves those calls alone.

@@ -60,6 +60,11 @@ pub struct RunArgs {
     #[arg(long)]
     pub no_connect: bool,
 
+    /// Record the inbound connections accepted on this local TCP port (a service holding
+    /// ePHI: a database, an SSH or web server); repeat for several ports.
+    #[arg(long = "accept-port", value_name = "PORT")]
+    pub accept_ports: Vec<u32>,
+
     /// How kernel sensors are picked: "auto" uses fexit programs on the system call
     /// functions where the kernel allows them and they fire, tracepoints otherwise;
     /// "tracepoints" uses tracepoints only [default: auto].

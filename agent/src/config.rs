@@ -28,6 +28,10 @@ pub struct FileConfig {
     pub ring_buffer_bytes: Option<u64>,
     /// Record connect calls (default true).
     pub connect: Option<bool>,
+    /// Local ports of services whose accepted inbound connections are recorded (default
+    /// none: accept is not recorded).
+    #[serde(default)]
+    pub accept_ports: Vec<u32>,
     /// "auto" (default): fexit sensors where the kernel allows them; "tracepoints": never.
     pub sensors: Option<probes::sensors::SensorMode>,
     /// Where the agent keeps its state (keys, chain); default /var/lib/phi-audit.
@@ -120,6 +124,7 @@ pub struct Overrides {
     pub host_id: Option<String>,
     pub ring_buffer_bytes: Option<u64>,
     pub no_connect: bool,
+    pub accept_ports: Vec<u32>,
     pub sensors: Option<probes::sensors::SensorMode>,
     pub state_dir: Option<PathBuf>,
     pub spool_dir: Option<PathBuf>,
@@ -144,6 +149,8 @@ pub struct Settings {
     pub stdout: bool,
     pub ring_buffer_bytes: u32,
     pub connect: bool,
+    /// Local ports whose accepted connections are recorded, sorted, without repeats.
+    pub accept_ports: Vec<u16>,
     pub sensors: probes::sensors::SensorMode,
     pub state_dir: PathBuf,
     pub redaction: RedactionConfig,
@@ -254,12 +261,14 @@ pub fn merge(file: &FileConfig, flags: &Overrides) -> Result<Settings, ConfigErr
         "metrics_listen",
     )
     .map_err(ConfigError::Invalid)?;
+    let accept_ports = accept_ports(&flags.accept_ports, &file.accept_ports)?;
     let settings = Settings {
         host_id,
         watch,
         stdout: flags.stdout || file.stdout.unwrap_or(false),
         ring_buffer_bytes: ring,
         connect: !flags.no_connect && file.connect.unwrap_or(true),
+        accept_ports,
         sensors: flags.sensors.or(file.sensors).unwrap_or_default(),
         state_dir,
         redaction: file.redaction.clone(),
@@ -276,6 +285,31 @@ pub fn merge(file: &FileConfig, flags: &Overrides) -> Result<Settings, ConfigErr
         ));
     }
     Ok(settings)
+}
+
+/// The accept ports of the flags and the file together, checked: each a TCP port (1-65535),
+/// at most `MAX_ACCEPT_PORTS` of them.
+fn accept_ports(flags: &[u32], file: &[u32]) -> Result<Vec<u16>, ConfigError> {
+    let mut ports = Vec::new();
+    for &p in flags.iter().chain(file) {
+        let port = u16::try_from(p).ok().filter(|p| *p != 0).ok_or_else(|| {
+            ConfigError::Invalid(format!(
+                "accept port {p} is not a TCP port: give ports from 1 to 65535 (accept_ports \
+                 in the config file, or --accept-port)"
+            ))
+        })?;
+        ports.push(port);
+    }
+    ports.sort_unstable();
+    ports.dedup();
+    let max = agent_common::limits::MAX_ACCEPT_PORTS as usize;
+    if ports.len() > max {
+        return Err(ConfigError::Invalid(format!(
+            "{} accept ports given; at most {max} can be watched",
+            ports.len()
+        )));
+    }
+    Ok(ports)
 }
 
 /// Resolves the collector from the `[collector]` section and the flags.
@@ -462,5 +496,71 @@ mod tests {
             ..Default::default()
         };
         assert!(merge(&file, &bad_host).is_err());
+    }
+
+    #[test]
+    fn the_kubernetes_config_map_holds_a_valid_config() {
+        let yaml = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes/agent-configmap.yaml"),
+        )
+        .expect("read the config map");
+        let (_, block) = yaml
+            .split_once("agent.toml: |\n")
+            .expect("an agent.toml entry");
+        let text: String = block
+            .lines()
+            .take_while(|l| l.is_empty() || l.starts_with("    "))
+            .map(|l| format!("{}\n", l.get(4..).unwrap_or("")))
+            .collect();
+        let file: FileConfig = toml::from_str(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert_eq!(file.watch, vec![PathBuf::from("/srv/ehr")]);
+        assert!(
+            file.collector.is_some(),
+            "the DaemonSet streams to the collector"
+        );
+    }
+
+    #[test]
+    fn accept_ports_join_and_are_checked() {
+        let file = FileConfig {
+            stdout: Some(true),
+            accept_ports: vec![5432, 22],
+            ..Default::default()
+        };
+        let flags = Overrides {
+            accept_ports: vec![443, 22],
+            ..Default::default()
+        };
+        let s = merge(&file, &flags).expect("valid");
+        assert_eq!(s.accept_ports, vec![22, 443, 5432]);
+        assert!(
+            merge(
+                &FileConfig::default(),
+                &Overrides {
+                    stdout: true,
+                    ..Default::default()
+                }
+            )
+            .expect("valid")
+            .accept_ports
+            .is_empty(),
+            "off unless ports are given"
+        );
+        for bad in [0, 65536] {
+            let flags = Overrides {
+                stdout: true,
+                accept_ports: vec![bad],
+                ..Default::default()
+            };
+            let err = merge(&FileConfig::default(), &flags).expect_err("not a port");
+            assert!(
+                err.to_string()
+                    .contains(&format!("accept port {bad} is not a TCP port")),
+                "{err}"
+            );
+        }
+        let text = "stdout = true\naccept_ports = [5432]\n";
+        let parsed: FileConfig = toml::from_str(text).expect("parses");
+        assert_eq!(parsed.accept_ports, vec![5432]);
     }
 }

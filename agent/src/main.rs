@@ -65,6 +65,7 @@ fn prepare(args: RunArgs) -> anyhow::Result<run::RunInput> {
         host_id: args.host_id,
         ring_buffer_bytes: args.ring_buffer_bytes,
         no_connect: args.no_connect,
+        accept_ports: args.accept_ports,
         sensors: args.sensors,
         state_dir: args.state_dir,
         spool_dir: args.spool_dir,

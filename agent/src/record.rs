@@ -8,8 +8,11 @@ use std::{
 };
 
 use agent_common::{
-    decode::{Connect, Exec, Exit, KernelEvent, Open, Subject},
-    event::{AddrOrigin, OpenSyscall as KOpenSyscall, PathOrigin, connect_flags, path_flags},
+    decode::{Accept, Connect, Exec, Exit, KernelEvent, Open, Subject},
+    event::{
+        AcceptSyscall, AddrOrigin, OpenSyscall as KOpenSyscall, PathOrigin, connect_flags,
+        path_flags,
+    },
 };
 use phi_proto::v1::{self as pb, record::Event};
 
@@ -283,6 +286,12 @@ pub fn from_event(event: &KernelEvent, ctx: &mut Context<'_>) -> Option<Built> {
             Event::Connect(connect_event(connect)),
             None,
         )),
+        KernelEvent::Accept(accept) => Some(kernel_record(
+            &accept.subject,
+            ctx,
+            Event::Accept(accept_event(accept)),
+            None,
+        )),
     }
 }
 
@@ -392,6 +401,49 @@ fn open_event(open: &Open, watches: &WatchList) -> Option<pb::Open> {
     })
 }
 
+/// An address of a socket as text: 4 bytes for IPv4, 16 for IPv6.
+fn ip_text(family: u16, a: &[u8; 16]) -> String {
+    if family == AF_INET {
+        Ipv4Addr::new(a[0], a[1], a[2], a[3]).to_string()
+    } else {
+        Ipv6Addr::from(*a).to_string()
+    }
+}
+
+fn socket_type(sock_type: u16) -> String {
+    match sock_type {
+        1 => "stream",
+        2 => "dgram",
+        3 => "raw",
+        5 => "seqpacket",
+        _ => "",
+    }
+    .to_owned()
+}
+
+fn accept_event(a: &Accept) -> pb::Accept {
+    pb::Accept {
+        family: if a.family == AF_INET {
+            pb::AddressFamily::Inet
+        } else {
+            pb::AddressFamily::Inet6
+        } as i32,
+        remote_address: ip_text(a.family, &a.raddr),
+        remote_port: u32::from(a.rport),
+        local_address: ip_text(a.family, &a.laddr),
+        local_port: u32::from(a.lport),
+        fd: a.fd,
+        socket_type: socket_type(a.sock_type),
+        syscall: match a.syscall {
+            AcceptSyscall::Accept => "accept",
+            AcceptSyscall::Accept4 => "accept4",
+            AcceptSyscall::Socketcall => "socketcall",
+        }
+        .to_owned(),
+        compat: a.compat,
+    }
+}
+
 fn connect_event(c: &Connect) -> pb::Connect {
     let (family, address, local) = match c.family {
         AF_INET => {
@@ -434,14 +486,7 @@ fn connect_event(c: &Connect) -> pb::Connect {
             pb::AddressSource::Argument
         } as i32,
         fd: c.fd,
-        socket_type: match c.sock_type {
-            1 => "stream",
-            2 => "dgram",
-            3 => "raw",
-            5 => "seqpacket",
-            _ => "",
-        }
-        .to_owned(),
+        socket_type: socket_type(c.sock_type),
         compat: c.compat,
     }
 }

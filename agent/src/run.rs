@@ -64,6 +64,7 @@ pub async fn run(input: RunInput) -> anyhow::Result<()> {
     let mut probes = Probes::load(&ProbeOptions {
         ring_buffer_bytes: settings.ring_buffer_bytes,
         connect: settings.connect,
+        accept_ports: settings.accept_ports.clone(),
         sensors: settings.sensors,
     })?;
     let capabilities = probes.capabilities;
@@ -169,6 +170,11 @@ pub async fn run(input: RunInput) -> anyhow::Result<()> {
         capabilities: capabilities.held(),
         reason: previous_run.into(),
         ring_buffer_bytes: settings.ring_buffer_bytes,
+        accept_ports: settings
+            .accept_ports
+            .iter()
+            .map(|p| u32::from(*p))
+            .collect(),
         key_id: key_id.clone(),
         limitations: probes
             .missing
@@ -269,6 +275,11 @@ pub async fn run(input: RunInput) -> anyhow::Result<()> {
         capabilities: Vec::new(),
         reason: reason.into(),
         ring_buffer_bytes: settings.ring_buffer_bytes,
+        accept_ports: settings
+            .accept_ports
+            .iter()
+            .map(|p| u32::from(*p))
+            .collect(),
         key_id,
         limitations: Vec::new(),
     }))?;

@@ -105,3 +105,36 @@ fn int80_open_and_connect_are_recorded() {
     unsafe { libc::close(sock) };
     agent.stop();
 }
+
+#[test]
+fn int80_socketcall_accept_is_recorded() {
+    use std::os::fd::AsRawFd as _;
+    let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
+    let port = listener.local_addr().expect("addr").port();
+    let mut agent = Agent::start(["--accept-port", &port.to_string()]);
+    let client = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    // i386 socketcall(SYS_ACCEPT = 5, args) with args = [fd, NULL, NULL] (32-bit words).
+    let page = LowPage::new();
+    let mut args = [0u8; 12];
+    args[..4].copy_from_slice(&(listener.as_raw_fd() as u32).to_ne_bytes());
+    let args_ptr = page.put(0, &args);
+    let fd = int80(102, 5, args_ptr, 0);
+    assert!(fd >= 0, "int 0x80 socketcall(SYS_ACCEPT) failed: {fd}");
+    let r = agent.wait_for("the int 0x80 accept", |r| {
+        r.get("accept").is_some()
+            && is::from_pid(r, std::process::id())
+            && as_u64(&r["accept"]["localPort"]) == u64::from(port)
+    });
+    let a = &r["accept"];
+    assert_eq!(a["syscall"], "socketcall");
+    assert_eq!(a["compat"], true);
+    assert_eq!(a["remoteAddress"], "127.0.0.1");
+    assert_eq!(
+        as_u64(&a["remotePort"]),
+        u64::from(client.local_addr().expect("client").port())
+    );
+    assert_eq!(as_u64(&a["fd"]), fd as u64);
+    // SAFETY: closing the socket accepted above.
+    unsafe { libc::close(fd) };
+    agent.stop();
+}

@@ -501,6 +501,9 @@ fn the_start_record_names_the_sensor_of_each_kind_and_tracepoints_can_be_forced(
             mode.as_ref(),
             "--log".as_ref(),
             "info".as_ref(),
+            // Accept has a sensor only when a port is watched (`off` otherwise).
+            "--accept-port".as_ref(),
+            "5432".as_ref(),
         ]);
         let sensors = sensors_of(&agent.history[0]);
         let kinds: Vec<&str> = sensors.iter().map(|(k, _)| k.as_str()).collect();
@@ -510,6 +513,7 @@ fn the_start_record_names_the_sensor_of_each_kind_and_tracepoints_can_be_forced(
             [
                 "open",
                 "connect",
+                "accept",
                 "path-changes",
                 "exec",
                 "fork",

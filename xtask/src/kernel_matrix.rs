@@ -9,7 +9,8 @@
 //! reads the driver's result line from the serial console (kept in
 //! `target/kernel-matrix/logs/`). The same driver also runs directly on the host, against the
 //! running kernel. The driver starts the agent, performs a successful open, a failed open, an
-//! exec, a TCP connect and a rename into the watched tree, an open and a directory rename
+//! exec, a TCP connect (whose listener's accept is recorded too: the agent watches its port)
+//! and a rename into the watched tree, an open and a directory rename
 //! through an io_uring (with this program's `ring`), stops the agent, and checks that
 //! every one of them became a record and that the stop record carries the drop counters.
 
@@ -865,7 +866,7 @@ t0=$(now)
 for m in $MODES; do
     use "$m"
     "$AGENT" run --stdout --watch "$EHR" --state-dir "$WORK/state-$MODE" \
-        --metrics-listen off --sensors "$MODE" > "$OUT" 2> "$ERR" &
+        --metrics-listen off --sensors "$MODE" --accept-port "$PORT" > "$OUT" 2> "$ERR" &
     eval "pid_$MODE=$!"
 done
 for m in $MODES; do
@@ -944,6 +945,7 @@ for m in $MODES; do
     has '"open":{"path":"'"$EHR/missing.json"'"' '"errno":"ENOENT"' || missing="$missing open-failed"
     has '"exec":{' 'phi-matrix-exec-probe' || missing="$missing exec"
     has '"connect":{' '"address":"127.0.0.1","port":'"$PORT"',' || missing="$missing connect"
+    has '"accept":{' '"localAddress":"127.0.0.1","localPort":'"$PORT"',' || missing="$missing accept"
     has '"open":{"path":"'"$EHR/moved.json"'"' '"success":true' || missing="$missing rename"
     if has '"path":"'"$OUTSIDE/moved.json"'"'; then missing="$missing outside-open-filtered"; fi
     ring=""
@@ -988,7 +990,7 @@ for m in $MODES; do
             case "$sensors" in *'"fexit/'*) fail "fexit sensors in use although forced off: $sensors" ;; esac ;;
         auto)
             if expect_fexit; then
-                for kind in open connect path-changes; do
+                for kind in open connect accept path-changes; do
                     case "$sensors" in
                         *'"kind":"'$kind'","hook":"fexit/'*) ;;
                         *) fail "$kind is not served by fexit on a kernel that allows it: $(grep -m 1 "served by the sys_exit tracepoint.*kind=$kind" "$ERR" | cut -c 1-400)" ;;
@@ -997,7 +999,7 @@ for m in $MODES; do
             fi ;;
     esac
     fexit=$(printf '%s' "$sensors" | grep -o '"kind":"[a-z-]*","hook":"fexit' | sed 's/"kind":"\([a-z-]*\)".*/\1/' | tr '\n' ',' | sed 's/,$//')
-    summary="$summary [sensors=$MODE${fexit:+ fexit:$fexit}] open open-failed(ENOENT) exec connect(${connect:-?}) rename$ring stop drops=${drops:-none} records=$records agent-start=${start_s}s run=${run_s}s"
+    summary="$summary [sensors=$MODE${fexit:+ fexit:$fexit}] open open-failed(ENOENT) exec connect(${connect:-?}) accept rename$ring stop drops=${drops:-none} records=$records agent-start=${start_s}s run=${run_s}s"
 done
 echo "PHI-MATRIX-RESULT PASS$summary"
 "#;

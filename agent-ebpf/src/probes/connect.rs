@@ -191,7 +191,7 @@ fn from_socket(fd: i32, body: &mut ConnectEvent) -> Result<()> {
 
 /// An IPv6 address (`struct in6_addr`) of the socket, in memory order.
 #[inline(always)]
-fn load_in6(sk: u64, at: u64) -> Result<[u8; 16]> {
+pub(super) fn load_in6(sk: u64, at: u64) -> Result<[u8; 16]> {
     let hi = load_u64(sk, Kind::Sock, at)?.to_ne_bytes();
     let lo = load_u64(sk, Kind::Sock, at + 8)?.to_ne_bytes();
     let mut a = [0u8; 16];

@@ -1,5 +1,5 @@
 //! `fexit` programs on the kernel functions that every system call of a group goes through
-//! (`do_sys_openat2` for the open family, `__sys_connect`, `set_fs_pwd`, `do_renameat2`, …):
+//! (`do_sys_openat2` for the open family, `__sys_connect`, `__sys_accept4`, `set_fs_pwd`, `do_renameat2`, …):
 //! the same work as `sys_exit`, but a program runs only when its function does, so every
 //! other system call costs nothing. Each reads the call number and arguments from the task's
 //! saved registers, where `sys_exit` reads them too, so both give the same records. The agent
@@ -29,6 +29,7 @@ macro_rules! sensors {
 sensors! {
     fx_open => Select::Open;
     fx_connect => Select::Connect;
+    fx_accept => Select::Accept;
     fx_chdir => Select::Chdir;
     fx_rename => Select::Invalidate;
     fx_rmdir => Select::Invalidate;

@@ -9,7 +9,7 @@
 
 use agent_common::{
     drops::DropReason,
-    event::{ConnectSyscall, OpenSyscall},
+    event::{AcceptSyscall, ConnectSyscall, OpenSyscall},
     offsets::features,
     sensor::group,
     watch::WatchKey,
@@ -18,7 +18,7 @@ use aya_ebpf::{
     helpers::generated::bpf_task_pt_regs, macros::btf_tracepoint, programs::BtfTracePointContext,
 };
 
-use super::{chdir, connect, open};
+use super::{accept, chdir, connect, open};
 use crate::{
     emit::{account, count_drop},
     error::{Error, Result},
@@ -36,6 +36,7 @@ mod nr64 {
     pub const CHDIR: i64 = 80;
     pub const FCHDIR: i64 = 81;
     pub const CONNECT: i64 = 42;
+    pub const ACCEPT: i64 = 43;
     pub const RENAME: i64 = 82;
     pub const RMDIR: i64 = 84;
     pub const CREAT: i64 = 85;
@@ -45,6 +46,7 @@ mod nr64 {
     pub const OPENAT: i64 = 257;
     pub const UNLINKAT: i64 = 263;
     pub const RENAMEAT: i64 = 264;
+    pub const ACCEPT4: i64 = 288;
     pub const RENAMEAT2: i64 = 316;
     pub const MOVE_MOUNT: i64 = 429;
     pub const OPENAT2: i64 = 437;
@@ -70,10 +72,14 @@ mod nr32 {
     pub const RENAMEAT: i64 = 302;
     pub const RENAMEAT2: i64 = 353;
     pub const CONNECT: i64 = 362;
+    pub const ACCEPT4: i64 = 364;
     pub const MOVE_MOUNT: i64 = 429;
     pub const OPENAT2: i64 = 437;
     pub const MOUNT_SETATTR: i64 = 442;
 }
+
+/// `socketcall` sub-call that connects (the accepting ones are in `accept`).
+const SYS_CONNECT: u64 = 3;
 
 /// x32 ABI marker bit in the system call number.
 const X32_SYSCALL_BIT: i64 = 0x4000_0000;
@@ -87,6 +93,7 @@ const AT_REMOVEDIR: u64 = 0x200;
 enum Call {
     Open(OpenSyscall),
     Connect(ConnectSyscall),
+    Accept(AcceptSyscall),
     /// Changes directory names or mounts: remembered verdicts become stale.
     Invalidates,
     /// `unlinkat`: invalidates when it removed a directory.
@@ -115,6 +122,8 @@ pub fn tp_sys_exit(ctx: BtfTracePointContext) -> i32 {
         | nr64::CHDIR
         | nr64::FCHDIR
         | nr64::CONNECT
+        | nr64::ACCEPT
+        | nr64::ACCEPT4
         | nr64::RENAME
         | nr64::RMDIR
         | nr64::CREAT
@@ -143,7 +152,8 @@ pub fn tp_sys_exit(ctx: BtfTracePointContext) -> i32 {
         | nr32::UNLINKAT
         | nr32::RENAMEAT
         | nr32::RENAMEAT2
-        | nr32::CONNECT => account(&ctx, try_sys_exit(regs, ret, nr)),
+        | nr32::CONNECT
+        | nr32::ACCEPT4 => account(&ctx, try_sys_exit(regs, ret, nr)),
         _ => {}
     }
     0
@@ -165,8 +175,10 @@ fn is_own(task: u64) -> bool {
     btf_load!(u32, task, task_tgid) == setting!(self_tgid)
 }
 
+/// What the exiting call `nr` is; `regs` (the saved registers) tell the sub-calls of
+/// `socketcall` apart.
 #[inline(always)]
-fn classify(nr: i64, compat: bool) -> Option<Call> {
+fn classify(nr: i64, compat: bool, regs: u64) -> Option<Call> {
     Some(if compat {
         match nr {
             nr32::OPEN => Call::Open(OpenSyscall::Open),
@@ -174,7 +186,12 @@ fn classify(nr: i64, compat: bool) -> Option<Call> {
             nr32::OPENAT => Call::Open(OpenSyscall::Openat),
             nr32::OPENAT2 => Call::Open(OpenSyscall::Openat2),
             nr32::CONNECT => Call::Connect(ConnectSyscall::Connect),
-            nr32::SOCKETCALL => Call::Connect(ConnectSyscall::Socketcall),
+            nr32::ACCEPT4 => Call::Accept(AcceptSyscall::Accept4),
+            nr32::SOCKETCALL => match reg!(regs, regs_bx) & 0xffff_ffff {
+                SYS_CONNECT => Call::Connect(ConnectSyscall::Socketcall),
+                accept::SYS_ACCEPT | accept::SYS_ACCEPT4 => Call::Accept(AcceptSyscall::Socketcall),
+                _ => return None,
+            },
             nr32::UNLINKAT => Call::Unlinkat,
             nr32::CHDIR | nr32::FCHDIR => Call::Chdir,
             nr32::MOUNT
@@ -196,6 +213,8 @@ fn classify(nr: i64, compat: bool) -> Option<Call> {
             nr64::OPENAT => Call::Open(OpenSyscall::Openat),
             nr64::OPENAT2 => Call::Open(OpenSyscall::Openat2),
             nr64::CONNECT => Call::Connect(ConnectSyscall::Connect),
+            nr64::ACCEPT => Call::Accept(AcceptSyscall::Accept),
+            nr64::ACCEPT4 => Call::Accept(AcceptSyscall::Accept4),
             nr64::UNLINKAT => Call::Unlinkat,
             nr64::CHDIR | nr64::FCHDIR => Call::Chdir,
             nr64::RENAME
@@ -219,7 +238,7 @@ fn try_sys_exit(regs: u64, ret: i64, nr: i64) -> Result<()> {
     // returns against speculation).
     let task = current_task_btf();
     let compat = in_compat_syscall(task);
-    let Some(call) = classify(nr, compat) else {
+    let Some(call) = classify(nr, compat, regs) else {
         return Ok(());
     };
     if fexit_serves() & (1 << group_of(call)) != 0 {
@@ -236,6 +255,7 @@ fn try_sys_exit(regs: u64, ret: i64, nr: i64) -> Result<()> {
 pub enum Select {
     Open,
     Connect,
+    Accept,
     Chdir,
     Invalidate,
 }
@@ -255,13 +275,14 @@ pub fn fexit_call(select: Select, ret: impl FnOnce() -> Result<i64>) -> Result<(
     }
     let nr = (reg!(regs, regs_orig_ax) as i64) & !X32_SYSCALL_BIT;
     let compat = in_compat_syscall(task);
-    let Some(call) = classify(nr, compat) else {
+    let Some(call) = classify(nr, compat, regs) else {
         return Ok(());
     };
     let wanted = matches!(
         (select, call),
         (Select::Open, Call::Open(_))
             | (Select::Connect, Call::Connect(_))
+            | (Select::Accept, Call::Accept(_))
             | (Select::Chdir, Call::Chdir)
             | (Select::Invalidate, Call::Invalidates | Call::Unlinkat)
     );
@@ -289,7 +310,7 @@ pub fn fexit_call(select: Select, ret: impl FnOnce() -> Result<i64>) -> Result<(
         // `set_fs_pwd` runs only when the change succeeded.
         Select::Chdir if own => Ok(()),
         Select::Chdir => claimed(|| chdir::handle(task_number(task))),
-        Select::Open | Select::Connect => {
+        Select::Open | Select::Connect | Select::Accept => {
             let ret = ret()?;
             claimed(|| dispatch(task, regs, ret, call, compat))
         }
@@ -334,6 +355,7 @@ fn group_of(call: Call) -> u32 {
     match call {
         Call::Open(_) => group::OPEN,
         Call::Connect(_) => group::CONNECT,
+        Call::Accept(_) => group::ACCEPT,
         Call::Invalidates | Call::Unlinkat | Call::Chdir => group::HOUSEKEEPING,
     }
 }
@@ -383,7 +405,7 @@ fn dispatch(task_btf: u64, regs: u64, ret: i64, call: Call, compat: bool) -> Res
             }
             Ok(())
         }
-        Call::Connect(_) | Call::Chdir if own => Ok(()),
+        Call::Connect(_) | Call::Accept(_) | Call::Chdir if own => Ok(()),
         Call::Chdir => {
             if ret == 0 {
                 chdir::handle(task)?;
@@ -392,6 +414,7 @@ fn dispatch(task_btf: u64, regs: u64, ret: i64, call: Call, compat: bool) -> Res
         }
         Call::Open(syscall) => open::handle(task_btf, ret, syscall, args, compat),
         Call::Connect(syscall) => connect::handle(task, ret, syscall, args, compat),
+        Call::Accept(syscall) => accept::handle(task, ret, syscall, compat),
     }
 }
 

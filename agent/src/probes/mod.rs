@@ -155,6 +155,8 @@ pub struct ProbeOptions {
     pub ring_buffer_bytes: u32,
     /// Report connect calls.
     pub connect: bool,
+    /// Report the connections accepted on these local ports (none: accept is off).
+    pub accept_ports: Vec<u16>,
     /// How sensors are picked.
     pub sensors: sensors::SensorMode,
 }
@@ -367,7 +369,7 @@ impl Probes {
                 opts.ring_buffer_bytes,
                 aya::util::nr_cpus().map_or(1, |n| n as u32),
             ),
-            _pad: 0,
+            accept_enabled: u32::from(!opts.accept_ports.is_empty()),
         };
         let aya_btf = aya::Btf::from_sys_fs().map_err(|e| {
             ProbeError::Btf(BtfError::Read {
@@ -390,18 +392,27 @@ impl Probes {
             tracing::debug!("kernel program log not available: {e}");
         }
 
+        set_accept_ports(&mut ebpf, &opts.accept_ports)?;
         // exec, fork and exit first; then the fexit sensors where they load and fire; then
         // sys_exit for whatever they do not serve.
+        let off_mask = if opts.accept_ports.is_empty() {
+            1 << agent_common::sensor::group::ACCEPT
+        } else {
+            0
+        };
         let selection = sensors::select(
             &mut ebpf,
             &aya_btf,
             &kernel_btf.function_names(),
             opts.sensors,
+            off_mask,
         );
-        sensors::publish(&mut ebpf, selection.fexit_mask).map_err(|source| ProbeError::Map {
-            map: "FEXIT_SERVES",
-            source,
-        })?;
+        sensors::publish(&mut ebpf, selection.fexit_mask | selection.off_mask).map_err(
+            |source| ProbeError::Map {
+                map: "FEXIT_SERVES",
+                source,
+            },
+        )?;
         tracing::info!(
             bpf_lsm_active = selection.bpf_lsm_active,
             "BPF-LSM is reported, not used: its hooks run before an operation's outcome is known"
@@ -410,7 +421,8 @@ impl Probes {
             tracing::info!(kind = %kind, "served by the sys_exit tracepoint: {reason}");
         }
         let mut program_ids = Vec::new();
-        let needs_sys_exit = selection.fexit_mask != agent_common::sensor::group::ALL_BITS;
+        let needs_sys_exit =
+            selection.fexit_mask | selection.off_mask != agent_common::sensor::group::ALL_BITS;
         for hook in HOOKS {
             if hook.tracepoint == "sys_exit" && !needs_sys_exit {
                 continue;
@@ -717,6 +729,25 @@ const FLOOR: &[(&str, &str)] = &[
     ("floor_fork", "sched_process_fork"),
     ("floor_exit", "sched_process_exit"),
 ];
+
+/// Fills `ACCEPT_PORTS` with the local ports whose accepted connections are reported.
+fn set_accept_ports(ebpf: &mut aya::Ebpf, ports: &[u16]) -> Result<(), ProbeError> {
+    let map = ebpf
+        .map_mut("ACCEPT_PORTS")
+        .ok_or(ProbeError::MissingMap("ACCEPT_PORTS"))?;
+    let mut map =
+        aya::maps::HashMap::<_, u16, u8>::try_from(map).map_err(|source| ProbeError::Map {
+            map: "ACCEPT_PORTS",
+            source,
+        })?;
+    for port in ports {
+        map.insert(port, 1, 0).map_err(|source| ProbeError::Map {
+            map: "ACCEPT_PORTS",
+            source,
+        })?;
+    }
+    Ok(())
+}
 
 /// Attaches only the empty programs, to the agent's hooks; they stay attached while the
 /// returned object lives.

@@ -1,8 +1,8 @@
 //! Sensor selection: which kernel hook serves each event kind on this kernel.
 //!
 //! exec, fork and exit always come from their BTF tracepoints (`tp_btf/sched_process_*`):
-//! they fire only for their event, after it happened. The open family, connect and the calls
-//! that change directories or mounts ("path changes") come either from per-call `fexit`
+//! they fire only for their event, after it happened. The open family, connect, accept and the
+//! calls that change directories or mounts ("path changes") come either from per-call `fexit`
 //! programs on the system call functions, where the kernel allows `fexit` and they fire, or
 //! from the `sys_exit` raw tracepoint, which runs for every system call. Both read the same
 //! saved registers and run the same code, so they give the same records.
@@ -107,6 +107,15 @@ pub const GROUPS: &[Group] = &[
         programs: &[on("fx_connect", "connect, socketcall", &["__sys_connect"])],
     },
     Group {
+        index: group::ACCEPT,
+        kind: "accept",
+        programs: &[on(
+            "fx_accept",
+            "accept, accept4, socketcall",
+            &["__sys_accept4"],
+        )],
+    },
+    Group {
         index: group::HOUSEKEEPING,
         kind: "path-changes",
         programs: &[
@@ -142,6 +151,9 @@ pub const GROUPS: &[Group] = &[
 pub struct Selection {
     /// Bit per group served by `fexit`.
     pub fexit_mask: u32,
+    /// Bit per group that records nothing in this configuration (accept without ports): no
+    /// sensor serves it, and it does not keep `sys_exit` attached.
+    pub off_mask: u32,
     /// (kind, sensor) for every kind, in a stable order.
     pub sensors: Vec<(String, String)>,
     /// (kind, reason) for each group left on `sys_exit` in auto mode.
@@ -177,9 +189,11 @@ pub fn select(
     btf: &AyaBtf,
     functions: &HashSet<String>,
     mode: SensorMode,
+    off_mask: u32,
 ) -> Selection {
     let mut selection = Selection {
         bpf_lsm_active: bpf_lsm_active(),
+        off_mask,
         ..Selection::default()
     };
     if mode == SensorMode::Tracepoints {
@@ -188,7 +202,7 @@ pub fn select(
     // 32-bit entries are needed only where the kernel runs 32-bit system calls at all.
     let has_ia32 = functions.iter().any(|f| f.starts_with("__ia32_sys_"));
     let mut attached = Vec::new();
-    for g in GROUPS {
+    for g in GROUPS.iter().filter(|g| off_mask & (1 << g.index) == 0) {
         match attach_group(ebpf, btf, functions, has_ia32, g) {
             Ok(list) => {
                 selection
@@ -224,7 +238,9 @@ pub fn select(
 
 fn finish(mut selection: Selection, forced: &str) -> Selection {
     for g in GROUPS {
-        let sensor = if selection.fexit_mask & (1 << g.index) != 0 {
+        let sensor = if selection.off_mask & (1 << g.index) != 0 {
+            "off".to_owned()
+        } else if selection.fexit_mask & (1 << g.index) != 0 {
             format!("fexit/{}", selection.functions(g).join(","))
         } else {
             if !forced.is_empty() {
@@ -328,12 +344,18 @@ fn unload_group(ebpf: &mut Ebpf, g: &Group) {
     }
 }
 
-/// One call of each group from the agent itself: an open, a connect (UDP, nothing is sent)
-/// and a rename in a scratch directory.
+/// One call of each group from the agent itself: an open, a connect (UDP, nothing is sent),
+/// an accept of a loopback connection to itself and a rename in a scratch directory.
 fn exercise() {
     let _ = std::fs::File::open("/");
     if let Ok(socket) = std::net::UdpSocket::bind("127.0.0.1:0") {
         let _ = socket.connect("127.0.0.1:9");
+    }
+    if let Ok(listener) = std::net::TcpListener::bind("127.0.0.1:0")
+        && let Ok(addr) = listener.local_addr()
+        && let Ok(_client) = std::net::TcpStream::connect(addr)
+    {
+        let _ = listener.accept();
     }
     let dir = std::env::temp_dir().join(format!(".phi-agent-sensors-{}", std::process::id()));
     if std::fs::create_dir_all(&dir).is_ok() {

@@ -219,7 +219,14 @@ pub fn target(r: &Record) -> String {
                 format!("{}:{}", c.address, c.port)
             }
         }
-        Some(Event::Accept(a)) => format!("from {}:{}", a.remote_address, a.remote_port),
+        Some(Event::Accept(a)) if a.family == AddressFamily::Inet6 as i32 => format!(
+            "from [{}]:{} on port {}",
+            a.remote_address, a.remote_port, a.local_port
+        ),
+        Some(Event::Accept(a)) => format!(
+            "from {}:{} on port {}",
+            a.remote_address, a.remote_port, a.local_port
+        ),
         Some(Event::Gap(g)) => {
             let reason = GapReason::try_from(g.reason)
                 .map(|r| {
@@ -390,5 +397,27 @@ mod tests {
         let mut t = Table::new(&["A", "B"]);
         t.row(vec!["xx".into(), "y".into()]);
         assert_eq!(t.render(), "A   B\nxx  y\n");
+    }
+
+    #[test]
+    fn an_accept_names_the_remote_end_and_the_local_port() {
+        let accept = |family: AddressFamily, remote: &str| Record {
+            event: Some(Event::Accept(phi_proto::v1::Accept {
+                family: family as i32,
+                remote_address: remote.into(),
+                remote_port: 51514,
+                local_port: 5432,
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        assert_eq!(
+            target(&accept(AddressFamily::Inet, "10.1.4.20")),
+            "from 10.1.4.20:51514 on port 5432"
+        );
+        assert_eq!(
+            target(&accept(AddressFamily::Inet6, "fd00::7")),
+            "from [fd00::7]:51514 on port 5432"
+        );
     }
 }

@@ -240,7 +240,12 @@ pub async fn run(input: RunInput) -> anyhow::Result<()> {
             _ = sigint.recv() => break "SIGINT",
             _ = sigterm.recv() => break "SIGTERM",
             _ = sighup.recv() => {
-                reload(&mut pipeline, config_path.as_deref(), &overrides)?;
+                reload(
+                    &mut pipeline,
+                    config_path.as_deref(),
+                    &overrides,
+                    &settings,
+                )?;
                 pipeline.flush()?;
             }
             _ = tick.tick() => {
@@ -361,11 +366,13 @@ fn drain(
 }
 
 /// SIGHUP: re-read the config file and apply the new watch list. Settings that need a restart
-/// are reported, not applied. A config file that no longer parses changes nothing.
+/// (the accept ports) are reported, not applied. A config file that no longer parses changes
+/// nothing.
 fn reload(
     pipeline: &mut Pipeline,
     config_path: Option<&std::path::Path>,
     overrides: &Overrides,
+    running: &config::Settings,
 ) -> anyhow::Result<()> {
     let Some(path) = config_path else {
         tracing::info!("SIGHUP without --config: nothing to reload");
@@ -386,6 +393,16 @@ fn reload(
         }
     };
     let watch = match config::merge(&file, overrides) {
+        Ok(s) if s.accept_ports != running.accept_ports => {
+            let e = format!(
+                "accept_ports {:?} differ from the running agent's {:?}: they take effect when \
+                 the agent restarts",
+                s.accept_ports, running.accept_ports
+            );
+            tracing::warn!("{e}");
+            change.errors.push(e);
+            s.watch
+        }
         Ok(s) => s.watch,
         Err(e) => {
             tracing::error!("reload refused, configuration unchanged: {e}");
@@ -402,7 +419,7 @@ fn reload(
     tracing::info!(added = ?applied.added, removed = ?applied.removed, "configuration reloaded");
     change.watch_added = applied.added;
     change.watch_removed = applied.removed;
-    change.errors = applied.errors;
+    change.errors.extend(applied.errors);
     change.watch = pipeline.watches.paths();
     pipeline.emit_agent(Event::ConfigChange(change))?;
     Ok(())

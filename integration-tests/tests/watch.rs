@@ -79,6 +79,30 @@ fn a_directory_added_at_run_time_takes_effect_without_restart() {
         "B still recorded after a refused reload",
         is::open_of(&b_file),
     );
+
+    // The accept ports need a restart: a reload applies the watch list and says so.
+    std::fs::write(
+        &conf,
+        format!(
+            "watch = [{:?}]\naccept_ports = [5432]\n",
+            b.path().display().to_string()
+        ),
+    )
+    .expect("write");
+    agent.signal(libc::SIGHUP);
+    let change = agent.wait_for("the reload with accept ports", |r| {
+        r.get("configChange").is_some()
+    });
+    let errors = change["configChange"]["errors"].to_string();
+    assert!(
+        errors.contains("accept_ports [5432] differ from the running agent's []")
+            && errors.contains("restarts"),
+        "{errors}"
+    );
+    assert_eq!(
+        change["configChange"]["watch"][0].as_str(),
+        b.path().to_str()
+    );
     agent.stop();
 }
 

@@ -13,8 +13,8 @@ use integration_tests::{
 use phi_proto::{
     Timestamp,
     v1::{
-        AddressFamily, Connect, Gap, GapReason, Heartbeat, Identity, Open, Outcome, Process,
-        ProcessExit, Record, record::Event,
+        Accept, AddressFamily, Connect, Gap, GapReason, Heartbeat, Identity, Open, Outcome,
+        Process, ProcessExit, Record, record::Event,
     },
 };
 use serde_json::Value;
@@ -136,6 +136,28 @@ fn connect(who: Who, pid: u32, address: &str, port: u32, t: i64) -> Record {
     }
 }
 
+fn accept(who: Who, pid: u32, remote: &str, local_port: u32, t: i64) -> Record {
+    Record {
+        time: at(t),
+        process: Some(process(who, pid)),
+        event: Some(Event::Accept(Accept {
+            family: if remote.contains(':') {
+                AddressFamily::Inet6
+            } else {
+                AddressFamily::Inet
+            } as i32,
+            remote_address: remote.into(),
+            remote_port: 50000,
+            local_address: "10.0.0.5".into(),
+            local_port,
+            fd: 9,
+            socket_type: "stream".into(),
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
+
 fn exit(who: Who, pid: u32, t: i64) -> Record {
     Record {
         time: at(t),
@@ -191,6 +213,12 @@ type = "egress"
 name = "phi-egress"
 paths = ["/srv/egress"]
 allow = ["10.0.0.0/8", "127.0.0.1"]
+
+[[rules]]
+type = "ingress"
+name = "db-clients"
+ports = [5432]
+allow = ["10.0.0.0/8", "fd00::/8"]
 
 [[rules]]
 type = "unattributed_access"
@@ -267,6 +295,25 @@ fn scenarios(t: i64) -> Vec<(&'static str, Option<&'static str>, Vec<Record>)> {
                 open(BOB, 602, "/srv/egress/p.json", t + 3),
                 exit(BOB, 602, t + 4),
                 connect(BOB, 602, "203.0.113.9", 443, t + 5),
+            ],
+        ),
+        (
+            "ingress-bad",
+            Some("ingress"),
+            vec![
+                accept(DAEMON, 800, "10.1.2.3", 5432, t),
+                accept(DAEMON, 800, "198.51.100.7", 5432, t + 1),
+            ],
+        ),
+        (
+            "ingress-ok",
+            None,
+            vec![
+                accept(DAEMON, 801, "10.1.2.3", 5432, t),
+                accept(DAEMON, 801, "::ffff:10.4.4.4", 5432, t + 1),
+                accept(DAEMON, 801, "fd00::9", 5432, t + 2),
+                // Another port: outside the rule.
+                accept(DAEMON, 801, "198.51.100.7", 22, t + 3),
             ],
         ),
         (
@@ -395,6 +442,13 @@ fn each_rule_fires_on_its_scenario_and_stays_quiet_on_its_benign_twin() {
         serde_json::json!([{"host": "egress-bad", "seq": 1}, {"host": "egress-bad", "seq": 2}])
     );
     assert_eq!(e["address"], "203.0.113.9");
+    let e = by_host("ingress-bad");
+    assert_eq!(
+        e["records"],
+        serde_json::json!([{"host": "ingress-bad", "seq": 2}])
+    );
+    assert_eq!(e["remote_address"], "198.51.100.7");
+    assert_eq!(e["local_port"], 5432);
     let e = by_host("human-bad");
     assert_eq!(e["identity"]["account"], "ehrd");
     assert_eq!(e["identity"]["login_uid"], Value::Null);

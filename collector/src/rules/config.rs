@@ -14,6 +14,8 @@ pub enum RuleConfig {
     BulkAccess(BulkAccess),
     /// A process that read watched data connects to an address outside `allow`.
     Egress(Egress),
+    /// A watched service accepts a connection from an address outside `allow`.
+    Ingress(Ingress),
     /// A watched path opened by a process with no login uid (no person behind it).
     UnattributedAccess(UnattributedAccess),
     /// A gap record: events were lost on the host.
@@ -60,6 +62,18 @@ pub struct Egress {
 
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
+pub struct Ingress {
+    pub name: String,
+    /// Local ports the rule covers (of the agents' `accept_ports`); empty: every accept.
+    #[serde(default)]
+    pub ports: Vec<u16>,
+    /// Networks the services may accept connections from ("10.0.0.0/8", "::1/128").
+    #[serde(default)]
+    pub allow: Vec<String>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
 pub struct UnattributedAccess {
     pub name: String,
     pub paths: Vec<String>,
@@ -91,6 +105,7 @@ impl RuleConfig {
             RuleConfig::UnauthorizedAccess(r) => &r.name,
             RuleConfig::BulkAccess(r) => &r.name,
             RuleConfig::Egress(r) => &r.name,
+            RuleConfig::Ingress(r) => &r.name,
             RuleConfig::UnattributedAccess(r) => &r.name,
             RuleConfig::Gap(r) => &r.name,
             RuleConfig::SilentHost(r) => &r.name,
@@ -103,6 +118,7 @@ impl RuleConfig {
             RuleConfig::UnauthorizedAccess(_) => "unauthorized-access",
             RuleConfig::BulkAccess(_) => "bulk-access",
             RuleConfig::Egress(_) => "egress",
+            RuleConfig::Ingress(_) => "ingress",
             RuleConfig::UnattributedAccess(_) => "unattributed-access",
             RuleConfig::Gap(_) => "gap",
             RuleConfig::SilentHost(_) => "silent-host",
@@ -115,7 +131,7 @@ impl RuleConfig {
             RuleConfig::BulkAccess(r) => Some(&r.paths),
             RuleConfig::Egress(r) => Some(&r.paths),
             RuleConfig::UnattributedAccess(r) => Some(&r.paths),
-            RuleConfig::Gap(_) | RuleConfig::SilentHost(_) => None,
+            RuleConfig::Ingress(_) | RuleConfig::Gap(_) | RuleConfig::SilentHost(_) => None,
         }
     }
 }
@@ -159,6 +175,16 @@ pub fn validate(rules: &[RuleConfig]) -> Result<(), String> {
             RuleConfig::Egress(e) => {
                 for a in &e.allow {
                     Cidr::parse(a).map_err(|err| format!("rule {name:?}: `allow`: {err}"))?;
+                }
+            }
+            RuleConfig::Ingress(i) => {
+                for a in &i.allow {
+                    Cidr::parse(a).map_err(|err| format!("rule {name:?}: `allow`: {err}"))?;
+                }
+                if i.ports.contains(&0) {
+                    return Err(format!(
+                        "rule {name:?}: `ports` entry 0 is not a TCP port (1 to 65535)"
+                    ));
                 }
             }
             RuleConfig::SilentHost(s)
@@ -212,6 +238,17 @@ mod tests {
             err.contains("`allow`") && err.contains("10.0.0.0/40"),
             "{err}"
         );
+        let rules = parse(
+            "[[rules]]\ntype = \"ingress\"\nname = \"i\"\nports = [5432]\n\
+             allow = [\"10.0.0.0/8\"]\n",
+        )
+        .expect("parse");
+        validate(&rules).expect("valid");
+        assert_eq!(rules[0].kind(), "ingress");
+        let rules = parse("[[rules]]\ntype = \"ingress\"\nname = \"i\"\nports = [0]\n")
+            .expect("parse");
+        let err = validate(&rules).expect_err("port 0");
+        assert!(err.contains("`ports` entry 0"), "{err}");
         let rules = parse(
             "[[rules]]\ntype = \"unauthorized_access\"\nname = \"u\"\npaths = [\"srv\"]\n\
              users = [\"alice\"]\n",

@@ -122,6 +122,8 @@ enum State {
         HashMap<(String, String, u32), Vec<(u64, String)>>,
         Vec<Cidr>,
     ),
+    /// The networks an ingress rule allows.
+    Ingress(Vec<Cidr>),
 }
 
 pub struct Engine {
@@ -140,6 +142,9 @@ impl Engine {
                         RuleConfig::Egress(e) => State::Egress(
                             HashMap::new(),
                             e.allow.iter().filter_map(|a| Cidr::parse(a).ok()).collect(),
+                        ),
+                        RuleConfig::Ingress(i) => State::Ingress(
+                            i.allow.iter().filter_map(|a| Cidr::parse(a).ok()).collect(),
                         ),
                         _ => State::None,
                     };
@@ -334,6 +339,44 @@ impl Engine {
                             reads.first().map_or("", |(_, p)| p.as_str()),
                             c.address,
                             c.port
+                        ),
+                        ev,
+                    ));
+                }
+                (RuleConfig::Ingress(i), Some(Kind::Accept(a)))
+                    if i.ports.is_empty()
+                        || u16::try_from(a.local_port).is_ok_and(|p| i.ports.contains(&p)) =>
+                {
+                    let State::Ingress(allow) = state else {
+                        continue;
+                    };
+                    let Ok(ip) = a.remote_address.parse::<IpAddr>() else {
+                        continue;
+                    };
+                    if allow.iter().any(|n| n.contains(ip)) {
+                        continue;
+                    }
+                    let who = Who::of(r);
+                    let (comm, pid) = r
+                        .process
+                        .as_ref()
+                        .map_or((String::new(), 0), |p| (p.comm.clone(), p.pid));
+                    let mut ev = evidence(&i.name, kind, Some(&who), &[(host, seq)]);
+                    ev["remote_address"] = json!(a.remote_address);
+                    ev["remote_port"] = json!(a.remote_port);
+                    ev["local_port"] = json!(a.local_port);
+                    out.push(alert(
+                        host,
+                        kind,
+                        seq,
+                        format!(
+                            "rule {:?}: {comm} (pid {pid}) of {} accepted a connection from \
+                             {}:{} on port {}, outside the allowed networks",
+                            i.name,
+                            who.describe(),
+                            a.remote_address,
+                            a.remote_port,
+                            a.local_port
                         ),
                         ev,
                     ));

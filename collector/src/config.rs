@@ -309,6 +309,7 @@ mod tests {
                 "unauthorized-access",
                 "bulk-access",
                 "egress",
+                "ingress",
                 "unattributed-access",
                 "gap",
                 "silent-host"

@@ -245,8 +245,8 @@ mod tests {
         .expect("parse");
         validate(&rules).expect("valid");
         assert_eq!(rules[0].kind(), "ingress");
-        let rules = parse("[[rules]]\ntype = \"ingress\"\nname = \"i\"\nports = [0]\n")
-            .expect("parse");
+        let rules =
+            parse("[[rules]]\ntype = \"ingress\"\nname = \"i\"\nports = [0]\n").expect("parse");
         let err = validate(&rules).expect_err("port 0");
         assert!(err.contains("`ports` entry 0"), "{err}");
         let rules = parse(

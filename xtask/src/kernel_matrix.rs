@@ -945,7 +945,8 @@ for m in $MODES; do
     has '"open":{"path":"'"$EHR/missing.json"'"' '"errno":"ENOENT"' || missing="$missing open-failed"
     has '"exec":{' 'phi-matrix-exec-probe' || missing="$missing exec"
     has '"connect":{' '"address":"127.0.0.1","port":'"$PORT"',' || missing="$missing connect"
-    has '"accept":{' '"localAddress":"127.0.0.1","localPort":'"$PORT"',' || missing="$missing accept"
+    # busybox listens on an IPv6 socket: an IPv4 peer is ::ffff:127.0.0.1 there.
+    has '"accept":{' '127.0.0.1","localPort":'"$PORT"',' || missing="$missing accept"
     has '"open":{"path":"'"$EHR/moved.json"'"' '"success":true' || missing="$missing rename"
     if has '"path":"'"$OUTSIDE/moved.json"'"'; then missing="$missing outside-open-filtered"; fi
     ring=""

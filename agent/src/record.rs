@@ -446,14 +446,14 @@ fn accept_event(a: &Accept) -> pb::Accept {
 
 fn connect_event(c: &Connect) -> pb::Connect {
     let (family, address, local) = match c.family {
-        AF_INET => {
-            let v4 = |a: &[u8; 16]| Ipv4Addr::new(a[0], a[1], a[2], a[3]).to_string();
-            (pb::AddressFamily::Inet, v4(&c.daddr), v4(&c.laddr))
-        }
-        AF_INET6 => (
-            pb::AddressFamily::Inet6,
-            Ipv6Addr::from(c.daddr).to_string(),
-            Ipv6Addr::from(c.laddr).to_string(),
+        AF_INET | AF_INET6 => (
+            if c.family == AF_INET {
+                pb::AddressFamily::Inet
+            } else {
+                pb::AddressFamily::Inet6
+            },
+            ip_text(c.family, &c.daddr),
+            ip_text(c.family, &c.laddr),
         ),
         AF_UNIX => (pb::AddressFamily::Unix, String::new(), String::new()),
         _ => (pb::AddressFamily::Unspecified, String::new(), String::new()),

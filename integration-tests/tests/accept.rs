@@ -7,14 +7,8 @@ use std::{
     os::fd::AsRawFd as _,
 };
 
-use integration_tests::{Agent, as_u64, is};
+use integration_tests::{Agent, as_u64, free_ports, is};
 use serde_json::Value;
-
-/// A free TCP port on loopback (IPv4 and IPv6 alike, as far as the test needs).
-fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
-}
 
 fn accept_on(port: u16) -> impl Fn(&Value) -> bool {
     move |r| {
@@ -39,8 +33,7 @@ fn connect_and_accept(bind: SocketAddr) -> (i32, SocketAddr) {
 
 #[test]
 fn connections_accepted_on_watched_ports_are_recorded_with_both_addresses() {
-    let watched = free_port();
-    let other = free_port();
+    let [watched, other] = free_ports();
     let mut agent = Agent::start([
         "--host-id",
         "it-accept",
@@ -134,7 +127,7 @@ fn connections_accepted_on_watched_ports_are_recorded_with_both_addresses() {
 
 #[test]
 fn without_accept_ports_nothing_is_recorded_and_the_start_record_says_so() {
-    let port = free_port();
+    let [port] = free_ports();
     let mut agent = Agent::start(["--host-id", "it-accept-off"]);
     let start = agent.history[0]["agent"].clone();
     assert!(

@@ -4,22 +4,17 @@
 //! buffers. Failed calls (`EAGAIN` on a non-blocking listener, above all) accepted nothing and
 //! are not reported.
 
-use agent_common::{
-    event::{AcceptEvent, AcceptSyscall, EventKind, tail_offset},
-    offsets::features,
-};
+use agent_common::event::{AcceptEvent, AcceptSyscall, EventKind, tail_offset};
 
 use crate::{
     emit::{fill_header, scratch, submit},
     error::{Error, Result},
-    kernel::{Kind, current_task_btf, fd_file, has, load_ptr, load_u16, load_u32, off, setting},
+    kernel::{current_task_btf, fd_file, setting},
     maps::{ACCEPT_PORTS, slot},
 };
 
-use super::connect::load_in6;
+use super::connect::socket_ends;
 
-const AF_INET: u16 = 2;
-const AF_INET6: u16 = 10;
 /// `socketcall` sub-calls that accept.
 pub const SYS_ACCEPT: u64 = 5;
 pub const SYS_ACCEPT4: u64 = 18;
@@ -57,46 +52,25 @@ pub extern "C" fn phi_accept_process(task: u64, ret: i64, packed: u64) -> u32 {
 
 #[inline(always)]
 fn record(task: u64, ret: i64, syscall: AcceptSyscall, compat: bool) -> Result<()> {
-    let file = fd_file(current_task_btf(), ret)?;
-    let sock = load_ptr(file, Kind::File, off!(file_private_data))?;
-    let sk = load_ptr(sock, Kind::Socket, off!(socket_sk))?;
-    let family = load_u16(sk, Kind::Sock, off!(sk_family))?;
-    if family != AF_INET && !(family == AF_INET6 && has(features::IPV6)) {
+    let Some(ends) = socket_ends(fd_file(current_task_btf(), ret)?)? else {
+        return Ok(());
+    };
+    if ACCEPT_PORTS.get_ptr(ends.lport).is_none() {
         return Ok(());
     }
-    let lport = load_u16(sk, Kind::Sock, off!(sk_num))?;
-    if ACCEPT_PORTS.get_ptr(lport).is_none() {
-        return Ok(());
-    }
-
     let buf = scratch(slot::SYSCALL)?;
     fill_header(buf, EventKind::Accept, task)?;
     // SAFETY: the scratch slot holds the header plus this body.
     let body = unsafe { &mut *buf.add(tail_offset::<()>()).cast::<AcceptEvent>() };
     body.fd = ret as i32;
-    body.family = family;
-    body.lport = lport;
-    body.rport = u16::from_be(load_u16(sk, Kind::Sock, off!(sk_dport))?);
+    body.family = ends.family;
+    body.lport = ends.lport;
+    body.rport = ends.rport;
+    body.sock_type = ends.sock_type;
+    body.protocol = ends.protocol;
     body.syscall = syscall as u8;
     body.compat = u8::from(compat);
-    if family == AF_INET {
-        // Network byte order as stored: the bytes in memory order.
-        let laddr = load_u32(sk, Kind::Sock, off!(sk_rcv_saddr))?.to_ne_bytes();
-        let raddr = load_u32(sk, Kind::Sock, off!(sk_daddr))?.to_ne_bytes();
-        body.laddr = [0; 16];
-        body.raddr = [0; 16];
-        body.laddr[..4].copy_from_slice(&laddr);
-        body.raddr[..4].copy_from_slice(&raddr);
-    } else {
-        body.laddr = load_in6(sk, off!(sk_v6_rcv_saddr))?;
-        body.raddr = load_in6(sk, off!(sk_v6_daddr))?;
-    }
-    if has(features::SK_TYPE) {
-        body.sock_type = load_u16(sk, Kind::Sock, off!(sk_type))?;
-        body.protocol = load_u16(sk, Kind::Sock, off!(sk_protocol))?;
-    } else {
-        body.sock_type = 0;
-        body.protocol = 0;
-    }
+    body.laddr = ends.laddr;
+    body.raddr = ends.raddr;
     submit(buf, tail_offset::<AcceptEvent>())
 }

@@ -158,40 +158,79 @@ fn record(task: u64, ret: i64, syscall: ConnectSyscall, a: [u64; 3], compat: boo
 #[inline(always)]
 fn from_socket(fd: i32, body: &mut ConnectEvent) -> Result<()> {
     let file = fd_file(crate::kernel::current_task_btf(), i64::from(fd))?;
+    let Some(ends) = socket_ends(file)? else {
+        return Err(Error::Read);
+    };
+    body.family = ends.family;
+    body.dport = ends.rport;
+    body.lport = ends.lport;
+    body.daddr = ends.raddr;
+    body.laddr = ends.laddr;
+    body.sock_type = ends.sock_type;
+    body.protocol = ends.protocol;
+    Ok(())
+}
+
+/// The two ends of an IPv4 or IPv6 socket, as the kernel holds them.
+pub(super) struct Ends {
+    pub family: u16,
+    /// Local port, host order.
+    pub lport: u16,
+    /// Remote port, host order.
+    pub rport: u16,
+    /// `SOCK_*` type and IP protocol, 0 where the kernel's BTF does not say.
+    pub sock_type: u16,
+    pub protocol: u16,
+    /// Addresses in network order: 4 bytes for IPv4, 16 for IPv6.
+    pub laddr: [u8; 16],
+    pub raddr: [u8; 16],
+}
+
+/// The ends of the socket behind `file` (a socket's `struct file`); `None` for a family
+/// other than IPv4 and IPv6.
+#[inline(always)]
+pub(super) fn socket_ends(file: u64) -> Result<Option<Ends>> {
     let sock = load_ptr(file, Kind::File, off!(file_private_data))?;
     let sk = load_ptr(sock, Kind::Socket, off!(socket_sk))?;
     let family = load_u16(sk, Kind::Sock, off!(sk_family))?;
-    let dport = load_u16(sk, Kind::Sock, off!(sk_dport))?;
-    let lport = load_u16(sk, Kind::Sock, off!(sk_num))?;
-    match family {
+    let (laddr, raddr) = match family {
         AF_INET => {
             // Network byte order as stored: the bytes in memory order.
-            let daddr = load_u32(sk, Kind::Sock, off!(sk_daddr))?.to_ne_bytes();
-            let laddr = load_u32(sk, Kind::Sock, off!(sk_rcv_saddr))?.to_ne_bytes();
-            body.daddr = [0; 16];
-            body.laddr = [0; 16];
-            body.daddr[..4].copy_from_slice(&daddr);
-            body.laddr[..4].copy_from_slice(&laddr);
+            let mut laddr = [0u8; 16];
+            let mut raddr = [0u8; 16];
+            laddr[..4]
+                .copy_from_slice(&load_u32(sk, Kind::Sock, off!(sk_rcv_saddr))?.to_ne_bytes());
+            raddr[..4].copy_from_slice(&load_u32(sk, Kind::Sock, off!(sk_daddr))?.to_ne_bytes());
+            (laddr, raddr)
         }
-        AF_INET6 if has(features::IPV6) => {
-            body.daddr = load_in6(sk, off!(sk_v6_daddr))?;
-            body.laddr = load_in6(sk, off!(sk_v6_rcv_saddr))?;
-        }
-        _ => return Err(Error::Read),
-    }
-    body.family = family;
-    body.dport = u16::from_be(dport);
-    body.lport = lport;
-    if has(features::SK_TYPE) {
-        body.sock_type = load_u16(sk, Kind::Sock, off!(sk_type))?;
-        body.protocol = load_u16(sk, Kind::Sock, off!(sk_protocol))?;
-    }
-    Ok(())
+        AF_INET6 if has(features::IPV6) => (
+            load_in6(sk, off!(sk_v6_rcv_saddr))?,
+            load_in6(sk, off!(sk_v6_daddr))?,
+        ),
+        _ => return Ok(None),
+    };
+    let (sock_type, protocol) = if has(features::SK_TYPE) {
+        (
+            load_u16(sk, Kind::Sock, off!(sk_type))?,
+            load_u16(sk, Kind::Sock, off!(sk_protocol))?,
+        )
+    } else {
+        (0, 0)
+    };
+    Ok(Some(Ends {
+        family,
+        lport: load_u16(sk, Kind::Sock, off!(sk_num))?,
+        rport: u16::from_be(load_u16(sk, Kind::Sock, off!(sk_dport))?),
+        sock_type,
+        protocol,
+        laddr,
+        raddr,
+    }))
 }
 
 /// An IPv6 address (`struct in6_addr`) of the socket, in memory order.
 #[inline(always)]
-pub(super) fn load_in6(sk: u64, at: u64) -> Result<[u8; 16]> {
+fn load_in6(sk: u64, at: u64) -> Result<[u8; 16]> {
     let hi = load_u64(sk, Kind::Sock, at)?.to_ne_bytes();
     let lo = load_u64(sk, Kind::Sock, at + 8)?.to_ne_bytes();
     let mut a = [0u8; 16];

@@ -407,12 +407,10 @@ impl Probes {
             opts.sensors,
             off_mask,
         );
-        sensors::publish(&mut ebpf, selection.fexit_mask | selection.off_mask).map_err(
-            |source| ProbeError::Map {
-                map: "FEXIT_SERVES",
-                source,
-            },
-        )?;
+        sensors::publish(&mut ebpf, selection.served()).map_err(|source| ProbeError::Map {
+            map: "FEXIT_SERVES",
+            source,
+        })?;
         tracing::info!(
             bpf_lsm_active = selection.bpf_lsm_active,
             "BPF-LSM is reported, not used: its hooks run before an operation's outcome is known"
@@ -421,8 +419,7 @@ impl Probes {
             tracing::info!(kind = %kind, "served by the sys_exit tracepoint: {reason}");
         }
         let mut program_ids = Vec::new();
-        let needs_sys_exit =
-            selection.fexit_mask | selection.off_mask != agent_common::sensor::group::ALL_BITS;
+        let needs_sys_exit = selection.served() != agent_common::sensor::group::ALL_BITS;
         for hook in HOOKS {
             if hook.tracepoint == "sys_exit" && !needs_sys_exit {
                 continue;

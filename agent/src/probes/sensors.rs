@@ -165,6 +165,11 @@ pub struct Selection {
 }
 
 impl Selection {
+    /// Bit per group that `sys_exit` leaves alone: served by `fexit`, or off.
+    pub fn served(&self) -> u32 {
+        self.fexit_mask | self.off_mask
+    }
+
     /// The kernel functions `g`'s programs are attached to.
     pub fn functions(&self, g: &Group) -> Vec<&str> {
         self.attached

@@ -172,15 +172,9 @@ pub fn validate(rules: &[RuleConfig]) -> Result<(), String> {
                     "rule {name:?}: `max_files` and `window` must be above zero"
                 ));
             }
-            RuleConfig::Egress(e) => {
-                for a in &e.allow {
-                    Cidr::parse(a).map_err(|err| format!("rule {name:?}: `allow`: {err}"))?;
-                }
-            }
+            RuleConfig::Egress(Egress { allow, .. }) => check_networks(name, allow)?,
             RuleConfig::Ingress(i) => {
-                for a in &i.allow {
-                    Cidr::parse(a).map_err(|err| format!("rule {name:?}: `allow`: {err}"))?;
-                }
+                check_networks(name, &i.allow)?;
                 if i.ports.contains(&0) {
                     return Err(format!(
                         "rule {name:?}: `ports` entry 0 is not a TCP port (1 to 65535)"
@@ -196,6 +190,14 @@ pub fn validate(rules: &[RuleConfig]) -> Result<(), String> {
             }
             _ => {}
         }
+    }
+    Ok(())
+}
+
+/// Checks the `allow` networks of rule `name`.
+fn check_networks(name: &str, allow: &[String]) -> Result<(), String> {
+    for a in allow {
+        Cidr::parse(a).map_err(|err| format!("rule {name:?}: `allow`: {err}"))?;
     }
     Ok(())
 }
